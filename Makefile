@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`. Both build .venv from pinned files.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch goes first and pinned: an unpinned torch pulls a multi-GB CUDA build on these machines.
+TORCH  := torch==2.13.0
+# open_clip ships the real CLIP BPE vocabulary. --no-deps: its deps would replace the CPU torch.
+OPEN_CLIP := open-clip-torch==3.3.0
+
+.PHONY: install demo test clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps $(OPEN_CLIP)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/compinv-rt doctor
+	$(BIN)/compinv-rt generate "a red star and a blue circle on grass" -n 8 --steps 25 --out outputs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

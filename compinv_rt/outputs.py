@@ -1,0 +1,84 @@
+"""Writing results: atomic files (temp + rename), PNG + JSON sidecars, image grids."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from compinv_rt.errors import OutputError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_png(path, image) -> Path:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Prove the folder can be created and written, before any heavy work, without creating it
+    (a run that fails later must leave nothing behind): probe its nearest existing ancestor."""
+    path = Path(path)
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    try:
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(f"{probe_dir} is a file")
+        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def slug(text: str, max_len: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (s[:max_len].rstrip("-")) or "image"
+
+
+def make_grid(images, cols: int | None = None, pad: int = 2):
+    """Tile PIL images (same size) into one image, near-square by default."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("no images to tile")
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), "white")
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid

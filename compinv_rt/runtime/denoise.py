@@ -1,0 +1,46 @@
+"""The one denoising loop. Every backend, every command and every batch shape goes through here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from compinv_rt.runtime.backends import UNetBackend
+
+StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+
+def denoise(
+    unet: UNetBackend,
+    scheduler,
+    latents: torch.Tensor,  # (B, 4, h, w), already scaled by init_noise_sigma
+    cond: torch.Tensor,  # (B, 77, D)
+    uncond: torch.Tensor | None,  # (B, 77, D); None = no classifier-free guidance
+    guidance: float | torch.Tensor,  # scalar or (B,) per-sample scale
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run `scheduler.timesteps` (set by the caller) with classifier-free guidance.
+
+    Mirrors diffusers' StableDiffusionPipeline step for step ([uncond; cond] in one UNet batch,
+    `uncond + g * (cond - uncond)`), so results match the stock pipeline exactly.
+    """
+    batch = latents.shape[0]
+    if uncond is not None:
+        context = torch.cat([uncond, cond])  # (2B, 77, D)
+        if torch.is_tensor(guidance):
+            guidance = guidance.to(latents).view(batch, 1, 1, 1)
+    else:
+        context = cond
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        model_in = torch.cat([latents] * 2) if uncond is not None else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        noise = unet(model_in, t.expand(model_in.shape[0]), context)
+        if uncond is not None:
+            noise_uncond, noise_cond = noise.chunk(2)
+            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
+    return latents

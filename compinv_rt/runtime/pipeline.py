@@ -1,0 +1,103 @@
+"""Text -> images: prompt encoding, seeded initial noise, the denoise loop, VAE decoding."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from compinv_rt.errors import ConfigError
+from compinv_rt.models.loading import LoadedModel, ModelFiles
+from compinv_rt.runtime.backends import TorchBackend, UNetBackend
+from compinv_rt.runtime.denoise import StepCallback, denoise
+from compinv_rt.runtime.schedulers import SchedulerName, make_scheduler
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 25
+    guidance: float = 7.5
+    scheduler: SchedulerName = SchedulerName.ddim
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+
+    def resolved(self, files: ModelFiles) -> "SamplingConfig":
+        """Fill in the model's native size and validate everything against the model."""
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ConfigError(f"--guidance must be >= 0, got {self.guidance}")
+        factor = files.spatial_factor
+        h = self.height or files.default_size
+        w = self.width or files.default_size
+        for name, v in (("height", h), ("width", w)):
+            if v <= 0 or v % factor:
+                raise ConfigError(
+                    f"--{name} {v} is not a positive multiple of {factor} (this model's factor: "
+                    f"VAE x{files.vae_scale_factor} times the UNet's down-sampling)"
+                )
+        return SamplingConfig(self.steps, self.guidance, SchedulerName(self.scheduler), h, w)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["scheduler"] = SchedulerName(self.scheduler).value
+        return d
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """One CPU generator per image, as diffusers does with a list of generators: an image depends
+    only on its own seed (not on batch size, position or device)."""
+    return torch.cat(
+        [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    )
+
+
+class Pipeline:
+    def __init__(self, model: LoadedModel, backend: UNetBackend | None = None):
+        self.model = model
+        self.backend = backend or TorchBackend(model.unet)
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:  # (B, 77, D)
+        tok, te = self.model.tokenizer, self.model.text_encoder
+        unique = list(dict.fromkeys(prompts))  # each distinct prompt is encoded once
+        ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt")
+        mask = ids.attention_mask.to(self.model.device) if getattr(
+            te.config, "use_attention_mask", False) else None
+        states = te(ids.input_ids.to(self.model.device), attention_mask=mask)[0]
+        states = states.to(self.model.dtype)
+        return states[[unique.index(p) for p in prompts]]
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> list:
+        from PIL import Image
+
+        vae = self.model.vae
+        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return [Image.fromarray(a) for a in (images * 255).round().astype("uint8")]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        config: SamplingConfig,
+        negative_prompts: list[str] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list:
+        files, m = self.model.files, self.model
+        cfg = config.resolved(files)
+        if len(prompts) != len(seeds):
+            raise ConfigError("one seed per prompt is needed")
+        scheduler = make_scheduler(cfg.scheduler, files.scheduler_config)
+        scheduler.set_timesteps(cfg.steps, device=m.device)
+        f = files.vae_scale_factor
+        shape = (m.unet.config.in_channels, cfg.height // f, cfg.width // f)
+        latents = initial_noise(seeds, shape).to(m.device, m.dtype) * scheduler.init_noise_sigma
+        cond = self.encode_prompts(prompts)
+        use_cfg = cfg.guidance > 1.0
+        uncond = self.encode_prompts(negative_prompts or [""] * len(prompts)) if use_cfg else None
+        latents = denoise(self.backend, scheduler, latents, cond, uncond, cfg.guidance, on_step)
+        return self.decode(latents)
