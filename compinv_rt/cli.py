@@ -13,6 +13,10 @@ from typing import Optional
 
 import typer
 
+from compinv_rt.export.iospec import Precision
+from compinv_rt.export.manifest import EngineFormat
+from compinv_rt.export.onnx_export import OnnxExporter
+from compinv_rt.runtime.registry import BackendName
 from compinv_rt.runtime.schedulers import SchedulerName
 
 app = typer.Typer(
@@ -64,6 +68,9 @@ def generate(
     scheduler: SchedulerName = typer.Option(SchedulerName.ddim, help="Sampler."),
     model: Optional[str] = typer.Option(None, help="Local diffusers SD 1.x/2.x folder (default: embedded)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    backend: BackendName = typer.Option(BackendName.torch, help="UNet backend."),
+    engine: Optional[Path] = typer.Option(
+        None, help="Engine folder from `compinv-rt export` (default: find or build one in engines/)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: outputs/<timestamp>)."),
 ):
     """Generate images: one PNG and one JSON sidecar per image, plus a grid."""
@@ -92,13 +99,69 @@ def generate(
     try:
         result = generate_to_folder(
             prompt, negative_prompt, seeds=[seed + i for i in range(num_images)], config=config,
-            model=str(files.root), device=device, out=out,
+            model=str(files.root), device=device, out=out, backend=backend, engine=engine,
             on_step=lambda done, total: bar.update(done - bar.n),
+            on_status=lambda msg: typer.echo(msg, err=True),
         )
     finally:
         bar.close()
     typer.echo(f"wrote {len(result.images)} images + JSON sidecars to {out}/")
     typer.echo(f"grid: {result.grid}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    from compinv_rt.errors import ConfigError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} takes positive integers, got {text!r}")
+    return values
+
+
+@app.command()
+@user_errors
+def export(
+    format: EngineFormat = typer.Option(..., "--format", help="Artifact to build."),
+    model: Optional[str] = typer.Option(None, help="Local diffusers SD 1.x/2.x folder (default: embedded)."),
+    precision: Precision = typer.Option(Precision.fp32, help="Weights and activations precision."),
+    batch_sizes: str = typer.Option("1,2,4,8", help="Image batch sizes: one static bucket each."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="One dynamic batch range instead of buckets."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's native size)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's native size)."),
+    opset: int = typer.Option(17, help="ONNX opset (legacy exporter: 17; dynamo: >= 18)."),
+    exporter: OnnxExporter = typer.Option(OnnxExporter.legacy, help="ONNX exporter."),
+    optimization_level: int = typer.Option(3, help="TensorRT builder optimization level (0-5)."),
+    device: str = typer.Option("auto", help="Device the artifact is compiled for (tensorrt, aoti)."),
+    out: Path = typer.Option(Path("engines"), help="Engine cache folder."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a matching engine exists."),
+):
+    """Build the UNet engine (with its attention_bias input) into OUT/<format>-<key>/."""
+    from compinv_rt.export.build import export_engine
+    from compinv_rt.export.iospec import UNetIOSpec, batch_profiles
+    from compinv_rt.export.onnx_export import check_opset
+    from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
+    from compinv_rt.outputs import check_writable_dir
+    from compinv_rt.runtime.registry import ExportOptions
+
+    profiles = batch_profiles(_int_list(batch_sizes, "--batch-sizes"), dynamic)
+    if format is not EngineFormat.aoti:
+        check_opset(exporter, opset)
+    files = inspect_model_dir(resolve_model_dir(model))
+    spec = UNetIOSpec.for_model(files, height or files.default_size, width or files.default_size,
+                                precision)
+    if format is EngineFormat.tensorrt:
+        from compinv_rt.export.build import require_tensorrt
+
+        require_tensorrt()
+    check_writable_dir(out)
+    loaded = load_model(str(files.root), device=device)
+    options = ExportOptions(exporter.value, opset, optimization_level).for_format(format)
+    engine_dir, reused = export_engine(format, loaded, spec, profiles, out, options, force=force,
+                                       on_status=lambda msg: typer.echo(msg, err=True))
+    typer.echo(f"{'reused' if reused else 'built'} {format.value} engine: {engine_dir}")
 
 
 @app.command()

@@ -28,13 +28,21 @@ def generate_to_folder(
     model: str | None,
     out: Path,
     device: str = "auto",
+    backend: str = "torch",
+    engine: Path | None = None,
+    engines_root: Path = Path("engines"),
     on_step: StepCallback | None = None,
+    on_status=None,
 ) -> GenerationResult:
     from compinv_rt.models.loading import load_model
+    from compinv_rt.runtime.registry import open_backend
 
     loaded = load_model(model, device=device)
-    pipe = Pipeline(loaded)
     config = config.resolved(loaded.files)
+    unet = open_backend(backend, loaded, config.height, config.width, len(seeds),
+                        guidance=config.guidance > 1.0, engine=engine, engines_root=engines_root,
+                        on_status=on_status)
+    pipe = Pipeline(loaded, unet)
     images = pipe.generate([prompt] * len(seeds), seeds, config,
                            negative_prompts=[negative_prompt] * len(seeds), on_step=on_step)
     stem = slug(prompt)

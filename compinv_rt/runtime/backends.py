@@ -1,11 +1,15 @@
 """UNet backends behind one small interface. The denoise loop only ever calls
-`backend(sample, timestep, encoder_hidden_states) -> noise_pred`; backends differ in nothing else."""
+`backend(sample, timestep, encoder_hidden_states, attention_bias) -> noise_pred`; backends differ
+in nothing else. Engine-based backends live next to their exporters and are created by
+`compinv_rt.runtime.registry.open_backend`."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
 import torch
+
+from compinv_rt.spatial.attention import BiasedUNet
 
 
 class UNetBackend(Protocol):
@@ -15,20 +19,20 @@ class UNetBackend(Protocol):
         self,
         sample: torch.Tensor,  # (N, 4, h, w)
         timestep: torch.Tensor,  # (N,)
-        encoder_hidden_states: torch.Tensor,  # (N, 77, D)
+        encoder_hidden_states: torch.Tensor,  # (N, T, D)
+        attention_bias: torch.Tensor | None = None,  # (N, T, h, w) or None
     ) -> torch.Tensor:  # (N, 4, h, w)
         ...
 
 
 class TorchBackend:
-    """Eager PyTorch: the diffusers UNet as loaded."""
+    """Eager PyTorch: the diffusers UNet as loaded, wrapped with the attention-bias contract."""
 
     name = "torch"
 
     def __init__(self, unet: torch.nn.Module):
-        self.unet = unet
+        self.module = BiasedUNet(unet)
 
     @torch.inference_mode()
-    def __call__(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         return_dict=False)[0]
+    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None):
+        return self.module(sample, timestep, encoder_hidden_states, attention_bias)

@@ -19,6 +19,8 @@ def denoise(
     uncond: torch.Tensor | None,  # (B, 77, D); None = no classifier-free guidance
     guidance: float | torch.Tensor,  # scalar or (B,) per-sample scale
     on_step: StepCallback | None = None,
+    attention_bias: torch.Tensor | None = None,  # (B, T, h, w) for the conditional half
+    bias_steps: int = 0,  # the first `bias_steps` steps get the bias
 ) -> torch.Tensor:
     """Run `scheduler.timesteps` (set by the caller) with classifier-free guidance.
 
@@ -32,11 +34,15 @@ def denoise(
             guidance = guidance.to(latents).view(batch, 1, 1, 1)
     else:
         context = cond
+    if attention_bias is not None and uncond is not None:
+        # The unconditional half of classifier-free guidance is never biased.
+        attention_bias = torch.cat([torch.zeros_like(attention_bias), attention_bias])
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         model_in = torch.cat([latents] * 2) if uncond is not None else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        noise = unet(model_in, t.expand(model_in.shape[0]), context)
+        bias = attention_bias if i < bias_steps else None
+        noise = unet(model_in, t.expand(model_in.shape[0]), context, bias)
         if uncond is not None:
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)

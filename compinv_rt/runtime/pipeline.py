@@ -86,6 +86,8 @@ class Pipeline:
         config: SamplingConfig,
         negative_prompts: list[str] | None = None,
         on_step: StepCallback | None = None,
+        attention_bias: torch.Tensor | None = None,  # (B, T, h, w) for the conditional half
+        bias_steps: int = 0,
     ) -> list:
         files, m = self.model.files, self.model
         cfg = config.resolved(files)
@@ -99,5 +101,8 @@ class Pipeline:
         cond = self.encode_prompts(prompts)
         use_cfg = cfg.guidance > 1.0
         uncond = self.encode_prompts(negative_prompts or [""] * len(prompts)) if use_cfg else None
-        latents = denoise(self.backend, scheduler, latents, cond, uncond, cfg.guidance, on_step)
+        if attention_bias is not None:
+            attention_bias = attention_bias.to(m.device, m.dtype)
+        latents = denoise(self.backend, scheduler, latents, cond, uncond, cfg.guidance, on_step,
+                          attention_bias, bias_steps)
         return self.decode(latents)

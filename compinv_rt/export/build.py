@@ -1,0 +1,92 @@
+"""`compinv-rt export`: build (or reuse) an engine folder `<out>/<format>-<key>/` for a model."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from compinv_rt.errors import BackendUnavailable, EngineMismatch
+from compinv_rt.export.iospec import BatchProfile, UNetIOSpec
+from compinv_rt.export.manifest import (EngineFormat, EngineRequest, device_tag, tool_versions,
+                                        unet_files, verify_engine, write_manifest)
+
+log = logging.getLogger(__name__)
+
+
+def require_tensorrt():
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        raise BackendUnavailable(
+            "TensorRT is not installed (it needs an NVIDIA GPU and the tensorrt package); "
+            "use --format onnx or aoti, or --backend onnxruntime/aoti/compile/torch"
+        ) from None
+
+
+def engine_request(fmt: EngineFormat, model, spec: UNetIOSpec, profiles: list[BatchProfile],
+                   options: dict) -> EngineRequest:
+    from compinv_rt.models.loading import content_hash
+
+    if fmt is EngineFormat.tensorrt:
+        require_tensorrt()
+        if model.device.type != "cuda":
+            raise BackendUnavailable("TensorRT engines are built on a CUDA device; none is available")
+    return EngineRequest(fmt, content_hash(unet_files(model.files)), spec, tuple(profiles),
+                         tool_versions(fmt), device_tag(fmt, str(model.device)), dict(options))
+
+
+def export_engine(fmt: EngineFormat, model, spec: UNetIOSpec, profiles: list[BatchProfile],
+                  out_root: Path, options: dict | None = None, force: bool = False,
+                  on_status=None) -> tuple[Path, bool]:
+    """Returns (engine folder, reused). A matching engine is reused after its files are verified;
+    a corrupt one is refused unless `force` rebuilds it. Builds happen in a temp folder that is
+    renamed into place, so an interrupted build never leaves a half engine behind."""
+    request = engine_request(fmt, model, spec, profiles, options or {})
+    target = Path(out_root) / request.dirname
+    if target.exists() and not force:
+        try:
+            verify_engine(target, request, device=str(model.device))
+            return target, True
+        except EngineMismatch as exc:
+            raise EngineMismatch(f"{exc} (pass --force to rebuild it)") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{request.dirname}."))
+    try:
+        if on_status:
+            on_status(f"building {fmt.value} engine {request.dirname}")
+        artifacts, extra = _build(fmt, model, spec, profiles, tmp, request.options)
+        write_manifest(tmp, request, artifacts, {"model_path": str(model.root), **extra})
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, False
+
+
+def _build(fmt, model, spec, profiles, out_dir: Path, options: dict) -> tuple[list[str], dict]:
+    from compinv_rt.export.onnx_export import OnnxExporter, export_onnx
+
+    dynamic = BatchProfile(min(p.min for p in profiles), max(p.opt for p in profiles),
+                           max(p.max for p in profiles))
+    if fmt is EngineFormat.onnx:
+        files = export_onnx(model.unet, spec, dynamic, out_dir, OnnxExporter(options["exporter"]),
+                            options["opset"])
+        return files, {}
+    if fmt is EngineFormat.tensorrt:
+        from compinv_rt.export.tensorrt import build_tensorrt_engine, trt_build_settings
+
+        onnx_files = export_onnx(model.unet, spec, dynamic, out_dir,
+                                 OnnxExporter(options["exporter"]), options["opset"])
+        # The timing cache is per GPU and shared by every build on it: it lives beside the engines.
+        cache = out_dir.parent / f".timing-cache-{device_tag(fmt, str(model.device))}.bin"
+        settings = trt_build_settings(spec, profiles, options["optimization_level"], cache)
+        plan = build_tensorrt_engine(out_dir / onnx_files[0], settings, out_dir)
+        return [*onnx_files, plan], {}
+    if fmt is EngineFormat.aoti:
+        from compinv_rt.export.aoti import export_aoti
+
+        return export_aoti(model.unet, spec, profiles, out_dir, str(model.device)), {}
+    raise AssertionError(fmt)

@@ -1,0 +1,95 @@
+"""UNet -> ONNX: the BiasedUNet wrapper, exported once, folded, checked.
+
+Legacy TorchScript exporter at opset 17 by default (what TensorRT's demoDiffusion uses); the
+dynamo exporter at opset >= 18 as an option (dynamo at 17 writes an invalid graph).
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+
+from compinv_rt.errors import ConfigError, ExportError
+from compinv_rt.export.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "unet.onnx"
+EXTERNAL_DATA_FILE = "unet.onnx.data"
+_TWO_GB = 2**31 - 1
+
+
+class OnnxExporter(str, Enum):
+    legacy = "legacy"
+    dynamo = "dynamo"
+
+
+def check_opset(exporter: OnnxExporter, opset: int) -> None:
+    if exporter is OnnxExporter.dynamo and opset < 18:
+        raise ConfigError(f"the dynamo exporter needs --opset >= 18 (got {opset}); "
+                          "use the legacy exporter for opset 17")
+    if not 14 <= opset <= 23:
+        raise ConfigError(f"--opset {opset} is outside the supported range 14-23")
+
+
+def export_onnx(unet, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
+                exporter: OnnxExporter = OnnxExporter.legacy, opset: int = 17) -> list[str]:
+    """Export `unet` (a diffusers UNet2DConditionModel) to out_dir/unet.onnx. Returns file names."""
+    import onnx
+    import torch
+
+    from compinv_rt.spatial.attention import BiasedUNet
+
+    check_opset(exporter, opset)
+    dtype = spec.precision.torch_dtype
+    if next(unet.parameters()).dtype != dtype:
+        import copy
+
+        unet = copy.deepcopy(unet).to(dtype)  # never change the caller's model in place
+    module = BiasedUNet(unet).eval()
+    example = spec.example_inputs(profile.opt, device=next(unet.parameters()).device)
+    raw = out_dir / "raw.onnx"
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            if exporter is OnnxExporter.legacy:
+                torch.onnx.export(module, example, str(raw), input_names=list(INPUTS),
+                                  output_names=list(OUTPUTS), dynamic_axes=spec.dynamic_axes(),
+                                  opset_version=opset, do_constant_folding=True, dynamo=False)
+            else:
+                batch = torch.export.Dim("batch", min=max(profile.min, 2), max=max(profile.max, 2) * 64)
+                dyn = {name: {0: batch} for name in INPUTS}
+                program = torch.onnx.export(module, example, input_names=list(INPUTS),
+                                            output_names=list(OUTPUTS), dynamic_shapes=dyn,
+                                            opset_version=opset, dynamo=True, external_data=False)
+                program.save(str(raw))
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed: {str(exc).splitlines()[0]}") from exc
+    model = fold_constants(onnx.load(str(raw)))
+    raw.unlink()
+    for stale in (ONNX_FILE, EXTERNAL_DATA_FILE):
+        (out_dir / stale).unlink(missing_ok=True)
+    large = model.ByteSize() > _TWO_GB
+    onnx.save_model(model, str(out_dir / ONNX_FILE), save_as_external_data=large,
+                    all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE)
+    try:
+        onnx.checker.check_model(str(out_dir / ONNX_FILE))  # path form: works past 2 GB
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"exported ONNX graph is invalid: {str(exc).splitlines()[0]}") from exc
+    return [ONNX_FILE, EXTERNAL_DATA_FILE] if large else [ONNX_FILE]
+
+
+def fold_constants(model):
+    """Constant folding with polygraphy (onnx-graphsurgeon + ONNX Runtime under the hood)."""
+    from polygraphy.backend.onnx import fold_constants as pg_fold
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # errors only: its graph warnings are noise
+    from polygraphy.logger import G_LOGGER
+
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):
+            return pg_fold(model, num_passes=3, error_ok=False)
+    except Exception as exc:  # folding is an optimization: keep the unfolded graph, say so
+        log.warning("constant folding skipped: %s", str(exc).splitlines()[0])
+        return model

@@ -1,0 +1,74 @@
+"""ONNX -> TensorRT plan through polygraphy's Python API (no shell commands).
+
+Everything up to the TensorRT calls is plain data (`TrtBuildSettings`) so it is unit-tested on
+machines without TensorRT; `build_tensorrt_engine` imports tensorrt lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from compinv_rt.export.iospec import INPUTS, BatchProfile, Precision, UNetIOSpec
+
+PLAN_FILE = "unet.plan"
+
+
+@dataclass(frozen=True)
+class TrtBuildSettings:
+    precision: Precision
+    # One optimization profile per batch bucket: input name -> (min, opt, max) shapes.
+    profiles: tuple[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]], ...]
+    optimization_level: int
+    timing_cache: Path
+
+    def create_config_kwargs(self) -> dict:
+        """Keyword arguments for polygraphy.backend.trt.CreateConfig, minus the Profile objects."""
+        return {
+            "fp16": self.precision is Precision.fp16,
+            "bf16": self.precision is Precision.bf16,
+            "tf32": self.precision is Precision.fp32,
+            "builder_optimization_level": self.optimization_level,
+            "load_timing_cache": str(self.timing_cache) if self.timing_cache.is_file() else None,
+        }
+
+
+def trt_build_settings(spec: UNetIOSpec, profiles: list[BatchProfile], optimization_level: int,
+                       timing_cache: Path) -> TrtBuildSettings:
+    if not 0 <= optimization_level <= 5:
+        from compinv_rt.errors import ConfigError
+
+        raise ConfigError(f"--optimization-level must be 0-5, got {optimization_level}")
+    shapes = []
+    for p in profiles:
+        lo, mid, hi = spec.shapes(p.min), spec.shapes(p.opt), spec.shapes(p.max)
+        shapes.append({name: (lo[name], mid[name], hi[name]) for name in INPUTS})
+    return TrtBuildSettings(spec.precision, tuple(shapes), optimization_level, Path(timing_cache))
+
+
+def build_tensorrt_engine(onnx_path: Path, settings: TrtBuildSettings, out_dir: Path) -> str:
+    """Parse the ONNX file, build one plan with one profile per bucket, save it. Needs TensorRT."""
+    from polygraphy.backend.trt import (CreateConfig, Profile, engine_bytes_from_network,
+                                        network_from_onnx_path)
+
+    from compinv_rt.errors import ExportError
+
+    profiles = []
+    for shapes in settings.profiles:
+        prof = Profile()
+        for name, (lo, opt, hi) in shapes.items():
+            prof.add(name, min=lo, opt=opt, max=hi)
+        profiles.append(prof)
+    config = CreateConfig(profiles=profiles, **settings.create_config_kwargs())
+    settings.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        plan = engine_bytes_from_network(network_from_onnx_path(str(onnx_path)), config=config,
+                                         save_timing_cache=str(settings.timing_cache))
+    except Exception as exc:
+        raise ExportError(f"TensorRT build failed: {str(exc).splitlines()[0]}") from exc
+    if plan is None:
+        raise ExportError("TensorRT build failed (see the TensorRT log above)")
+    from compinv_rt.outputs import atomic_write_bytes
+
+    atomic_write_bytes(out_dir / PLAN_FILE, bytes(plan))
+    return PLAN_FILE

@@ -1,0 +1,68 @@
+"""ONNX Runtime backend: the exported unet.onnx, with IO binding straight to torch tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from compinv_rt.errors import BackendUnavailable
+from compinv_rt.export.iospec import INPUTS, OUTPUTS, UNetIOSpec
+
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, engine_dir: Path, spec: UNetIOSpec, device: torch.device, threads: int = 0):
+        import numpy as np
+        import onnxruntime as ort
+
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # errors only: its graph warnings are noise
+        self.spec, self.device = spec, device
+        if spec.precision.value == "bf16":
+            raise BackendUnavailable("the onnxruntime backend runs fp32 or fp16 engines, not bf16")
+        available = ort.get_available_providers()
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise BackendUnavailable(
+                    f"onnxruntime here has no CUDA provider (has {', '.join(available)}); "
+                    "install onnxruntime-gpu or use --device cpu")
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(Path(engine_dir) / "unet.onnx"), opts,
+                                            providers=providers)
+        self._np_types = {torch.float32: np.float32, torch.float16: np.float16}
+        self._zero_bias: torch.Tensor | None = None
+
+    def _bias(self, sample, attention_bias):
+        if attention_bias is not None:
+            return attention_bias
+        shape = self.spec.shapes(sample.shape[0])["attention_bias"]
+        if self._zero_bias is None or self._zero_bias.shape != shape:
+            self._zero_bias = torch.zeros(shape, dtype=self.spec.dtype("attention_bias"),
+                                          device=self.device)
+        return self._zero_bias
+
+    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None):
+        feeds = (sample, timestep, encoder_hidden_states, self._bias(sample, attention_bias))
+        binding = self.session.io_binding()
+        dev, idx = self.device.type, self.device.index or 0
+        keep = []  # contiguous copies must outlive run_with_iobinding
+        for name, t in zip(INPUTS, feeds):
+            t = t.to(device=self.device, dtype=self.spec.dtype(name)).contiguous()
+            keep.append(t)
+            binding.bind_input(name, dev, idx, self._np_types[t.dtype], tuple(t.shape), t.data_ptr())
+        out = torch.empty(self.spec.shapes(sample.shape[0])["noise_pred"],
+                          dtype=self.spec.dtype("noise_pred"), device=self.device)
+        binding.bind_output(OUTPUTS[0], dev, idx, self._np_types[out.dtype], tuple(out.shape),
+                            out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return out.to(sample.dtype)

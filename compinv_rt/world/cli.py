@@ -1,0 +1,265 @@
+"""`compinv-rt world ...`: the shapes world's commands (Typer sub-app `world_app`).
+
+Only typer and the standard library at module level: torch/diffusers are imported inside commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+world_app = typer.Typer(
+    name="world",
+    help="The embedded shapes world: scenes, the judge, the tiny SD's training recipe, scoring, photos.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _user_errors(fn):
+    """A CompinvError becomes one line on stderr and exit code 1; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from compinv_rt.errors import CompinvError
+
+        try:
+            return fn(*args, **kwargs)
+        except CompinvError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+@world_app.command()
+@_user_errors
+def scenes(
+    out: Path = typer.Option(..., help="Folder for scene PNGs, scenes.json and grid.png."),
+    n: int = typer.Option(16, "-n", help="Number of scenes."),
+    seed: int = typer.Option(0, help="First seed (scene i uses seed + i)."),
+    split: str = typer.Option("train", help="train (respects the held-out split) or any."),
+):
+    """Write sample scenes with their ground truth (boxes, captions)."""
+    from PIL import Image
+
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.world.scenes import sample_batch
+    from compinv_rt.world.score import grid_image
+
+    if split not in ("train", "any"):
+        raise ConfigError(f"--split must be train or any, got {split!r}")
+    if n < 1:
+        raise ConfigError(f"-n must be >= 1, got {n}")
+    out.mkdir(parents=True, exist_ok=True)
+    sc, ims = sample_batch(range(seed, seed + n), split)
+    for i, im in enumerate(ims):
+        Image.fromarray(im).save(out / f"scene_{i:04d}.png")
+    (out / "scenes.json").write_text(json.dumps([s.to_json() for s in sc], indent=1))
+    grid_image(ims, cols=min(8, n)).save(out / "grid.png")
+    typer.echo(f"wrote {n} scenes to {out}")
+
+
+@world_app.command()
+@_user_errors
+def train(
+    run_dir: Path = typer.Option(Path(".cache/world/run"), help="Checkpoints, caches and logs (resumable)."),
+    stages: str = typer.Option("vae,gate,cache,unet,export", help="Comma-separated stages to run."),
+    vae_steps: int = typer.Option(1600, help="VAE optimizer steps."),
+    unet_steps: int = typer.Option(6000, help="UNet + text encoder optimizer steps."),
+    unet_batch: int = typer.Option(32, help="UNet batch size."),
+    unet_lr: float = typer.Option(6e-4, help="UNet + text encoder peak learning rate."),
+    cache_scenes: int = typer.Option(48000, help="Training scenes encoded to latents."),
+    gate_threshold: float = typer.Option(0.90, help="VAE gate: judge's exact-object-set accuracy on reconstructions."),
+    ckpt_every: int = typer.Option(200, help="Checkpoint every N steps."),
+    snapshot_every: int = typer.Option(1000, help="Keep an EMA snapshot every N UNet steps."),
+    threads: int = typer.Option(1, help="torch CPU threads (1 is fastest when the CPU is shared)."),
+    seed: int = typer.Option(0, help="Seed of everything."),
+    tiny: bool = typer.Option(False, help="Tiny architecture and data (smoke tests)."),
+    judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
+    out: Optional[Path] = typer.Option(None, help="Where export writes the diffusers folder (default: RUN_DIR/model)."),
+    force: bool = typer.Option(False, help="Train the UNet even if the VAE gate failed."),
+):
+    """Train the shapes-world Stable Diffusion (seeded, resumable; rerun to continue)."""
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.world.model import TINY_ARCH, ArchConfig
+    from compinv_rt.world.recipe import STAGES, RecipeConfig, run_recipe
+
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in STAGES]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {', '.join(bad)}; expected some of {', '.join(STAGES)}")
+    for name, v in (("--vae-steps", vae_steps), ("--unet-steps", unet_steps), ("--unet-batch", unet_batch),
+                    ("--cache-scenes", cache_scenes), ("--threads", threads), ("--ckpt-every", ckpt_every)):
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    cfg = RecipeConfig(
+        run_dir=str(run_dir), arch=TINY_ARCH if tiny else ArchConfig(), seed=seed, threads=threads,
+        vae_steps=vae_steps, unet_steps=unet_steps, unet_batch=min(unet_batch, 4) if tiny else unet_batch,
+        unet_lr=unet_lr,
+        cache_scenes=cache_scenes, gate_threshold=gate_threshold, ckpt_every=ckpt_every,
+        snapshot_every=snapshot_every,
+        **(dict(vae_scenes=64, vae_batch=4, gate_scenes=16) if tiny else {}),
+    )
+    bars: dict = {}
+
+    def progress(stage, i, n, info):
+        if stage not in bars:
+            bars[stage] = _bar(n, stage)
+        b = bars[stage]
+        b.update(i - b.n)
+        if info:
+            b.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
+
+    try:
+        result = run_recipe(cfg, chosen, progress, judge_dir=judge, out_dir=out, force=force)
+    finally:
+        for b in bars.values():
+            b.close()
+    if "gate" in result:
+        g = result["gate"]
+        typer.echo(f"VAE gate: exact object set on reconstructions {g['exact_object_set_recon']:.3f} "
+                   f"(clean {g['exact_object_set_clean']:.3f}, PSNR {g['psnr_db']:.1f} dB): "
+                   f"{'passed' if g['passed'] else 'FAILED'}")
+    if "unet" in result:
+        typer.echo(f"UNet trained to step {result['unet']['steps']}")
+    if "export" in result:
+        typer.echo(f"model written to {result['export']}")
+
+
+@world_app.command()
+@_user_errors
+def score(
+    model: Optional[Path] = typer.Option(None, help="Diffusers model folder (default: embedded)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file, one per line, optional 'kind<TAB>prompt' (default: held-out prompts)."),
+    kinds: str = typer.Option("single,two,novel", help="Held-out prompt kinds when --prompts is not given."),
+    prompts_per_kind: int = typer.Option(25, help="Held-out prompts per kind."),
+    k: int = typer.Option(5, "-k", help="Images per prompt."),
+    steps: int = typer.Option(25, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
+    out: Path = typer.Option(Path("outputs/world-score"), help="Folder for score.json, score.md and grids."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
+):
+    """Sample K images per prompt, judge them, report accuracy per prompt kind."""
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.world.score import ScoreConfig, default_prompts, markdown_table, read_prompt_file
+    from compinv_rt.world.score import score as run_score
+
+    if k < 1 or steps < 1 or prompts_per_kind < 1:
+        raise ConfigError("-k, --steps and --prompts-per-kind must be >= 1")
+    if prompts is not None:
+        plist = read_prompt_file(prompts)
+    else:
+        chosen = [x.strip() for x in kinds.split(",") if x.strip()]
+        for x in chosen:
+            if x not in ("single", "two", "novel"):
+                raise ConfigError(f"unknown prompt kind {x!r}; expected single, two or novel")
+        plist = default_prompts(chosen, prompts_per_kind, seed)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = ScoreConfig(k=k, prompts_per_kind=prompts_per_kind, steps=steps, guidance=guidance, seed=seed)
+    bar = _bar(len(plist) * k, "sampling")
+
+    def progress(i, n):
+        bar.update(i - bar.n)
+
+    try:
+        result = run_score(plist, cfg, model_dir=model, judge_dir=judge, out_dir=out, progress=progress)
+    finally:
+        bar.close()
+    typer.echo(markdown_table(result["summary"]), nl=False)
+    typer.echo(f"wrote {out}/score.json, score.md and grid PNGs ({result['seconds']} s)")
+
+
+@world_app.command()
+@_user_errors
+def photos(
+    out: Path = typer.Option(..., help="Folder for the photos and concept.json."),
+    shape: str = typer.Option("heart", help="circle, square, triangle, star, heart or cross."),
+    colour: str = typer.Option("orange", help="red, orange, yellow, green, blue or purple."),
+    pattern: str = typer.Option("dotted", help="plain, dotted or striped."),
+    background: str = typer.Option("sand", help="grass, sky, sand, night or brick."),
+    count: int = typer.Option(8, help="Number of photos."),
+    seed: int = typer.Option(0, help="Seed."),
+):
+    """Write "user photos" of a novel concept plus concept.json (for textual inversion)."""
+    from compinv_rt.world.photos import make_photos
+
+    c = make_photos(out, shape, colour, pattern, background, count, seed)
+    typer.echo(f"wrote {c['count']} photos of {c['description']} to {out}")
+
+
+@world_app.command("judge")
+@_user_errors
+def judge_images(
+    images: list[Path] = typer.Argument(..., help="Image files to judge."),
+    judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
+):
+    """Print what the judge sees in images (background, objects, boxes) as JSON lines."""
+    from PIL import Image
+
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.world.judge import load_judge
+
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise ConfigError(f"image(s) not found: {', '.join(missing)}")
+    j = load_judge(judge)
+    verdicts = j([Image.open(p).convert("RGB") for p in images])
+    for p, v in zip(images, verdicts):
+        typer.echo(json.dumps({"image": str(p), **v.to_json()}))
+
+
+@world_app.command("judge-train")
+@_user_errors
+def judge_train(
+    out: Path = typer.Option(..., help="Folder for judge.safetensors + judge.json."),
+    steps: int = typer.Option(2500, help="Optimizer steps."),
+    scenes_n: int = typer.Option(24000, "--scenes", help="Training scenes."),
+    eval_scenes: int = typer.Option(1000, help="Clean held-out scenes for the accuracy report."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    seed: int = typer.Option(0, help="Seed."),
+):
+    """Train the judge on clean synthetic scenes and report its held-out accuracy."""
+    import time
+
+    import torch
+
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.world.judge import JudgeConfig, evaluate_judge, train_judge
+
+    if steps < 1 or scenes_n < 1:
+        raise ConfigError("--steps and --scenes must be >= 1")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    bar = _bar(steps, "judge")
+    t0 = time.time()
+
+    def progress(i, n, info):
+        bar.update(i - bar.n)
+        bar.set_postfix(loss=f"{info['loss']:.4f}", refresh=False)
+
+    try:
+        j = train_judge(JudgeConfig(steps=steps, train_scenes=scenes_n, seed=seed), progress)
+    finally:
+        bar.close()
+    acc = evaluate_judge(j, eval_scenes)
+    j.meta = {"heldout_clean": acc, "train_seconds": round(time.time() - t0, 1)}
+    j.save(out)
+    typer.echo(json.dumps(acc, indent=1))

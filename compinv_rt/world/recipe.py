@@ -1,0 +1,539 @@
+"""The seeded, resumable training recipe of the embedded shapes-world Stable Diffusion.
+
+Stages (each resumes from its last checkpoint in `run_dir`, writes are atomic):
+  vae    AutoencoderKL on random crops of training scenes (L1 + edge L1 + tiny KL)
+  gate   the judge reads VAE reconstructions of clean held-out scenes: exact-object-set accuracy
+         must reach `gate_threshold` before the UNet is trained on the VAE's latents
+  cache  encode `cache_scenes` training scenes to latents once (scenes stored as JSON so captions
+         are re-drawn from the templates at every use)
+  unet   UNet + CLIP text encoder from scratch on cached latents: epsilon prediction, SD's
+         scaled-linear schedule, min-SNR-gamma weighting, caption dropout for guidance, warm-up,
+         EMA; checkpoints every `ckpt_every` steps, EMA snapshots every `snapshot_every` steps
+  export the EMA weights as a stock diffusers folder (fp16)
+Randomness of step `s` is derived from (seed, s), so a resumed run draws the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from compinv_rt.errors import ConfigError, ModelError
+from compinv_rt.world.model import ArchConfig, build_text_encoder, build_unet, build_vae, export_model
+from compinv_rt.world.scenes import (
+    WorldConfig,
+    WorldObject,
+    make_caption,
+    sample_batch,
+)
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int, dict], None]
+STAGES = ("vae", "gate", "cache", "unet", "export")
+GATE_SEED0 = 910_000_000
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    run_dir: str = ".cache/world/run"
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    seed: int = 0
+    threads: int = 1
+    world: WorldConfig = field(default_factory=WorldConfig)
+    # VAE
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    vae_scenes: int = 8000
+    vae_kl: float = 1e-6
+    # gate
+    gate_scenes: int = 500
+    gate_threshold: float = 0.90
+    # latent cache
+    cache_scenes: int = 48000
+    # UNet + text encoder
+    unet_steps: int = 6000
+    unet_batch: int = 32
+    unet_lr: float = 6e-4
+    warmup: int = 200
+    ema_decay: float = 0.998
+    snr_gamma: float = 5.0
+    cond_drop: float = 0.1
+    size_word_prob: float = 0.3
+    ckpt_every: int = 200
+    snapshot_every: int = 1000
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "RecipeConfig":
+        d = dict(d)
+        d["arch"] = ArchConfig.from_json(d.get("arch", {}))
+        w = d.get("world", {})
+        d["world"] = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in w.items()})
+        fields = RecipeConfig.__dataclass_fields__
+        return RecipeConfig(**{k: v for k, v in d.items() if k in fields})
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint helpers (safetensors + JSON metadata, atomic)
+
+
+def _save_tensors(path: Path, tensors: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata().get("meta", "{}"))
+    return load_file(str(path)), meta
+
+
+def _opt_tensors(opt) -> tuple[dict, list]:
+    sd = opt.state_dict()
+    out = {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v if hasattr(v, "shape") else __import__("torch").tensor(v)
+    return out, sd["param_groups"]
+
+
+def _opt_load(opt, tensors: dict, groups: list) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _prefixed(prefix: str, module) -> dict:
+    return {prefix + k: v for k, v in module.state_dict().items()}
+
+
+def _unprefixed(prefix: str, tensors: dict) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _step_rng(seed: int, stage: str, step: int):
+    import torch
+
+    s = (seed * 1_000_003 + step * 7919 + {"vae": 1, "unet": 2}[stage]) % (2**63)
+    return torch.Generator().manual_seed(s), np.random.default_rng(s)
+
+
+def _lr(base: float, step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage: VAE
+
+
+def _images_tensor(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W)
+
+
+def vae_loss(vae, x, kl_weight: float):
+    """L1 + L1 on image gradients (keeps edges sharp) + kl_weight * KL."""
+    post = vae.encode(x).latent_dist
+    z = post.sample()
+    rec = vae.decode(z).sample
+    l1 = (rec - x).abs().mean()
+    gx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    gy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    edge = (gx(rec) - gx(x)).abs().mean() + (gy(rec) - gy(x)).abs().mean()
+    kl = post.kl().mean() / x[0].numel()
+    return l1 + edge + kl_weight * kl, {"l1": l1.item(), "edge": edge.item()}
+
+
+def train_vae(cfg: RecipeConfig, progress: Progress | None = None, steps: int | None = None):
+    """Train (or resume) the VAE up to `steps` (default cfg.vae_steps); returns the model."""
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    ck = run / "vae_ckpt.safetensors"
+    total = steps or cfg.vae_steps
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.arch)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    start = 0
+    if ck.is_file():
+        t, meta = _load_tensors(ck)
+        vae.load_state_dict(_unprefixed("vae.", t))
+        _opt_load(opt, t, meta["param_groups"])
+        start = meta["step"]
+        log.info("VAE resumes at step %d", start)
+    if start >= total:
+        return vae.eval()
+    _, images = sample_batch(range(cfg.seed * 10_000_000 + 1_000_000,
+                                   cfg.seed * 10_000_000 + 1_000_000 + cfg.vae_scenes), "train", cfg.world)
+    data = _images_tensor(images)
+    n, _, h, w = data.shape
+    c = min(cfg.vae_crop, h)
+    vae.train()
+    t0 = time.time()
+    for step in range(start, total):
+        gen, _ = _step_rng(cfg.seed, "vae", step)
+        idx = torch.randint(0, n, (cfg.vae_batch,), generator=gen)
+        ys = torch.randint(0, h - c + 1, (cfg.vae_batch,), generator=gen)
+        xs = torch.randint(0, w - c + 1, (cfg.vae_batch,), generator=gen)
+        x = torch.stack([data[i, :, y:y + c, x_:x_ + c] for i, y, x_ in zip(idx.tolist(), ys.tolist(), xs.tolist())])
+        flip = torch.rand(cfg.vae_batch, generator=gen) < 0.5
+        x[flip] = x[flip].flip(-1)
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg.vae_lr, step, 100, total)
+        loss, info = vae_loss(vae, x, cfg.vae_kl)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        done = step + 1
+        if progress:
+            progress("vae", done, total, {"loss": loss.item(), **info, "s_per_step": (time.time() - t0) / (done - start)})
+        if done % cfg.ckpt_every == 0 or done == total:
+            ot, groups = _opt_tensors(opt)
+            _save_tensors(ck, {**_prefixed("vae.", vae), **ot}, {"step": done, "param_groups": groups})
+    return vae.eval()
+
+
+def load_vae(cfg: RecipeConfig):
+    vae = build_vae(cfg.arch)
+    ck = Path(cfg.run_dir) / "vae_ckpt.safetensors"
+    if not ck.is_file():
+        raise ModelError(f"no VAE checkpoint in {cfg.run_dir}: run the vae stage first")
+    t, meta = _load_tensors(ck)
+    vae.load_state_dict(_unprefixed("vae.", t))
+    scale = meta.get("scaling_factor")
+    if scale:
+        vae.register_to_config(scaling_factor=scale)
+    return vae.eval()
+
+
+def reconstruct(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """uint8 (N,H,W,3) -> VAE reconstruction (posterior mode) as uint8."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = _images_tensor(images[i:i + batch])
+            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            out.append(((rec.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def gate_vae(cfg: RecipeConfig, judge, vae=None) -> dict:
+    """Judge VAE reconstructions of clean held-out scenes (all colour-shape pairs)."""
+    import torch
+
+    from compinv_rt.world.judge import compare
+
+    torch.set_num_threads(cfg.threads)
+    vae = vae if vae is not None else load_vae(cfg)
+    scenes, images = sample_batch(range(GATE_SEED0, GATE_SEED0 + cfg.gate_scenes), "any", cfg.world)
+    rec = reconstruct(vae, images)
+    clean = compare(scenes, judge(images))
+    recon = compare(scenes, judge(rec))
+    psnr = float(10 * np.log10(255.0**2 / np.mean((rec.astype(np.float32) - images.astype(np.float32)) ** 2)))
+    result = {
+        "scenes": len(scenes),
+        "threshold": cfg.gate_threshold,
+        "exact_object_set_recon": recon["exact_object_set"],
+        "exact_object_set_clean": clean["exact_object_set"],
+        "recon": recon,
+        "psnr_db": psnr,
+        "passed": recon["exact_object_set"] >= cfg.gate_threshold,
+    }
+    _write_json(Path(cfg.run_dir) / "gate.json", result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage: latent cache
+
+
+def build_cache(cfg: RecipeConfig, progress: Progress | None = None, chunk: int = 2000) -> Path:
+    """Encode `cache_scenes` training scenes to latents (posterior mean); resumable by chunk."""
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    out = run / "latents.safetensors"
+    if out.is_file():
+        return out
+    vae = load_vae(cfg)
+    parts = run / "cache_parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    base = cfg.seed * 10_000_000 + 3_000_000
+    n_chunks = math.ceil(cfg.cache_scenes / chunk)
+    for k in range(n_chunks):
+        p = parts / f"part{k:04d}.safetensors"
+        if p.is_file():
+            continue
+        lo, hi = base + k * chunk, base + min(cfg.cache_scenes, (k + 1) * chunk)
+        scenes, images = sample_batch(range(lo, hi), "train", cfg.world)
+        lat = []
+        with torch.no_grad():
+            for i in range(0, len(images), 100):
+                lat.append(vae.encode(_images_tensor(images[i:i + 100])).latent_dist.mean)
+        meta = {"scenes": [_scene_record(s) for s in scenes]}
+        _save_tensors(p, {"latents": torch.cat(lat).half()}, meta)
+        if progress:
+            progress("cache", hi - base, cfg.cache_scenes, {})
+    lats, recs = [], []
+    for k in range(n_chunks):
+        t, meta = _load_tensors(parts / f"part{k:04d}.safetensors")
+        lats.append(t["latents"])
+        recs += meta["scenes"]
+    lat = torch.cat(lats)
+    std = lat.float().std().item()
+    _save_tensors(out, {"latents": lat}, {"scenes": recs, "std": std, "mean": lat.float().mean().item()})
+    # record the scaling factor with the VAE (SD's 0.18215 plays the same role)
+    ck = run / "vae_ckpt.safetensors"
+    t, meta = _load_tensors(ck)
+    meta["scaling_factor"] = 1.0 / std
+    _save_tensors(ck, t, meta)
+    for p in parts.iterdir():
+        p.unlink()
+    parts.rmdir()
+    return out
+
+
+def _scene_record(s) -> list:
+    return [s.background, [[o.shape, o.colour, o.pattern, o.size] for o in s.objects]]
+
+
+def caption_for(rec: list, rng: np.random.Generator, size_word_prob: float) -> str:
+    bg, objs = rec
+    objects = [WorldObject(sh, co, pa, sz) for sh, co, pa, sz in objs]
+    return make_caption(bg, objects, rng, mention_size=bool(rng.random() < size_word_prob))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage: UNet + text encoder
+
+
+class _Tokens:
+    """Tokenizes captions to (B, 77) ids with a memo (captions repeat a lot)."""
+
+    def __init__(self):
+        from compinv_rt.models.tokenizer import clip_tokenizer
+
+        self.tok = clip_tokenizer()
+        self.memo: dict[str, list[int]] = {}
+
+    def __call__(self, captions: list[str]):
+        import torch
+
+        ids = []
+        for c in captions:
+            if c not in self.memo:
+                self.memo[c] = self.tok(c, padding="max_length", max_length=77, truncation=True).input_ids
+            ids.append(self.memo[c])
+        return torch.tensor(ids)
+
+
+def _alphas_cumprod():
+    from compinv_rt.world.model import build_scheduler
+
+    return build_scheduler().alphas_cumprod
+
+
+def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int | None = None,
+               stop: Callable[[], bool] | None = None) -> dict:
+    """Train (or resume) UNet + text encoder on the latent cache up to `steps`."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    cache = run / "latents.safetensors"
+    if not cache.is_file():
+        raise ModelError(f"no latent cache in {run}: run the cache stage first")
+    total = steps or cfg.unet_steps
+    t, meta = _load_tensors(cache)
+    latents = t["latents"]  # (N, 4, h, w) fp16
+    records = meta["scenes"]
+    scale = 1.0 / meta["std"]
+    n = latents.shape[0]
+
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg.arch)
+    text = build_text_encoder(cfg.arch)
+    ema_u, ema_t = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    for p in list(ema_u.parameters()) + list(ema_t.parameters()):
+        p.requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ck = run / "unet_ckpt.safetensors"
+    start = 0
+    history: list = []
+    if ck.is_file():
+        tt, m = _load_tensors(ck)
+        unet.load_state_dict(_unprefixed("unet.", tt))
+        text.load_state_dict(_unprefixed("text.", tt), strict=False)
+        ema_u.load_state_dict(_unprefixed("ema_unet.", tt))
+        ema_t.load_state_dict(_unprefixed("ema_text.", tt), strict=False)
+        _opt_load(opt, tt, m["param_groups"])
+        start, history = m["step"], m.get("history", [])
+        log.info("UNet resumes at step %d", start)
+    tokens = _Tokens()
+    empty = tokens([""])[0]
+    ac = _alphas_cumprod()
+    unet.train()
+    text.train()
+    t0 = time.time()
+    ema_params = list(ema_u.parameters()) + list(ema_t.parameters())
+    run_loss = None
+    for step in range(start, total):
+        gen, rng = _step_rng(cfg.seed, "unet", step)
+        idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
+        caps = [caption_for(records[i], rng, cfg.size_word_prob) for i in idx.tolist()]
+        ids = tokens(caps)
+        drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.cond_drop
+        ids[drop] = empty
+        z0 = latents[idx].float() * scale
+        noise = torch.randn(z0.shape, generator=gen)
+        ts = torch.randint(0, ac.shape[0], (cfg.unet_batch,), generator=gen)
+        a = ac[ts].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg.unet_lr, step, cfg.warmup, total, floor=0.3)
+        enc = text(ids).last_hidden_state  # (B, 77, hidden)
+        pred = unet(zt, ts, enc).sample
+        snr = a.view(-1) / (1 - a.view(-1))
+        w = torch.clamp(snr, max=cfg.snr_gamma) / snr
+        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        done = step + 1
+        d = min(cfg.ema_decay, (1 + done) / (10 + done))
+        with torch.no_grad():
+            for pe, p in zip(ema_params, params):
+                pe.lerp_(p.detach(), 1 - d)
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        if progress:
+            progress("unet", done, total, {"loss": run_loss, "s_per_step": (time.time() - t0) / (done - start)})
+        if done % 100 == 0:
+            history.append([done, round(run_loss, 5), round(time.time() - t0, 1)])
+        last = done == total or (stop is not None and stop())
+        if done % cfg.ckpt_every == 0 or last:
+            ot, groups = _opt_tensors(opt)
+            tensors = {**_prefixed("unet.", unet), **_prefixed("text.", text),
+                       **_prefixed("ema_unet.", ema_u), **_prefixed("ema_text.", ema_t), **ot}
+            _save_tensors(ck, tensors, {"step": done, "param_groups": groups, "history": history})
+        if done % cfg.snapshot_every == 0 or last:
+            snap = {**_prefixed("unet.", ema_u), **_prefixed("text.", ema_t)}
+            _save_tensors(run / "snapshots" / f"step{done:06d}.safetensors",
+                          {k: v.half() if v.is_floating_point() else v for k, v in snap.items()},
+                          {"step": done, "scaling_factor": scale})
+        if last and done != total:
+            break
+    return {"steps": done if total > start else start, "history": history}
+
+
+def list_snapshots(cfg: RecipeConfig) -> list[Path]:
+    return sorted((Path(cfg.run_dir) / "snapshots").glob("step*.safetensors"))
+
+
+def export_snapshot(cfg: RecipeConfig, out_dir: str | Path, snapshot: str | Path | None = None,
+                    info: dict | None = None) -> Path:
+    """Write the diffusers folder from an EMA snapshot (default: the latest)."""
+    import torch
+
+    snaps = list_snapshots(cfg)
+    path = Path(snapshot) if snapshot else (snaps[-1] if snaps else None)
+    if path is None or not path.is_file():
+        raise ModelError(f"no UNet snapshot in {cfg.run_dir}/snapshots: run the unet stage first")
+    t, meta = _load_tensors(path)
+    unet, text = build_unet(cfg.arch), build_text_encoder(cfg.arch)
+    unet.load_state_dict({k: v.float() for k, v in _unprefixed("unet.", t).items()})
+    text.load_state_dict({k: v.float() if v.is_floating_point() else v
+                          for k, v in _unprefixed("text.", t).items()}, strict=False)
+    vae = load_vae(cfg)
+    vae.register_to_config(scaling_factor=meta["scaling_factor"])
+    gate_path = Path(cfg.run_dir) / "gate.json"
+    full_info = {"recipe": cfg.to_json(), "snapshot_step": meta["step"],
+                 "gate": json.loads(gate_path.read_text()) if gate_path.is_file() else None,
+                 **(info or {})}
+    with torch.no_grad():
+        return export_model(vae, unet, text, out_dir, fp16=True, info=full_info)
+
+
+def run_recipe(cfg: RecipeConfig, stages=STAGES, progress: Progress | None = None, judge_dir=None,
+               out_dir=None, force: bool = False) -> dict:
+    """Run the given stages in order; the UNet stages refuse a VAE that failed its gate."""
+    from compinv_rt.world.judge import load_judge
+
+    for s in stages:
+        if s not in STAGES:
+            raise ConfigError(f"unknown stage {s!r}; expected one of {', '.join(STAGES)}")
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg_path = run / "recipe.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        if old.get("arch") != cfg.to_json()["arch"]:
+            raise ConfigError(f"{run} holds a run with another architecture; use another --run-dir")
+    _write_json(cfg_path, cfg.to_json())
+    result: dict = {}
+    if "vae" in stages:
+        train_vae(cfg, progress)
+    if "gate" in stages:
+        result["gate"] = gate_vae(cfg, load_judge(judge_dir))
+    if "cache" in stages or "unet" in stages:
+        gate_file = run / "gate.json"
+        gate = json.loads(gate_file.read_text()) if gate_file.is_file() else None
+        if not force and (gate is None or not gate["passed"]):
+            got = "not run" if gate is None else f"{gate['exact_object_set_recon']:.3f}"
+            raise ModelError(f"the VAE gate did not pass (exact object set on reconstructions: {got}, "
+                             f"needed {cfg.gate_threshold}); train the VAE longer or pass --force")
+    if "cache" in stages:
+        build_cache(cfg, progress)
+    if "unet" in stages:
+        result["unet"] = train_unet(cfg, progress)
+    if "export" in stages:
+        result["export"] = str(export_snapshot(cfg, out_dir or run / "model"))
+    return result
+
+
+def replace_config(cfg: RecipeConfig, **kw) -> RecipeConfig:
+    return replace(cfg, **kw)
