@@ -7,6 +7,7 @@ dynamo exporter at opset >= 18 as an option (dynamo at 17 writes an invalid grap
 from __future__ import annotations
 
 import logging
+import warnings
 from enum import Enum
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def export_onnx(unet, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
     example = spec.example_inputs(profile.opt, device=next(unet.parameters()).device)
     raw = out_dir / "raw.onnx"
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # diffusers' shape-dependent branches warn under tracing; the batch axis stays dynamic
+            # and every other shape is fixed by the IO spec, so the warnings do not apply.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             if exporter is OnnxExporter.legacy:
                 torch.onnx.export(module, example, str(raw), input_names=list(INPUTS),
                                   output_names=list(OUTPUTS), dynamic_axes=spec.dynamic_axes(),
