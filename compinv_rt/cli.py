@@ -18,6 +18,7 @@ from compinv_rt.export.manifest import EngineFormat
 from compinv_rt.export.onnx_export import OnnxExporter
 from compinv_rt.runtime.registry import BackendName
 from compinv_rt.runtime.schedulers import SchedulerName
+from compinv_rt.spatial.layouts import SpatialMode
 
 app = typer.Typer(
     name="compinv-rt",
@@ -72,6 +73,22 @@ def generate(
     engine: Optional[Path] = typer.Option(
         None, help="Engine folder from `compinv-rt export` (default: find or build one in engines/)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: outputs/<timestamp>)."),
+    layout: Optional[str] = typer.Option(
+        None, help="auto | none | 'phrase=x0,y0,x1,y1;phrase=...' (normalized boxes; a phrase named "
+        "twice gets two boxes; 'phrase;phrase' = boxes from the layout model). Default: auto when "
+        "--spatial is set."),
+    spatial: Optional[SpatialMode] = typer.Option(
+        None, help="Layout regularization: bias (attention-logit bias, every backend) or guidance "
+        "(backward latent guidance, --backend torch only). Default: bias when --layout is given."),
+    bias_strength: float = typer.Option(2.0, help="Bias s: +s inside a concept's region, -s outside."),
+    bias_steps: str = typer.Option(
+        "0.2", help="Steps that get the bias or guidance: a fraction (0.2) or a count (10)."),
+    layout_model: Optional[Path] = typer.Option(
+        None, help="Layout model folder from `compinv-rt layout fit` for --layout auto "
+        "(default: <model>/layout/ if present, else fixed boxes)."),
+    save_attention: bool = typer.Option(
+        False, "--save-attention", help="Also write per-token cross-attention heatmaps (PNG grid, "
+        "averaged over steps and layers) and attention shares in the sidecars (--backend torch)."),
 ):
     """Generate images: one PNG and one JSON sidecar per image, plus a grid."""
     from compinv_rt.errors import ConfigError
@@ -85,6 +102,11 @@ def generate(
         raise ConfigError(f"-n/--num-images must be >= 1, got {num_images}")
     files = inspect_model_dir(resolve_model_dir(model))
     config = SamplingConfig(steps, guidance, scheduler, height, width).resolved(files)
+    from compinv_rt.spatial.plan import SpatialConfig
+
+    spatial_config = SpatialConfig.from_options(
+        None if spatial is None else spatial.value, layout, bias_strength, bias_steps, layout_model,
+        save_attention, backend.value, config.steps)
     if out is None:
         import time
 
@@ -101,11 +123,13 @@ def generate(
             prompt, negative_prompt, seeds=[seed + i for i in range(num_images)], config=config,
             model=str(files.root), device=device, out=out, backend=backend, engine=engine,
             on_step=lambda done, total: bar.update(done - bar.n),
-            on_status=lambda msg: typer.echo(msg, err=True),
+            on_status=lambda msg: typer.echo(msg, err=True), spatial=spatial_config,
         )
     finally:
         bar.close()
     typer.echo(f"wrote {len(result.images)} images + JSON sidecars to {out}/")
+    if result.attention:
+        typer.echo(f"attention heatmaps: {result.attention[0]}" + (" ..." if len(result.attention) > 1 else ""))
     typer.echo(f"grid: {result.grid}")
 
 
@@ -165,6 +189,80 @@ def export(
 
 
 @app.command()
+@user_errors
+def train(
+    images: Path = typer.Option(..., help="Folder of the concept's photos (png/jpg/webp/bmp)."),
+    token: str = typer.Option(..., help="New placeholder token, e.g. '<my-heart>'."),
+    class_word: str = typer.Option(..., help="The concept's class, e.g. heart: prompts read '<tok> heart'."),
+    out: Path = typer.Option(..., help="Output folder: embeddings, artifact.json, checkpoints, loss curve."),
+    model: Optional[str] = typer.Option(None, help="Local diffusers SD 1.x/2.x folder (default: embedded)."),
+    init_word: Optional[str] = typer.Option(None, help="Single-token word the vectors start from (default: the class word)."),
+    anchors: Optional[str] = typer.Option(
+        None, help="WORD[,WORD...] or auto:K (the K nearest real words of the init word). Default: the class word."),
+    anchor_weight: float = typer.Option(0.95, help="Anchor-loss weight (0 = plain textual inversion)."),
+    recon_weight: float = typer.Option(0.05, help="Reconstruction-loss weight."),
+    anchor_l1: float = typer.Option(0.05, help="L1 sparsity of the coefficients with K >= 2 anchors."),
+    vectors: int = typer.Option(1, help="Vectors per token (all are trained, all appear in every prompt)."),
+    steps: int = typer.Option(1000, help="Optimizer steps."),
+    batch: int = typer.Option(4, help="Images per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(5e-3, help="Base learning rate (scaled by batch x grad-accum unless --no-scale-lr)."),
+    scale_lr: bool = typer.Option(True, "--scale-lr/--no-scale-lr", help="Scale --lr by batch x grad-accum."),
+    resolution: Optional[int] = typer.Option(None, help="Training resolution (default: the model's native size)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="hflip + scale augmentation with a loss mask."),
+    variants: int = typer.Option(8, help="Augmented variants per image (VAE-encoded once)."),
+    templates: Optional[Path] = typer.Option(None, help="Prompt templates file: one per line, {} = the concept."),
+    seed: int = typer.Option(0, help="Seed (a resumed run repeats the uninterrupted one)."),
+    checkpoint_every: int = typer.Option(100, help="Checkpoint interval in steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+):
+    """Learn a new token from a few photos: textual inversion + semantic inversion (anchor loss)."""
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.loop import check_out_dir, prepare, train_concept
+
+    tpl = None
+    if templates is not None:
+        if not templates.is_file():
+            raise ConfigError(f"templates file not found: {templates}")
+        tpl = tuple(line.strip() for line in templates.read_text().splitlines() if line.strip())
+    cfg = TrainConfig(token=token, class_word=class_word, init_word=init_word, anchors=anchors,
+                      anchor_weight=anchor_weight, recon_weight=recon_weight, anchor_l1=anchor_l1,
+                      vectors=vectors, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
+                      scale_lr=scale_lr, resolution=resolution, augment=augment, variants=variants,
+                      seed=seed, checkpoint_every=checkpoint_every, templates=tpl)
+    # Everything cheap is checked before weights load or anything is written.
+    plan = prepare(cfg, images, model)
+    check_out_dir(out, resume)
+
+    bar = _progress(steps, "training")
+
+    def on_step(info):
+        if bar.n == 0 and info.step > 1:
+            bar.update(info.step - 1)
+        bar.set_postfix(rec=f"{info.rec:.4f}", anchor=f"{info.anchor:.2e}",
+                        dist=f"{info.anchor_distance:.3f}", refresh=False)
+        bar.update(1)
+
+    try:
+        result = train_concept(plan, out, resume=resume, device=device, on_step=on_step,
+                               on_status=lambda msg: typer.echo(msg, err=True))
+    finally:
+        bar.close()
+    rec = result.record
+    carrying = ", ".join(f"{a['word']} ({a['coefficient']:.3f})" for a in rec["anchors"]
+                         if a["carries_weight"]) or "none"
+    loss = rec["loss"]
+    typer.echo(f"trained {rec['token']} ({rec['vectors']} vector(s), {rec['method']}) "
+               f"in {rec['steps_done']} steps: {out}/")
+    typer.echo(f"anchors carrying weight: {carrying}; distance to anchor target "
+               f"{rec['anchor_target_distance']:.4f}")
+    typer.echo(f"reconstruction loss {loss['first_10pct_mean'][0]:.4f} -> "
+               f"{loss['last_10pct_mean'][0]:.4f} (first/last 10% of steps)")
+
+
+@app.command()
 def doctor():
     """Show what is installed and usable: torch and its devices, ONNX Runtime, TensorRT, models."""
     from compinv_rt.doctor import run_checks
@@ -173,6 +271,62 @@ def doctor():
     width = max(len(c.name) for c in checks)
     for c in checks:
         typer.echo(f"{'ok ' if c.ok else '-- '} {c.name:<{width}}  {c.detail}")
+
+
+@app.command()
+@user_errors
+def bench(
+    model: Optional[str] = typer.Option(None, help="Local diffusers SD folder (default: embedded)."),
+    arch: Optional[str] = typer.Option(
+        None, help="sd15 or sd21: an architecture-true model with RANDOM weights (latency only)."),
+    backends: str = typer.Option("torch,onnxruntime", help="Comma-separated backends to compare."),
+    batch_sizes: str = typer.Option("1,4,8", help="Images per batch."),
+    steps: int = typer.Option(25, help="Denoising steps per generation."),
+    bias: str = typer.Option("off,on", help="Attention bias settings to measure: off, on or both."),
+    repeats: int = typer.Option(2, help="Timed runs per cell (after one warm-up)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    engines: Path = typer.Option(Path("engines"), help="Engine cache folder."),
+    out: Path = typer.Option(Path("benchmarks/results/latest"), help="Where results go."),
+):
+    """Latency/throughput/memory of each backend vs stock diffusers, as JSON + table + plot."""
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.outputs import check_writable_dir
+    from compinv_rt.runtime.registry import BackendName
+
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BackendName.__members__]
+    if unknown or not names:
+        raise ConfigError(f"unknown backend(s) {unknown}: choose from {', '.join(BackendName.__members__)}")
+    flags = {"off": False, "on": True}
+    if not set(bias.split(",")) <= set(flags):
+        raise ConfigError(f"--bias takes off, on or off,on; got {bias!r}")
+    if steps < 1 or repeats < 1:
+        raise ConfigError("--steps and --repeats must be >= 1")
+    if model and arch:
+        raise ConfigError("pass --model or --arch, not both")
+    check_writable_dir(out)
+
+    from compinv_rt.bench.harness import BenchConfig, run_bench
+    from compinv_rt.bench.report import write_report
+
+    label = ""
+    if arch:
+        import tempfile
+
+        from compinv_rt.models.architectures import SD_ARCHS, save_model, sd_components
+
+        if arch not in SD_ARCHS:
+            raise ConfigError(f"--arch must be one of {', '.join(SD_ARCHS)}")
+        typer.echo(f"building a random-weight {arch} model (latency only: images are noise)", err=True)
+        model = str(save_model(sd_components(arch), Path(tempfile.mkdtemp(prefix=f"{arch}-"))))
+        label = f"{arch} architecture, random weights"
+    cfg = BenchConfig(tuple(names), tuple(_int_list(batch_sizes, "--batch-sizes")), steps,
+                      tuple(flags[b] for b in bias.split(",")), repeats, engines_root=engines)
+    result = run_bench(model, cfg, device=device, label=label,
+                       on_status=lambda msg: typer.echo(msg, err=True))
+    paths = write_report(result, out)
+    typer.echo(paths["markdown"].read_text())
+    typer.echo(f"results: {paths['json']}, {paths['markdown']}, {paths['plot']}")
 
 
 def main() -> None:

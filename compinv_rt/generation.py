@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +18,7 @@ class GenerationResult:
     images: list[Path]
     sidecars: list[Path]
     grid: Path
+    attention: list[Path] = field(default_factory=list)  # --save-attention heatmap grids
 
 
 def generate_to_folder(
@@ -33,6 +34,7 @@ def generate_to_folder(
     engines_root: Path = Path("engines"),
     on_step: StepCallback | None = None,
     on_status=None,
+    spatial=None,  # compinv_rt.spatial.plan.SpatialConfig; None = no spatial regularization
 ) -> GenerationResult:
     from compinv_rt.models.loading import load_model
     from compinv_rt.runtime.registry import open_backend
@@ -43,8 +45,13 @@ def generate_to_folder(
                         guidance=config.guidance > 1.0, engine=engine, engines_root=engines_root,
                         on_status=on_status)
     pipe = Pipeline(loaded, unet)
+    from compinv_rt.spatial.plan import SpatialConfig, plan_spatial
+
+    spatial = spatial or SpatialConfig()
+    plan = plan_spatial(spatial, loaded, pipe.backend, prompt, len(seeds), config, on_status)
     images = pipe.generate([prompt] * len(seeds), seeds, config,
-                           negative_prompts=[negative_prompt] * len(seeds), on_step=on_step)
+                           negative_prompts=[negative_prompt] * len(seeds), on_step=on_step,
+                           **plan.kwargs)
     stem = slug(prompt)
     common = {
         "prompt": prompt,
@@ -54,16 +61,40 @@ def generate_to_folder(
         "backend": pipe.backend.name,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        "spatial": plan.sidecar(spatial),
         "compinv_rt": __version__,
         "python": platform.python_version(),
     }
     out = Path(out)
-    pngs, sidecars = [], []
+    heat = _attention_outputs(plan, loaded.tokenizer, prompt, images) if plan.recorder else None
+    pngs, sidecars, heatmaps = [], [], []
     for i, (seed, image) in enumerate(zip(seeds, images)):
         png = save_png(out / f"{stem}_{seed}.png", image)
         meta = {**common, "seed": seed, "index": i, "image": png.name,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if heat is not None:
+            grid_img, shares = heat[i]
+            heatmaps.append(save_png(out / f"{stem}_{seed}_attention.png", grid_img))
+            meta["attention"] = {"heatmaps": heatmaps[-1].name, "share": shares}
         sidecars.append(atomic_write_json(png.with_suffix(".json"), meta))
         pngs.append(png)
     grid = save_png(out / f"{stem}_{seeds[0]}_grid.png", make_grid(images))
-    return GenerationResult(pngs, sidecars, grid)
+    return GenerationResult(pngs, sidecars, grid, heatmaps)
+
+
+def _attention_outputs(plan, tokenizer, prompt: str, images) -> list:
+    """Per image: (heatmap grid PNG, {token: share of the attention among the prompt's tokens})."""
+    from compinv_rt.spatial.heatmaps import attention_shares, heatmap_grid, prompt_token_labels
+
+    labels = prompt_token_labels(tokenizer, prompt)
+    positions = [p for p, _ in labels]
+    boxes = {}
+    if plan.layout is not None:
+        boxes = {p: c.boxes for c in plan.layout.concepts for p in c.tokens}
+    maps = plan.recorder.maps()  # (B, T, h, w)
+    out = []
+    for i, image in enumerate(images):
+        shares = attention_shares(maps[i], positions)
+        named = [{"position": p, "token": t, "share": round(s, 4)} for (p, t), s in zip(labels, shares)]
+        out.append((heatmap_grid(image, maps[i], labels, boxes=boxes), named))
+    return out

@@ -261,7 +261,7 @@ def _bias():
     return torch.randn((2, 77, 16, 16), generator=g) * 3.0
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti", "compile"])
 def test_backend_parity_with_torch(backend, tiny_model, tmp_path):
     """Final images of every backend match eager PyTorch within 2/255, with and without a bias
     (the bias must also really change the images)."""

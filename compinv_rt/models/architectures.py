@@ -107,3 +107,48 @@ def save_model(components: Components, out_dir: str | Path) -> Path:
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+# Architecture-true configurations of real checkpoints, for latency benchmarks without weights.
+SD_ARCHS = {
+    "sd15": dict(
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768),
+        vae_size=512, prediction_type="epsilon",
+    ),
+    "sd21": dict(
+        unet=dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                  use_linear_projection=True),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                  num_attention_heads=16, hidden_act="gelu", projection_dim=512),
+        vae_size=768, prediction_type="v_prediction",
+    ),
+}
+
+
+def sd_components(arch: str, seed: int = 0) -> Components:
+    """Random weights, real shapes: SD 1.5 or SD 2.1 (UNet, VAE, text encoder, scheduler)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = SD_ARCHS[arch]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        **cfg["unet"],
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=cfg["vae_size"],
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=VOCAB_SIZE, max_position_embeddings=77, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407, **cfg["text"]))
+    scheduler = DDIMScheduler(**SD_SCHEDULER, prediction_type=cfg["prediction_type"])
+    return Components(unet.eval(), vae.eval(), text_encoder.eval(), scheduler)

@@ -9,6 +9,9 @@ import torch
 from compinv_rt.runtime.backends import UNetBackend
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+# (step index, timestep, latents, cond, scheduler) -> latents, run before each UNet step (e.g. the
+# spatial layout guidance, which moves the latents along an attention-loss gradient).
+LatentHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
 def denoise(
@@ -21,6 +24,7 @@ def denoise(
     on_step: StepCallback | None = None,
     attention_bias: torch.Tensor | None = None,  # (B, T, h, w) for the conditional half
     bias_steps: int = 0,  # the first `bias_steps` steps get the bias
+    latent_hook: LatentHook | None = None,
 ) -> torch.Tensor:
     """Run `scheduler.timesteps` (set by the caller) with classifier-free guidance.
 
@@ -39,6 +43,8 @@ def denoise(
         attention_bias = torch.cat([torch.zeros_like(attention_bias), attention_bias])
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
+        if latent_hook is not None:
+            latents = latent_hook(i, t, latents, cond, scheduler)
         model_in = torch.cat([latents] * 2) if uncond is not None else latents
         model_in = scheduler.scale_model_input(model_in, t)
         bias = attention_bias if i < bias_steps else None

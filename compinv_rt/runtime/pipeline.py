@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from compinv_rt.errors import ConfigError
 from compinv_rt.models.loading import LoadedModel, ModelFiles
 from compinv_rt.runtime.backends import TorchBackend, UNetBackend
-from compinv_rt.runtime.denoise import StepCallback, denoise
+from compinv_rt.runtime.denoise import LatentHook, StepCallback, denoise
 from compinv_rt.runtime.schedulers import SchedulerName, make_scheduler
 
 
@@ -88,6 +89,8 @@ class Pipeline:
         on_step: StepCallback | None = None,
         attention_bias: torch.Tensor | None = None,  # (B, T, h, w) for the conditional half
         bias_steps: int = 0,
+        latent_hook: LatentHook | None = None,  # e.g. spatial.guidance.LayoutGuidance
+        attention_recorder=None,  # spatial.heatmaps.AttentionRecorder: needs the torch backend
     ) -> list:
         files, m = self.model.files, self.model
         cfg = config.resolved(files)
@@ -103,6 +106,20 @@ class Pipeline:
         uncond = self.encode_prompts(negative_prompts or [""] * len(prompts)) if use_cfg else None
         if attention_bias is not None:
             attention_bias = attention_bias.to(m.device, m.dtype)
-        latents = denoise(self.backend, scheduler, latents, cond, uncond, cfg.guidance, on_step,
-                          attention_bias, bias_steps)
+        recording = contextlib.nullcontext()
+        if attention_recorder is not None:
+            from compinv_rt.spatial.capture import capturing
+
+            recording = capturing(self.torch_module("--save-attention"), attention_recorder,
+                                  exclusive=False)
+        with recording:
+            latents = denoise(self.backend, scheduler, latents, cond, uncond, cfg.guidance,
+                              on_step, attention_bias, bias_steps, latent_hook)
         return self.decode(latents)
+
+    def torch_module(self, feature: str) -> torch.nn.Module:
+        """The eager BiasedUNet behind the backend, for features that need PyTorch itself."""
+        if self.backend.name != "torch":
+            raise ConfigError(f"{feature} needs the UNet's internals and runs only with --backend "
+                              f"torch (got {self.backend.name})")
+        return self.backend.module

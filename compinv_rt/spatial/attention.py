@@ -40,17 +40,24 @@ class BiasAttnProcessor(AttnProcessor2_0):
     diffusers drops undeclared cross_attention_kwargs.
     """
 
+    #: Subclasses that must see every cross-attention (e.g. to record probabilities) set this.
+    always_cross_path = False
+
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None,
                  attention_mask=None, temb=None, attention_bias=None):
-        if attention_bias is None or encoder_hidden_states is None:
+        if encoder_hidden_states is None or (attention_bias is None and not self.always_cross_path):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         batch, seq_len, _ = hidden_states.shape  # (N, h*w, C)
-        mask = bias_for_layer(attention_bias, seq_len)  # (N, 1, h*w, T)
-        if mask.dtype != hidden_states.dtype:  # no Cast node in exported graphs when dtypes agree
-            mask = mask.to(hidden_states.dtype)
+        mask = None
+        if attention_bias is not None:
+            mask = bias_for_layer(attention_bias, seq_len)  # (N, 1, h*w, T)
+            if mask.dtype != hidden_states.dtype:  # no Cast node in exported graphs when dtypes agree
+                mask = mask.to(hidden_states.dtype)
         if attention_mask is not None:
-            mask = mask + attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1],
-                                                      batch).view(batch, attn.heads, -1, mask.shape[-1])
+            extra = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1],
+                                                batch).view(batch, attn.heads, -1,
+                                                            encoder_hidden_states.shape[1])
+            mask = extra if mask is None else mask + extra
         query = attn.to_q(hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
@@ -58,12 +65,16 @@ class BiasAttnProcessor(AttnProcessor2_0):
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (N, heads, h*w, d)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (N, heads, T, d)
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        out = self.attend(query, key, value, mask)  # (N, heads, h*w, d)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+    def attend(self, query, key, value, mask):
+        """softmax(Q K^T / sqrt(d) + mask) V, fused. Subclasses may compute it explicitly."""
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
 
 
 def _check_supported(name: str, attn: Attention) -> None:

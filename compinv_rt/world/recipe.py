@@ -511,7 +511,7 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES, progress: Progress | None = Non
     cfg_path = run / "recipe.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
-        if old.get("arch") != cfg.to_json()["arch"]:
+        if old.get("arch") != json.loads(json.dumps(cfg.to_json()))["arch"]:
             raise ConfigError(f"{run} holds a run with another architecture; use another --run-dir")
     _write_json(cfg_path, cfg.to_json())
     result: dict = {}

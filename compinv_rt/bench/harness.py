@@ -1,0 +1,202 @@
+"""`compinv-rt bench`: UNet step latency, end-to-end throughput and peak memory across
+backend x batch x bias, always against stock diffusers StableDiffusionPipeline in the same run.
+
+Every cell runs one untimed warm-up generation first (compilation, engine loading, allocator
+warm-up), then `repeats` timed generations with the same seeds. Step latency is the wall time
+of each UNet call (CUDA-synchronized on GPU); end-to-end is prompt encoding + all steps + VAE
+decode, which is what a user waits for.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from compinv_rt.bench.memory import PeakMemory
+
+PROMPT = "a red star and a blue circle on grass"
+STOCK = "diffusers"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    steps: int = 25
+    bias: tuple[bool, ...] = (False, True)
+    repeats: int = 2
+    guidance: float = 7.5
+    bias_strength: float = 2.0
+    prompt: str = PROMPT
+    engines_root: Path = Path("engines")
+
+
+@dataclass
+class Cell:
+    backend: str
+    batch: int
+    bias: bool
+    steps: int
+    step_ms_p50: float
+    step_ms_p90: float
+    e2e_s: float
+    images_per_s: float
+    peak_rss_mb: float
+    peak_cuda_mb: float
+    step_speedup: float | None = None  # stock p50 / this p50
+    e2e_speedup: float | None = None  # stock e2e / this e2e
+
+
+@dataclass
+class BenchResult:
+    meta: dict
+    cells: list[Cell] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"meta": self.meta, "cells": [asdict(c) for c in self.cells]}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Wraps a UNet callable and records the wall time of every call."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.times = fn, device, []
+        self.name = getattr(fn, "name", "stock")
+
+    def __call__(self, *args, **kwargs):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        _sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def layout_bias(tokenizer, prompt: str, batch: int, latent_hw: tuple[int, int], strength: float):
+    """A realistic bias: the prompt's first two content tokens get the left / right halves."""
+    ids = tokenizer(prompt).input_ids
+    h, w = latent_hw
+    bias = torch.zeros(batch, 77, h, w)
+    for k, token_pos in enumerate((2, 5)[: max(0, len(ids) - 2)]):
+        inside = torch.full((h, w), -strength)
+        cols = slice(0, w // 2) if k == 0 else slice(w // 2, w)
+        inside[:, cols] = strength
+        bias[:, token_pos] = inside
+    return bias
+
+
+def _measure(run, device, repeats: int, timer: StepTimer, batch: int, steps: int):
+    run()  # warm-up: compilation, engine load, allocator
+    timer.times.clear()
+    e2e = []
+    with PeakMemory(device) as mem:
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            e2e.append(time.perf_counter() - t0)
+    e2e_s = statistics.median(e2e)
+    return dict(step_ms_p50=1000 * _percentile(timer.times, 0.5),
+                step_ms_p90=1000 * _percentile(timer.times, 0.9), e2e_s=e2e_s,
+                images_per_s=batch / e2e_s, peak_rss_mb=mem.rss_mb, peak_cuda_mb=mem.cuda_mb)
+
+
+def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int, Cell]:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=model.dtype,
+                                                   safety_checker=None, local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(model.device)
+    timer = StepTimer(pipe.unet.forward, model.device)
+    pipe.unet.forward = timer  # instance attribute: times every UNet call of the stock loop
+    cells = {}
+    for batch in cfg.batch_sizes:
+        on_status(f"{STOCK}: batch {batch}")
+
+        def run():
+            pipe(cfg.prompt, num_images_per_prompt=batch, num_inference_steps=cfg.steps,
+                 guidance_scale=cfg.guidance,
+                 generator=[torch.Generator().manual_seed(s) for s in range(batch)])
+
+        cells[batch] = Cell(STOCK, batch, False, cfg.steps,
+                            **_measure(run, model.device, cfg.repeats, timer, batch, cfg.steps))
+    del pipe
+    return cells
+
+
+def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", label: str = "",
+              on_status=lambda msg: None) -> BenchResult:
+    from compinv_rt import __version__
+    from compinv_rt.models.loading import load_model
+    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.runtime.registry import open_backend
+
+    model = load_model(model_spec, device=device)
+    sampling = SamplingConfig(steps=cfg.steps, guidance=cfg.guidance).resolved(model.files)
+    f = model.files.vae_scale_factor
+    latent_hw = (sampling.height // f, sampling.width // f)
+    result = BenchResult(meta={
+        "model": str(model.root), "model_hash": model.hash, "label": label,
+        "device": str(model.device), "device_name": _device_name(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "compinv_rt": __version__,
+        "image_size": [sampling.height, sampling.width], "steps": cfg.steps,
+        "guidance": cfg.guidance, "repeats": cfg.repeats, "prompt": cfg.prompt,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
+    stock = _stock_cells(str(model.root), model, cfg, on_status)
+    result.cells.extend(stock.values())
+    for backend in cfg.backends:
+        for batch in cfg.batch_sizes:
+            on_status(f"{backend}: batch {batch} (opening)")
+            unet = open_backend(backend, model, sampling.height, sampling.width, batch,
+                                guidance=cfg.guidance > 1, engines_root=cfg.engines_root,
+                                on_status=on_status)
+            timer = StepTimer(unet, model.device)
+            pipe = Pipeline(model, timer)
+            for with_bias in cfg.bias:
+                on_status(f"{backend}: batch {batch}, bias {'on' if with_bias else 'off'}")
+                bias = (layout_bias(model.tokenizer, cfg.prompt, batch, latent_hw, cfg.bias_strength)
+                        if with_bias else None)
+
+                def run():
+                    pipe.generate([cfg.prompt] * batch, list(range(batch)), sampling,
+                                  attention_bias=bias, bias_steps=cfg.steps if with_bias else 0)
+
+                cell = Cell(backend, batch, with_bias, cfg.steps,
+                            **_measure(run, model.device, cfg.repeats, timer, batch, cfg.steps))
+                base = stock[batch]
+                cell.step_speedup = base.step_ms_p50 / cell.step_ms_p50
+                cell.e2e_speedup = base.e2e_s / cell.e2e_s
+                result.cells.append(cell)
+    return result
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"

@@ -1,0 +1,70 @@
+"""Bench results as files: JSON (everything), a markdown table, a speedup plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from compinv_rt.bench.harness import STOCK, BenchResult
+from compinv_rt.outputs import atomic_write_text
+
+
+def markdown(result: BenchResult) -> str:
+    m = result.meta
+    lines = [
+        f"Model: `{m['model']}`{' (' + m['label'] + ')' if m['label'] else ''}, "
+        f"{m['image_size'][0]}x{m['image_size'][1]}, {m['steps']} DDIM steps, CFG {m['guidance']}, "
+        f"{m['dtype']}; device: {m['device_name']}; torch {m['torch']}; "
+        f"median of {m['repeats']} timed runs after one warm-up; {m['created']}.",
+        "",
+        "| backend | images/batch | bias | UNet step p50 (ms) | p90 (ms) | end-to-end (s) | images/s "
+        "| peak RSS (MB) | step speedup vs stock | end-to-end speedup vs stock |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result.cells:
+        speed = lambda v: "1.00 (baseline)" if c.backend == STOCK else f"{v:.2f}x"  # noqa: E731
+        lines.append(
+            f"| {c.backend} | {c.batch} | {'on' if c.bias else 'off'} | {c.step_ms_p50:.1f} | "
+            f"{c.step_ms_p90:.1f} | {c.e2e_s:.2f} | {c.images_per_s:.2f} | {c.peak_rss_mb:.0f}"
+            f"{f' (+{c.peak_cuda_mb:.0f} CUDA)' if c.peak_cuda_mb else ''} | "
+            f"{speed(c.step_speedup)} | {speed(c.e2e_speedup)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: BenchResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in result.cells if c.backend != STOCK]
+    batches = sorted({c.batch for c in cells})
+    series = sorted({(c.backend, c.bias) for c in cells})
+    fig, ax = plt.subplots(figsize=(1.8 + 1.2 * len(batches) * max(1, len(series)) / 2, 4))
+    width = 0.8 / max(1, len(series))
+    for i, (backend, bias) in enumerate(series):
+        ys = [next((c.e2e_speedup for c in cells if (c.backend, c.bias, c.batch) == (backend, bias, b)), 0)
+              for b in batches]
+        xs = [j + i * width for j in range(len(batches))]
+        ax.bar(xs, ys, width, label=f"{backend}{' + bias' if bias else ''}")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="stock diffusers")
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(batches))])
+    ax.set_xticklabels([f"{b} images" for b in batches])
+    ax.set_ylabel("end-to-end speedup vs stock diffusers")
+    ax.set_title(f"{result.meta['device_name']}, {result.meta['steps']} steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(result: BenchResult, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md",
+             "plot": out_dir / "results.png"}
+    atomic_write_text(paths["json"], json.dumps(result.to_dict(), indent=2) + "\n")
+    atomic_write_text(paths["markdown"], markdown(result))
+    plot(result, paths["plot"])
+    return paths

@@ -1,0 +1,81 @@
+"""Recording cross-attention probabilities: for layout guidance (with gradients) and heatmaps.
+
+`CaptureAttnProcessor` is BiasAttnProcessor with the attention product computed explicitly, so the
+softmax probabilities exist as a tensor and are handed to a sink; everything else (projections,
+the bias, the output) is the parent's code. `capturing(...)` swaps it onto chosen cross-attention
+layers for the duration of a `with` block and restores whatever was there before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from compinv_rt.spatial.attention import BiasAttnProcessor
+
+Sink = Callable[[str, torch.Tensor], None]  # (layer name, probs (N, heads, h*w, T))
+
+
+class CaptureAttnProcessor(BiasAttnProcessor):
+    always_cross_path = True
+
+    def __init__(self, name: str, sink: Sink):
+        super().__init__()
+        self.name = name
+        self.sink = sink
+
+    def attend(self, query, key, value, mask):
+        scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5  # (N, heads, h*w, T)
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1)
+        self.sink(self.name, probs)
+        return probs @ value
+
+
+def cross_attention_layers(unet) -> dict[str, Attention]:
+    """Cross-attention modules of a diffusers UNet (or a wrapper holding one as `.unet`)."""
+    unet = getattr(unet, "unet", unet)
+    return {name: m for name, m in unet.named_modules()
+            if isinstance(m, Attention) and m.is_cross_attention}
+
+
+def guidance_layers(unet) -> list[str]:
+    """The reference's layers: the mid block's cross-attention and the first cross-attention layer
+    of the first up block that has any (SD 1.x: 8x8 mid and 16x16 up_blocks.1.attentions.0)."""
+    names = list(cross_attention_layers(unet))
+    mid = [n for n in names if n.startswith("mid_block.")]
+    ups = [n for n in names if n.startswith("up_blocks.")]
+    first_up = []
+    if ups:
+        block = ".".join(ups[0].split(".")[:4])  # up_blocks.<i>.attentions.<j>
+        first_up = [n for n in ups if n.startswith(block + ".")]
+    return mid + first_up
+
+
+@contextmanager
+def capturing(unet, sink: Sink, layers: Iterable[str] | None = None, exclusive: bool = True):
+    """Record the probabilities of `layers` (default: every cross-attention) into `sink`.
+
+    With `exclusive`, every other cross-attention layer gets a plain BiasAttnProcessor meanwhile,
+    so recorders installed outside this block see nothing of what runs inside it."""
+    modules = cross_attention_layers(unet)
+    wanted = set(modules) if layers is None else set(layers)
+    unknown = wanted - set(modules)
+    if unknown:
+        raise ValueError(f"not cross-attention layers of this UNet: {sorted(unknown)}")
+    saved = {name: m.processor for name, m in modules.items()}
+    try:
+        plain = BiasAttnProcessor()
+        for name, m in modules.items():
+            if name in wanted:
+                m.set_processor(CaptureAttnProcessor(name, sink))
+            elif exclusive:
+                m.set_processor(plain)
+        yield
+    finally:
+        for name, m in modules.items():
+            m.set_processor(saved[name])

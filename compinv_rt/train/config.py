@@ -1,0 +1,109 @@
+"""`TrainConfig`: every training setting in one frozen dataclass, stored with checkpoints/artifacts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from compinv_rt.errors import ConfigError
+
+# Fields that change what a training step computes: a checkpoint may only be resumed under the
+# same values (`steps` and `checkpoint_every` may change on resume).
+RESUME_KEYS = ("token", "class_word", "init_word", "anchors", "anchor_weight", "recon_weight",
+               "anchor_l1", "vectors", "batch", "grad_accum", "lr", "scale_lr", "coef_lr",
+               "weight_decay", "resolution", "augment", "variants", "seed", "templates")
+
+_AUTO = re.compile(r"^auto:(\d+)$")
+MAX_AUTO_ANCHORS = 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    token: str  # placeholder, e.g. "<my-heart>"
+    class_word: str  # e.g. "heart": prompts read "... <my-heart> heart"
+    init_word: str | None = None  # None: the class word
+    anchors: str | None = None  # "w1,w2" | "auto:K" | None (the class word)
+    anchor_weight: float = 0.95
+    recon_weight: float = 0.05
+    anchor_l1: float = 0.05  # sparsity of the K-anchor coefficients (relative, see anchors.py)
+    vectors: int = 1
+    steps: int = 1000
+    batch: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-3
+    scale_lr: bool = True  # effective lr = lr x batch x grad_accum (the reference's convention)
+    coef_lr: float = 1e-2  # Adam lr of the anchor coefficients (K >= 2)
+    weight_decay: float = 1e-2  # on the placeholder vectors only
+    resolution: int | None = None  # None: the model's native size
+    augment: bool = True  # hflip + scale augmentation (shrink/paste with mask, or zoom)
+    variants: int = 8  # augmented variants per image, encoded once
+    seed: int = 0
+    checkpoint_every: int = 100
+    templates: tuple[str, ...] | None = None  # None: DEFAULT_TEMPLATES
+
+    def __post_init__(self):
+        checks = [
+            (self.vectors >= 1, f"--vectors must be >= 1, got {self.vectors}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.anchor_weight >= 0, f"--anchor-weight must be >= 0, got {self.anchor_weight}"),
+            (self.recon_weight > 0, f"--recon-weight must be > 0, got {self.recon_weight}"),
+            (self.anchor_l1 >= 0, f"--anchor-l1 must be >= 0, got {self.anchor_l1}"),
+            (self.variants >= 1, f"--variants must be >= 1, got {self.variants}"),
+            (self.checkpoint_every >= 1,
+             f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
+            (self.resolution is None or self.resolution > 0,
+             f"--resolution must be > 0, got {self.resolution}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        if not self.token.strip() or any(c.isspace() for c in self.token):
+            raise ConfigError(f"--token must be one word without spaces, got {self.token!r}")
+        if not self.class_word.strip():
+            raise ConfigError("--class-word is empty")
+        if self.templates is not None:
+            if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+                raise ConfigError("every template needs exactly one {} (where the concept goes)")
+        parse_anchor_spec(self.anchors)  # raises on a bad spec
+
+    @property
+    def init(self) -> str:
+        return (self.init_word or self.class_word).strip()
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * self.batch * self.grad_accum if self.scale_lr else self.lr
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["templates"] = list(self.templates) if self.templates else None
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainConfig":
+        d = {k: v for k, v in d.items() if k in TrainConfig.__dataclass_fields__}
+        if d.get("templates"):
+            d["templates"] = tuple(d["templates"])
+        return TrainConfig(**d)
+
+
+def parse_anchor_spec(spec: str | None) -> tuple[str, object]:
+    """-> ("default", None) | ("auto", K) | ("words", [w, ...]). Raises ConfigError."""
+    if spec is None or not spec.strip():
+        return "default", None
+    s = spec.strip()
+    if s.lower().startswith("auto"):
+        m = _AUTO.match(s.lower())
+        if not m or not 1 <= int(m.group(1)) <= MAX_AUTO_ANCHORS:
+            raise ConfigError(
+                f"bad --anchors {spec!r}: expected auto:K with K between 1 and {MAX_AUTO_ANCHORS}")
+        return "auto", int(m.group(1))
+    words = [w.strip() for w in s.split(",")]
+    if any(not w for w in words):
+        raise ConfigError(f"bad --anchors {spec!r}: an empty word in the list")
+    if len(set(words)) != len(words):
+        raise ConfigError(f"bad --anchors {spec!r}: a word is repeated")
+    return "words", words
