@@ -58,7 +58,7 @@ def _progress(total: int, desc: str, unit: str = "step"):
 @app.command()
 @user_errors
 def generate(
-    prompt: str = typer.Argument(..., help="What to draw."),
+    prompt: Optional[str] = typer.Argument(None, help="What to draw (omit with --jobs)."),
     num_images: int = typer.Option(4, "-n", "--num-images", help="Images to generate."),
     steps: int = typer.Option(25, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (<= 1 disables it)."),
@@ -89,13 +89,25 @@ def generate(
     save_attention: bool = typer.Option(
         False, "--save-attention", help="Also write per-token cross-attention heatmaps (PNG grid, "
         "averaged over steps and layers) and attention shares in the sidecars (--backend torch)."),
+    jobs: Optional[Path] = typer.Option(
+        None, "--jobs", help="JSONL file, one job per line (prompt, seed, n, steps, guidance, "
+        "negative_prompt, height, width, concepts, layout, id): batch generation instead of PROMPT."),
+    max_batch: int = typer.Option(8, help="--jobs: images per UNet batch (x2 with guidance)."),
+    resume: bool = typer.Option(False, "--resume", help="--jobs: finish an interrupted run in --out."),
 ):
     """Generate images: one PNG and one JSON sidecar per image, plus a grid."""
     from compinv_rt.errors import ConfigError
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
     from compinv_rt.runtime.pipeline import SamplingConfig
 
+    if jobs is not None:
+        if prompt is not None:
+            raise ConfigError("pass either a PROMPT or --jobs FILE, not both")
+        return _generate_jobs(jobs, out, model, device, backend, engine, scheduler, max_batch,
+                              resume, seed, steps, guidance)
     # Everything cheap is validated before any weights are loaded or files are written.
+    if prompt is None:
+        raise ConfigError("give a PROMPT to draw (or --jobs FILE)")
     if not prompt.strip():
         raise ConfigError("the prompt is empty")
     if num_images < 1:
@@ -131,6 +143,55 @@ def generate(
     if result.attention:
         typer.echo(f"attention heatmaps: {result.attention[0]}" + (" ..." if len(result.attention) > 1 else ""))
     typer.echo(f"grid: {result.grid}")
+
+
+def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, max_batch, resume,
+                   seed, steps, guidance):
+    """`generate --jobs`: many jobs packed into UNet batches, streamed to disk, resumable."""
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.jobs import JobsSummary, read_jobs, run_jobs
+    from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
+    from compinv_rt.outputs import check_writable_dir
+    from compinv_rt.runtime.registry import open_backend
+
+    if max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
+    if out is None:
+        raise ConfigError("--jobs needs --out DIR (the folder --resume continues)")
+    jobs, problems = read_jobs(jobs_file, {"seed": seed, "steps": steps, "guidance": guidance})
+    for line in problems:
+        typer.echo(f"error: {line}", err=True)
+    files = inspect_model_dir(resolve_model_dir(model))
+    check_writable_dir(out)
+    loaded = load_model(str(files.root), device=device)
+    backends = {}
+
+    def open_unet(height, width):
+        if (height, width) not in backends:
+            backends[(height, width)] = open_backend(
+                backend, loaded, height, width, max_batch, guidance=True, engine=engine,
+                on_status=lambda msg: typer.echo(msg, err=True))
+        return backends[(height, width)]
+
+    def prepare_item(item, cfg):
+        if item.job.concepts or item.job.layout:
+            raise ConfigError("per-job 'concepts' and 'layout' are not wired into --jobs yet")
+        return 0, None
+
+    total = sum(j.n for j in jobs)
+    bar = _progress(total, "images", unit="img")
+    summary = JobsSummary(problems=list(problems))
+    try:
+        run_jobs(jobs, out, loaded, open_unet, max_batch, scheduler.value, resume, summary,
+                 on_image=lambda png: bar.update(1), prepare_item=prepare_item)
+    finally:
+        bar.close()
+    for line in summary.problems[len(problems):]:
+        typer.echo(f"error: {line}", err=True)
+    typer.echo(f"wrote {summary.written} images to {out}/ ({summary.skipped} already done, "
+               f"{len(summary.problems)} problem(s))")
+    if not summary.ok:
+        raise typer.Exit(1)
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -327,6 +388,137 @@ def bench(
     paths = write_report(result, out)
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"results: {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
+# --- `compinv-rt layout ...`: the layout model --------------------------------------------
+
+layout_app = typer.Typer(
+    name="layout",
+    help="The layout model behind `generate --layout auto`: build data, fit, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@layout_app.command("world-data")
+@user_errors
+def layout_world_data(
+    out: Path = typer.Option(..., help="JSONL file to write: one {prompt, phrases, boxes} per line."),
+    n: int = typer.Option(4000, "-n", help="Scenes."),
+    split: str = typer.Option("train", help="train (scenes the world trains on) or heldout."),
+    seed: int = typer.Option(0, help="First scene seed."),
+):
+    """Ground-truth layouts from the shapes world (captions + object boxes)."""
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.outputs import check_writable_dir
+
+    if n < 1:
+        raise ConfigError(f"-n must be >= 1, got {n}")
+    check_writable_dir(out.parent)
+    from compinv_rt.spatial.layout_data import world_examples
+    from compinv_rt.spatial.layout_model import write_jsonl
+
+    write_jsonl(out, world_examples(n, split, seed))
+    typer.echo(f"wrote {n} {split} layouts to {out}")
+
+
+@layout_app.command("fit")
+@user_errors
+def layout_fit(
+    out: Path = typer.Option(..., help="Folder for layout_model.safetensors + layout_model.json."),
+    data: Optional[Path] = typer.Option(None, help="Ground-truth layouts (JSONL of prompt, phrases, boxes)."),
+    from_attention: bool = typer.Option(
+        False, "--from-attention", help="Learn from boxes recovered from the base model's own "
+        "cross-attention on generated '{a} and {b}' images (no data needed)."),
+    words: Optional[str] = typer.Option(None, help="--from-attention: comma-separated concepts."),
+    template: list[str] = typer.Option(
+        ["a {a} and a {b}"], help="--from-attention: prompt template(s) with {a} and {b}."),
+    images_per_prompt: int = typer.Option(2, help="--from-attention: images per prompt."),
+    steps: int = typer.Option(20, help="--from-attention: denoising steps."),
+    guidance: float = typer.Option(7.5, help="--from-attention: classifier-free guidance."),
+    threshold: float = typer.Option(0.5, help="--from-attention: map level (of its range) kept as the box."),
+    model: Optional[str] = typer.Option(None, help="Base model folder (default: embedded)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    epochs: int = typer.Option(60, help="Training epochs."),
+    seed: int = typer.Option(0, help="Seed."),
+):
+    """Fit the layout MLP (prompt states + concept tokens -> one box per concept)."""
+    import json
+
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.outputs import check_writable_dir
+
+    if (data is None) == (not from_attention):
+        raise ConfigError("give exactly one of --data FILE or --from-attention")
+    if from_attention and not words:
+        raise ConfigError("--from-attention needs --words 'a,b,...'")
+    if epochs < 1 or images_per_prompt < 1:
+        raise ConfigError("--epochs and --images-per-prompt must be >= 1")
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+    from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
+    from compinv_rt.spatial import layout_data, layout_model
+
+    files = inspect_model_dir(resolve_model_dir(model))
+    prompts = None
+    if data is not None:
+        examples = layout_model.read_jsonl(data)
+    else:
+        phrases = [w.strip() for w in words.split(",") if w.strip()]
+        prompts = layout_data.pair_prompts(phrases, template)
+    check_writable_dir(out)
+    loaded = load_model(str(files.root), device=device)
+    if prompts is not None:
+        from compinv_rt.runtime.pipeline import SamplingConfig
+
+        bar = _progress(len(prompts) * images_per_prompt, "generating", unit="image")
+        try:
+            examples = layout_data.attention_examples(
+                loaded, prompts, images_per_prompt, SamplingConfig(steps, guidance), seed,
+                threshold=threshold, on_progress=lambda done, total: bar.update(done - bar.n))
+        finally:
+            bar.close()
+    bar = _progress(epochs, "fitting", unit="epoch")
+    try:
+        net = layout_model.fit(examples, loaded.tokenizer, loaded.text_encoder,
+                               layout_model.FitConfig(epochs=epochs, seed=seed),
+                               on_epoch=lambda e, total, loss: bar.update(e - bar.n))
+    finally:
+        bar.close()
+    fit_iou = layout_model.evaluate(net, examples, loaded.tokenizer, loaded.text_encoder)
+    info = {"source": "attention" if from_attention else "ground-truth",
+            "data": None if data is None else str(data), "examples": len(examples),
+            "base_model": {"path": str(loaded.root), "hash": loaded.hash}, "fit_iou": fit_iou,
+            "epochs": epochs, "seed": seed}
+    layout_model.save(net, out, info)
+    if from_attention:
+        layout_model.write_jsonl(out / "recovered_layouts.jsonl", examples)
+    typer.echo(json.dumps(fit_iou))
+    typer.echo(f"layout model: {out}")
+
+
+@layout_app.command("eval")
+@user_errors
+def layout_eval(
+    layout_model_dir: Path = typer.Option(..., "--layout-model", help="Folder from `layout fit`."),
+    data: Path = typer.Option(..., help="Ground-truth layouts (JSONL) to compare with."),
+    model: Optional[str] = typer.Option(None, help="Base model folder (default: embedded)."),
+):
+    """Mean IoU of predicted vs ground-truth boxes (and of the fixed reference boxes)."""
+    import json
+
+    from compinv_rt.models.loading import load_model
+    from compinv_rt.spatial import layout_model
+
+    examples = layout_model.read_jsonl(data)
+    net, _ = layout_model.load(layout_model_dir)
+    loaded = load_model(model, device="cpu")
+    layout_model.LayoutPredictor(net, loaded.tokenizer, loaded.text_encoder)  # checks the width
+    typer.echo(json.dumps(layout_model.evaluate(net, examples, loaded.tokenizer, loaded.text_encoder)))
+
+
+app.add_typer(layout_app, name="layout")
 
 
 def main() -> None:

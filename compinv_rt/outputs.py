@@ -82,3 +82,36 @@ def make_grid(images, cols: int | None = None, pad: int = 2):
         r, c = divmod(i, cols)
         grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+def image_metadata(prompt: str, negative_prompt: str, seed: int, settings: dict, model,
+                   backend: str, **extra) -> dict:
+    """The JSON sidecar of one generated image: enough to regenerate it exactly."""
+    import platform
+    from datetime import datetime, timezone
+
+    from compinv_rt import __version__
+
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "model": {"path": str(model.root), "hash": model.hash},
+        "settings": settings,
+        "backend": backend,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "compinv_rt": __version__,
+        "python": platform.python_version(),
+        **extra,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Temp files of atomic writes interrupted by a crash (`.name.XXXX.tmp`)."""
+    n = 0
+    for p in Path(folder).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

@@ -191,3 +191,21 @@ def expand_prompt(prompt: str, concepts: list[Concept]) -> str:
     for c in concepts:
         prompt = c.expand(prompt)
     return prompt
+
+
+def check_concepts(concept_dirs, files) -> list[dict]:
+    """Cheap pre-flight for `generate --concept`: every folder is a complete concept trained on
+    this base model (`files`: ModelFiles) and no two share a token. No weights are loaded."""
+    from compinv_rt.models.loading import content_hash
+
+    model_hash = content_hash(files.all_files())
+    arts, seen = [], {}
+    for folder in concept_dirs:
+        art = read_artifact(folder)
+        check_base_model(art, folder, model_hash)
+        key = art["token"].lower()
+        if key in seen:
+            raise ArtifactError(f"concepts {seen[key]} and {folder} use the same token {art['token']!r}")
+        seen[key] = folder
+        arts.append(art)
+    return arts

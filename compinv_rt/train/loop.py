@@ -64,6 +64,7 @@ class TrainResult:
     resumed_from: int
     seconds: float
     anchors: list = field(default_factory=list)
+    model: object = None  # the LoadedModel, with the trained rows in its text encoder's table
 
 
 def load_tokenizer(files):
@@ -353,4 +354,4 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
              f"anchors {', '.join(r.word for r in reports)})")
     record = write_artifacts(out, token=cfg.token, vectors=vectors, metadata=metadata,
                              history=history, record=record, title=title)
-    return TrainResult(out, record, start, seconds, reports)
+    return TrainResult(out, record, start, seconds, reports, m)

@@ -1,0 +1,35 @@
+"""Packing many generation items into full UNet batches.
+
+Items that share everything the scheduler and the UNet shapes depend on (size, steps, sampler,
+guidance) can share a batch; prompts, seeds, negative prompts and biases are per item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import groupby
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    height: int
+    width: int
+    steps: int
+    scheduler: str
+    guidance: float
+
+
+def pack(items: list, key, max_batch: int) -> Iterator[tuple[object, list]]:
+    """Yield (key, items) batches of at most max_batch items, grouping equal keys together while
+    keeping the input order within each group (so a resumed run packs the same way)."""
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    order = {}
+    for it in items:
+        order.setdefault(key(it), len(order))
+    ordered = sorted(items, key=lambda it: order[key(it)])  # stable: file order within a group
+    for k, group in groupby(ordered, key=key):
+        group = list(group)
+        for start in range(0, len(group), max_batch):
+            yield k, group[start:start + max_batch]
