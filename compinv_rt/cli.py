@@ -89,6 +89,9 @@ def generate(
     save_attention: bool = typer.Option(
         False, "--save-attention", help="Also write per-token cross-attention heatmaps (PNG grid, "
         "averaged over steps and layers) and attention shares in the sidecars (--backend torch)."),
+    concept: Optional[list[Path]] = typer.Option(
+        None, "--concept", help="Trained concept folder from `compinv-rt train` (repeatable); "
+        "use its token in the prompt."),
     jobs: Optional[Path] = typer.Option(
         None, "--jobs", help="JSONL file, one job per line (prompt, seed, n, steps, guidance, "
         "negative_prompt, height, width, concepts, layout, id): batch generation instead of PROMPT."),
@@ -114,6 +117,10 @@ def generate(
         raise ConfigError(f"-n/--num-images must be >= 1, got {num_images}")
     files = inspect_model_dir(resolve_model_dir(model))
     config = SamplingConfig(steps, guidance, scheduler, height, width).resolved(files)
+    if concept:
+        from compinv_rt.train.artifact import check_concepts
+
+        check_concepts(concept, files)  # complete, trained on this model, distinct tokens
     from compinv_rt.spatial.plan import SpatialConfig
 
     spatial_config = SpatialConfig.from_options(
@@ -136,6 +143,7 @@ def generate(
             model=str(files.root), device=device, out=out, backend=backend, engine=engine,
             on_step=lambda done, total: bar.update(done - bar.n),
             on_status=lambda msg: typer.echo(msg, err=True), spatial=spatial_config,
+            concepts=concept or (),
         )
     finally:
         bar.close()

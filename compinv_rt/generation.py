@@ -35,11 +35,16 @@ def generate_to_folder(
     on_step: StepCallback | None = None,
     on_status=None,
     spatial=None,  # compinv_rt.spatial.plan.SpatialConfig; None = no spatial regularization
+    concepts=(),  # trained concept folders (`compinv-rt train --out`), see train/artifact.py
 ) -> GenerationResult:
     from compinv_rt.models.loading import load_model
     from compinv_rt.runtime.registry import open_backend
 
     loaded = load_model(model, device=device)
+    from compinv_rt.train.artifact import expand_prompt, load_concepts
+
+    concepts = load_concepts(loaded, concepts)  # their tokens join the text encoder's table
+    text, negative = expand_prompt(prompt, concepts), expand_prompt(negative_prompt, concepts)
     config = config.resolved(loaded.files)
     unet = open_backend(backend, loaded, config.height, config.width, len(seeds),
                         guidance=config.guidance > 1.0, engine=engine, engines_root=engines_root,
@@ -48,15 +53,17 @@ def generate_to_folder(
     from compinv_rt.spatial.plan import SpatialConfig, plan_spatial
 
     spatial = spatial or SpatialConfig()
-    plan = plan_spatial(spatial, loaded, pipe.backend, prompt, len(seeds), config, on_status)
-    images = pipe.generate([prompt] * len(seeds), seeds, config,
-                           negative_prompts=[negative_prompt] * len(seeds), on_step=on_step,
+    plan = plan_spatial(spatial, loaded, pipe.backend, text, len(seeds), config, on_status)
+    images = pipe.generate([text] * len(seeds), seeds, config,
+                           negative_prompts=[negative] * len(seeds), on_step=on_step,
                            **plan.kwargs)
     stem = slug(prompt)
     common = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
         "model": {"path": str(loaded.root), "hash": loaded.hash},
+        "concepts": [{"folder": str(c.folder), "token": c.token, "vectors": c.vectors}
+                     for c in concepts],
         "settings": config.as_dict(),
         "backend": pipe.backend.name,
         "device": str(loaded.device),

@@ -1,0 +1,387 @@
+"""`compinv-rt train`: semantic inversion on tiny models, artifacts, diffusers compatibility,
+`--concept` in generate, bad input, and resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from compinv_rt.cli import app
+
+runner = CliRunner()
+TOKEN = "<my-heart>"
+FAST = ["--batch", "1", "--resolution", "64", "--variants", "2"]
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    from compinv_rt.world.photos import make_photos
+
+    d = tmp_path_factory.mktemp("photos")
+    make_photos(d, count=3, size=64)
+    return d
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model, photos, tmp_path_factory):
+    """Two vectors, a few steps: enough for every vector to move."""
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.loop import prepare, train_concept
+
+    cfg = TrainConfig(token=TOKEN, class_word="heart", vectors=2, steps=4, batch=2,
+                      resolution=64, variants=2, checkpoint_every=2)
+    out = tmp_path_factory.mktemp("trained") / "concept"
+    return train_concept(prepare(cfg, photos, tiny_model), out, device="cpu")
+
+
+def _table(text_encoder) -> torch.Tensor:
+    return text_encoder.get_input_embeddings().weight.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# embedding rows, vectors, artifacts
+
+
+def test_only_placeholder_rows_change_and_every_vector_trains(trained, tiny_model):
+    from compinv_rt.models.loading import load_model
+    from compinv_rt.train.artifact import read_embedding_file
+
+    fresh = load_model(str(tiny_model), device="cpu")
+    before, after = _table(fresh.text_encoder), _table(trained.model.text_encoder)
+    n0 = before.shape[0]
+    assert after.shape[0] == n0 + 2
+    assert torch.equal(after[:n0], before), "a row other than the placeholder rows changed"
+    name, emb, meta = read_embedding_file(trained.out / "embeddings.safetensors")
+    assert name == TOKEN and emb.shape == (2, before.shape[1])
+    assert torch.equal(after[n0:], emb)
+    heart = before[fresh.tokenizer.convert_tokens_to_ids("heart</w>")]
+    for i in range(2):  # both vectors were trained (the reference only ever trained the first)
+        assert (emb[i] - heart).abs().max() > 1e-4, f"vector {i} never moved from its init"
+    assert not torch.equal(emb[0], emb[1])
+    assert meta["base_model_hash"] == fresh.hash
+
+
+def test_placeholder_embedding_gradient_reaches_only_the_vectors(tiny_model):
+    from compinv_rt.models.loading import load_model
+    from compinv_rt.train import tokens as T
+
+    m = load_model(str(tiny_model), device="cpu")
+    ids = T.add_placeholders(m.tokenizer, m.text_encoder, "<x>", 3)
+    table = _table(m.text_encoder).clone()
+    wrapper = T.install(m.text_encoder, ids[0], torch.randn(3, table.shape[1]) * 0.02)
+    prompt = T.expand_prompt("a photo of a <x> heart", "<x>", 3)
+    assert prompt == "a photo of a <x> <x>_1 <x>_2 heart"
+    assert T.expand_prompt(prompt, "<x>", 3) == prompt  # already expanded: unchanged
+    input_ids = m.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert all(i in input_ids[0].tolist() for i in ids)
+    opt = torch.optim.AdamW([wrapper.vectors], lr=0.1, weight_decay=0.1)
+    m.text_encoder(input_ids)[0].pow(2).mean().backward()
+    assert (wrapper.vectors.grad.abs().sum(-1) > 0).all(), "a vector got no gradient"
+    opt.step()
+    assert torch.equal(_table(m.text_encoder), table)
+    T.uninstall(m.text_encoder, wrapper)
+    after = _table(m.text_encoder)
+    assert torch.equal(after[:ids[0]], table[:ids[0]])
+    assert torch.equal(after[ids[0]:], wrapper.vectors.detach())
+
+
+def test_artifact_json_and_files(trained):
+    from compinv_rt.train.artifact import file_sha256
+
+    art = json.loads((trained.out / "artifact.json").read_text())
+    assert art["schema_version"] == 1 and art["token"] == TOKEN
+    assert art["tokens"] == [TOKEN, f"{TOKEN}_1"] and art["vectors"] == 2
+    assert art["base_model"]["hash"] == trained.model.hash
+    assert art["anchors"][0]["word"] == "heart" and art["anchors"][0]["coefficient"] == 1.0
+    assert art["config"]["anchor_weight"] == 0.95 and art["config"]["steps"] == 4
+    assert art["steps_done"] == 4 and len(art["loss"]["final"]) == 5
+    assert all(np.isfinite(art["loss"]["final"]))
+    for name, digest in art["files"].items():
+        assert file_sha256(trained.out / name) == digest
+    assert (trained.out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    vec = art["analysis"]["vectors"][0]
+    assert 0 <= vec["norm_percentile"] <= 100 and vec["nearest_word_distance"] >= 0
+    assert sorted(p.name for p in (trained.out / "checkpoints").iterdir()) == [
+        "step-0000002.safetensors", "step-0000004.safetensors"]
+
+
+def test_stock_diffusers_loads_the_embeddings(trained, tiny_model, stock_pipeline_cls):
+    """load_textual_inversion reads our file; the common single-file reading (one tensor, (N, D))
+    works too; and the text encoder then sees exactly what our load_concepts gives."""
+    from safetensors.torch import load_file
+
+    from compinv_rt.models.loading import load_model
+    from compinv_rt.runtime.pipeline import Pipeline
+    from compinv_rt.train.artifact import expand_prompt, load_concepts
+
+    path = trained.out / "embeddings.safetensors"
+    sd = load_file(str(path))
+    assert list(sd) == [TOKEN] and next(iter(sd.values())).shape[0] == 2  # single-file layout
+
+    pipe = stock_pipeline_cls.from_pretrained(tiny_model, safety_checker=None)
+    pipe.load_textual_inversion(str(path))
+    assert pipe.tokenizer.convert_tokens_to_ids(f"{TOKEN}_1") == pipe.tokenizer.convert_tokens_to_ids(TOKEN) + 1
+    prompt = f"a photo of a {TOKEN} heart on grass"
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length",
+                         max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = pipe.text_encoder(ids)[0]
+
+    m = load_model(str(tiny_model), device="cpu")
+    concepts = load_concepts(m, [trained.out])
+    assert concepts[0].token == TOKEN and concepts[0].vectors == 2
+    ours = Pipeline(m).encode_prompts([expand_prompt(prompt, concepts)])
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_generate_with_concept_matches_stock_diffusers(trained, tiny_model, tmp_path,
+                                                       stock_pipeline_cls):
+    prompt = f"a {TOKEN} heart on grass"
+    res = runner.invoke(app, ["generate", prompt, "--model", str(tiny_model), "--concept",
+                              str(trained.out), "-n", "1", "--steps", "3", "--seed", "5",
+                              "--out", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output
+    png = next((tmp_path / "g").glob("*_5.png"))
+    side = json.loads(png.with_suffix(".json").read_text())
+    assert side["concepts"][0]["token"] == TOKEN and side["prompt"] == prompt
+
+    from PIL import Image
+
+    pipe = stock_pipeline_cls.from_pretrained(tiny_model, safety_checker=None)
+    pipe.load_textual_inversion(str(trained.out / "embeddings.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt, num_inference_steps=3, guidance_scale=7.5,
+               generator=[torch.Generator().manual_seed(5)]).images[0]
+    a = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    assert np.abs(a - np.asarray(ref, dtype=np.int16)).max() <= 1
+
+
+def test_concept_from_another_base_model_is_refused(trained, tiny_vpred_model, tmp_path):
+    from compinv_rt.errors import ArtifactError
+    from compinv_rt.models.loading import load_model
+    from compinv_rt.train.artifact import load_concepts
+
+    m = load_model(str(tiny_vpred_model), device="cpu")
+    with pytest.raises(ArtifactError, match="another base model"):
+        load_concepts(m, [trained.out])
+    out = tmp_path / "g"
+    res = runner.invoke(app, ["generate", "a heart", "--model", str(tiny_vpred_model),
+                              "--concept", str(trained.out), "--out", str(out)])
+    assert res.exit_code == 1 and res.stderr.startswith("error: ")
+    assert "another base model" in res.stderr and not out.exists()
+
+
+def test_concept_folder_without_artifact_is_refused(tiny_model, tmp_path):
+    (tmp_path / "half").mkdir()
+    res = runner.invoke(app, ["generate", "a heart", "--model", str(tiny_model), "--concept",
+                              str(tmp_path / "half"), "--out", str(tmp_path / "g")])
+    assert res.exit_code == 1 and "artifact.json is missing" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# losses and anchors
+
+
+def test_masked_mse_counts_only_masked_pixels():
+    from compinv_rt.train.losses import masked_mse
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 4, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:5, 3:7] = 1
+    pred = target + 100.0 * (1 - mask)  # wrong only outside the mask
+    assert masked_mse(pred, target, mask) == 0
+    pred = target + torch.randn(2, 4, 8, 8, generator=g)
+    inside = ((pred - target) ** 2)[mask.expand(-1, 4, -1, -1).bool()]
+    assert torch.allclose(masked_mse(pred, target, mask), inside.mean())
+    assert not torch.allclose(masked_mse(pred, target, mask), ((pred - target) ** 2).mean())
+
+
+def test_prediction_targets(tiny_vpred_model):
+    from diffusers import DDPMScheduler
+
+    from compinv_rt.train.losses import diffusion_target
+
+    sched = DDPMScheduler(prediction_type="v_prediction")
+    x, n, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = a.sqrt() * n - (1 - a).sqrt() * x
+    assert torch.allclose(diffusion_target(sched, "v_prediction", x, n, t), v, atol=1e-5)
+    assert torch.equal(diffusion_target(sched, "epsilon", x, n, t), n)
+
+
+def test_anchor_loss_uses_the_reference_normalization():
+    from compinv_rt.train.anchors import AnchorTarget, anchor_loss
+
+    d = 16
+    a = torch.randn(1, d)
+    delta = torch.randn(2, d)
+    att, l1 = anchor_loss(a + delta, AnchorTarget(a), seq_len=77, l1=0.5)
+    assert torch.allclose(att, (delta ** 2).sum() / (77 * d))
+    assert l1 == 0  # one fixed anchor: no coefficients to sparsify
+
+
+def test_k_anchors_are_a_sparse_nonnegative_combination():
+    from compinv_rt.train.anchors import AnchorTarget, anchor_loss, report
+
+    g = torch.Generator().manual_seed(0)
+    anchors = torch.randn(4, 32, generator=g)
+    v = (0.7 * anchors[2] + 0.3 * anchors[0])[None]  # the concept sits between anchors 2 and 0
+    target = AnchorTarget(anchors)
+    opt = torch.optim.Adam([target.coefs], lr=0.02)
+    for _ in range(600):
+        att, l1 = anchor_loss(v, target, 77, l1=0.01)
+        opt.zero_grad()
+        (att + l1).backward()
+        opt.step()
+        target.project()
+    c = target.coefs.detach()
+    assert (c >= 0).all()
+    assert c[1] == 0 and c[3] == 0, c  # exact zeros
+    assert abs(float(c[2]) - 0.7) < 0.1 and abs(float(c[0]) - 0.3) < 0.1, c
+
+    class Tok:
+        def convert_ids_to_tokens(self, i):
+            return f"w{i}</w>"
+
+    rep = report(Tok(), [10, 11, 12, 13], target)
+    assert [r.carries_weight for r in rep] == [True, False, True, False]
+
+
+def test_auto_k_picks_the_nearest_real_words(tiny_model):
+    from compinv_rt.models.loading import load_model
+    from compinv_rt.train.anchors import real_word_ids, resolve_anchor_ids
+
+    m = load_model(str(tiny_model), device="cpu")
+    table = _table(m.text_encoder)
+    init = m.tokenizer.convert_tokens_to_ids("heart</w>")
+    ids = resolve_anchor_ids(m.tokenizer, table, "auto:4", "heart", init)
+    assert len(ids) == 4 and len(set(ids)) == 4 and ids[0] == init
+    words = real_word_ids(m.tokenizer)
+    assert set(ids) <= set(words)
+    assert all(re.fullmatch(r"[a-z]{2,}</w>", m.tokenizer.convert_ids_to_tokens(i)) for i in ids)
+    cos = torch.nn.functional.cosine_similarity(table[words], table[init][None], dim=-1)
+    kth = torch.nn.functional.cosine_similarity(table[ids[-1]], table[init], dim=0)
+    assert int((cos > kth + 1e-6).sum()) == 3  # exactly the three others are nearer than the 4th
+
+
+def test_semantic_inversion_with_auto_anchors_on_v_prediction(tiny_vpred_model, photos, tmp_path):
+    out = tmp_path / "c"
+    res = runner.invoke(app, ["train", "--images", str(photos), "--token", "<zz-heart>",
+                              "--class-word", "heart", "--out", str(out), "--model",
+                              str(tiny_vpred_model), "--anchors", "auto:3", "--steps", "3",
+                              "--no-augment", *FAST])
+    assert res.exit_code == 0, res.output
+    assert "anchors carrying weight:" in res.stdout
+    art = json.loads((out / "artifact.json").read_text())
+    assert art["base_model"]["prediction_type"] == "v_prediction"
+    assert [a["word"] for a in art["anchors"]][0] == "heart" and len(art["anchors"]) == 3
+    assert art["images"]["variants"] == 3  # --no-augment: the images only
+    assert sum(a["coefficient"] for a in art["anchors"]) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _bad(args, out, expect):
+    res = runner.invoke(app, ["train", *args, "--out", str(out), "--steps", "2"])
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip()
+    assert "\n" not in err and err.startswith("error: ") and expect in err, err
+    assert not out.exists(), "something was written for a refused run"
+    return err
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "in-vocab", "anchor", "auto-k",
+                                  "auto-0", "init"])
+def test_bad_input(case, tiny_model, photos, tmp_path):
+    import shutil
+
+    images, token, extra = photos, TOKEN, []
+    if case == "missing":
+        images = tmp_path / "nope"
+    elif case == "empty":
+        images = tmp_path / "empty"
+        images.mkdir()
+    elif case == "corrupt":
+        images = tmp_path / "imgs"
+        shutil.copytree(photos, images)
+        f = images / "photo_001.png"
+        f.write_bytes(f.read_bytes()[:120])
+    elif case == "in-vocab":
+        token = "Heart"
+    elif case == "anchor":
+        extra = ["--anchors", "heart,polkadot"]
+    elif case == "auto-k":
+        extra = ["--anchors", "auto:many"]
+    elif case == "auto-0":
+        extra = ["--anchors", "auto:0"]
+    elif case == "init":
+        extra = ["--init-word", "polkadot"]
+    expect = {"missing": "not found", "empty": "no images", "corrupt": "corrupt image",
+              "in-vocab": "already in the tokenizer's vocabulary", "anchor": "unknown anchor word",
+              "auto-k": "auto:K", "auto-0": "auto:K", "init": "unknown init word"}[case]
+    _bad(["--images", str(images), "--token", token, "--class-word", "heart", "--model",
+          str(tiny_model), *extra], tmp_path / "out", expect)
+
+
+def test_non_empty_out_needs_resume(tiny_model, photos, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    res = runner.invoke(app, ["train", "--images", str(photos), "--token", TOKEN, "--class-word",
+                              "heart", "--model", str(tiny_model), "--out", str(out)])
+    assert res.exit_code == 1 and "--resume" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# resume after kill -9
+
+
+def test_resume_after_kill_9_repeats_the_uninterrupted_run(tiny_model, photos, tmp_path):
+    from compinv_rt.train.artifact import read_embedding_file
+
+    every, steps = 10, 150
+    args = ["train", "--images", str(photos), "--token", TOKEN, "--class-word", "heart",
+            "--model", str(tiny_model), "--steps", str(steps), "--checkpoint-every", str(every),
+            "--seed", "3", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "compinv_rt.cli", *args, "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = out / "checkpoints"
+    deadline = time.time() + 150
+    while time.time() < deadline and not (ck / "step-0000020.safetensors").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(p.name for p in ck.glob("step-*.safetensors"))
+    assert saved and not (out / "artifact.json").exists(), "the run must be killed part-way"
+    newest = int(saved[-1][5:12])
+    assert 20 <= newest < steps
+
+    res = runner.invoke(app, [*args, "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    resumed_at = int(re.search(r"resuming from checkpoint at step (\d+)", res.stderr).group(1))
+    assert resumed_at == newest  # at most one interval of work lost
+    art = json.loads((out / "artifact.json").read_text())
+    assert art["steps_done"] == steps
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+    clean = tmp_path / "clean"
+    assert runner.invoke(app, [*args, "--out", str(clean)]).exit_code == 0
+    _, resumed, _ = read_embedding_file(out / "embeddings.safetensors")
+    _, straight, _ = read_embedding_file(clean / "embeddings.safetensors")
+    assert torch.equal(resumed, straight)
+    assert json.loads((clean / "artifact.json").read_text())["loss"] == art["loss"]
