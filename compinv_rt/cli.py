@@ -356,6 +356,8 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     engines: Path = typer.Option(Path("engines"), help="Engine cache folder."),
     out: Path = typer.Option(Path("benchmarks/results/latest"), help="Where results go."),
+    baseline: str = typer.Option("eager", help="Stock diffusers baseline: eager, or compiled "
+                                 "(channels_last + torch.compile reduce-overhead)."),
 ):
     """Latency/throughput/memory of each backend vs stock diffusers, as JSON + table + plot."""
     from compinv_rt.errors import ConfigError
@@ -373,6 +375,8 @@ def bench(
         raise ConfigError("--steps and --repeats must be >= 1")
     if model and arch:
         raise ConfigError("pass --model or --arch, not both")
+    if baseline not in ("eager", "compiled"):
+        raise ConfigError(f"--baseline must be eager or compiled, got {baseline!r}")
     check_writable_dir(out)
 
     from compinv_rt.bench.harness import BenchConfig, run_bench
@@ -390,7 +394,8 @@ def bench(
         model = str(save_model(sd_components(arch), Path(tempfile.mkdtemp(prefix=f"{arch}-"))))
         label = f"{arch} architecture, random weights"
     cfg = BenchConfig(tuple(names), tuple(_int_list(batch_sizes, "--batch-sizes")), steps,
-                      tuple(flags[b] for b in bias.split(",")), repeats, engines_root=engines)
+                      tuple(flags[b] for b in bias.split(",")), repeats, engines_root=engines,
+                      baseline=baseline)
     result = run_bench(model, cfg, device=device, label=label,
                        on_status=lambda msg: typer.echo(msg, err=True))
     paths = write_report(result, out)

@@ -34,6 +34,9 @@ class BenchConfig:
     bias_strength: float = 2.0
     prompt: str = PROMPT
     engines_root: Path = Path("engines")
+    # "eager": stock StableDiffusionPipeline as loaded; "compiled": the same with its UNet in
+    # channels_last + torch.compile(mode="reduce-overhead"), the fastest stock PyTorch path on GPU.
+    baseline: str = "eager"
 
 
 @dataclass
@@ -127,6 +130,12 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
     pipe.to(model.device)
     timer = StepTimer(pipe.unet.forward, model.device)
     pipe.unet.forward = timer  # instance attribute: times every UNet call of the stock loop
+    if cfg.baseline == "compiled":
+        pipe.unet.to(memory_format=torch.channels_last)
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        pipe.unet.forward = torch.compile(timer.fn, mode=mode)
+        timer.fn = pipe.unet.forward
+        pipe.unet.forward = timer
     cells = {}
     for batch in cfg.batch_sizes:
         on_status(f"{STOCK}: batch {batch}")
@@ -160,6 +169,7 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
         "threads": torch.get_num_threads(), "compinv_rt": __version__,
         "image_size": [sampling.height, sampling.width], "steps": cfg.steps,
         "guidance": cfg.guidance, "repeats": cfg.repeats, "prompt": cfg.prompt,
+        "baseline": f"stock diffusers StableDiffusionPipeline ({cfg.baseline})",
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
     stock = _stock_cells(str(model.root), model, cfg, on_status)

@@ -15,7 +15,8 @@ def markdown(result: BenchResult) -> str:
         f"Model: `{m['model']}`{' (' + m['label'] + ')' if m['label'] else ''}, "
         f"{m['image_size'][0]}x{m['image_size'][1]}, {m['steps']} DDIM steps, CFG {m['guidance']}, "
         f"{m['dtype']}; device: {m['device_name']}; torch {m['torch']}; "
-        f"median of {m['repeats']} timed runs after one warm-up; {m['created']}.",
+        f"median of {m['repeats']} timed runs after one warm-up; baseline: {m['baseline']}; "
+        f"{m['created']}.",
         "",
         "| backend | images/batch | bias | UNet step p50 (ms) | p90 (ms) | end-to-end (s) | images/s "
         "| peak RSS (MB) | step speedup vs stock | end-to-end speedup vs stock |",

@@ -51,7 +51,8 @@ def expand_prompt(prompt: str, token: str, vectors: int) -> str:
     """'a <tok> heart' -> 'a <tok> <tok>_1 <tok>_2 heart' (case-insensitive, like the tokenizer)."""
     if vectors <= 1:
         return prompt
-    pattern = re.compile(re.escape(token) + r"(?!_\d)", re.IGNORECASE)
+    t = re.escape(token)  # not a `tok_1` itself, nor a `tok` already followed by its `tok_1`
+    pattern = re.compile(rf"{t}(?!_\d)(?!\s+{t}_1(?!\d))", re.IGNORECASE)
     return pattern.sub(" ".join(placeholder_tokens(token, vectors)), prompt)
 
 

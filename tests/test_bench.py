@@ -1,0 +1,40 @@
+"""`compinv-rt bench`: runs every cell against the in-run stock baseline and writes its reports."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from compinv_rt.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_writes_json_table_and_plot(tiny_model, tmp_path):
+    out = tmp_path / "res"
+    res = runner.invoke(app, ["bench", "--model", str(tiny_model), "--backends", "torch,onnxruntime",
+                              "--batch-sizes", "1,2", "--steps", "2", "--repeats", "1",
+                              "--engines", str(tmp_path / "eng"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    cells = data["cells"]
+    stock = [c for c in cells if c["backend"] == "diffusers"]
+    ours = [c for c in cells if c["backend"] != "diffusers"]
+    assert [c["batch"] for c in stock] == [1, 2]
+    assert {(c["backend"], c["batch"], c["bias"]) for c in ours} == {
+        (b, n, bias) for b in ("torch", "onnxruntime") for n in (1, 2) for bias in (False, True)}
+    for c in ours:
+        assert c["step_ms_p50"] > 0 and c["e2e_s"] > 0 and c["peak_rss_mb"] > 100
+        base = next(s for s in stock if s["batch"] == c["batch"])
+        assert abs(c["e2e_speedup"] - base["e2e_s"] / c["e2e_s"]) < 1e-9
+    table = (out / "results.md").read_text()
+    assert table.count("\n| ") == len(cells) + 1  # header + one row per cell
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["meta"]["model_hash"] and data["meta"]["steps"] == 2
+
+
+def test_bench_rejects_unknown_backend(tiny_model, tmp_path):
+    res = runner.invoke(app, ["bench", "--model", str(tiny_model), "--backends", "torch,openvino",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "openvino" in res.stderr
