@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/compinv-rt generate "a red star and a blue circle on grass" -n 8 --steps 25 --out outputs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -72,7 +72,9 @@ def generate(
     backend: BackendName = typer.Option(BackendName.torch, help="UNet backend."),
     engine: Optional[Path] = typer.Option(
         None, help="Engine folder from `compinv-rt export` (default: find or build one in engines/)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default: outputs/<timestamp>)."),
+    out: Optional[str] = typer.Option(
+        None, help="Output folder (default: outputs/<timestamp>); with --jobs also any pyarrow "
+        "filesystem URI (s3://, gs://, file://)."),
     layout: Optional[str] = typer.Option(
         None, help="auto | none | 'phrase=x0,y0,x1,y1;phrase=...' (normalized boxes; a phrase named "
         "twice gets two boxes; 'phrase;phrase' = boxes from the layout model). Default: auto when "
@@ -97,6 +99,10 @@ def generate(
         "negative_prompt, height, width, concepts, layout, id): batch generation instead of PROMPT."),
     max_batch: int = typer.Option(8, help="--jobs: images per UNet batch (x2 with guidance)."),
     resume: bool = typer.Option(False, "--resume", help="--jobs: finish an interrupted run in --out."),
+    ray: bool = typer.Option(False, "--ray", help="--jobs: run on Ray (one actor per worker)."),
+    ray_address: Optional[str] = typer.Option(None, help="--ray: cluster address (default: start a local Ray)."),
+    workers: int = typer.Option(2, help="--ray: number of actors."),
+    gpus_per_worker: float = typer.Option(0, help="--ray: GPUs per actor (0 on CPU-only clusters)."),
 ):
     """Generate images: one PNG and one JSON sidecar per image, plus a grid."""
     from compinv_rt.errors import ConfigError
@@ -106,8 +112,9 @@ def generate(
     if jobs is not None:
         if prompt is not None:
             raise ConfigError("pass either a PROMPT or --jobs FILE, not both")
+        ray_opts = dict(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         return _generate_jobs(jobs, out, model, device, backend, engine, scheduler, max_batch,
-                              resume, seed, steps, guidance)
+                              resume, seed, steps, guidance, ray_opts if ray else None)
     # Everything cheap is validated before any weights are loaded or files are written.
     if prompt is None:
         raise ConfigError("give a PROMPT to draw (or --jobs FILE)")
@@ -154,13 +161,12 @@ def generate(
 
 
 def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, max_batch, resume,
-                   seed, steps, guidance):
+                   seed, steps, guidance, ray=None):
     """`generate --jobs`: many jobs packed into UNet batches, streamed to disk, resumable."""
     from compinv_rt.errors import ConfigError
-    from compinv_rt.jobs import JobsSummary, read_jobs, run_jobs
-    from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
-    from compinv_rt.outputs import check_writable_dir
-    from compinv_rt.runtime.registry import open_backend
+    from compinv_rt.jobs import JobsSummary, pending_items, read_jobs
+    from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
+    from compinv_rt.sinks import open_sink
 
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
@@ -170,28 +176,21 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
     for line in problems:
         typer.echo(f"error: {line}", err=True)
     files = inspect_model_dir(resolve_model_dir(model))
-    check_writable_dir(out)
-    loaded = load_model(str(files.root), device=device)
-    backends = {}
-
-    def open_unet(height, width):
-        if (height, width) not in backends:
-            backends[(height, width)] = open_backend(
-                backend, loaded, height, width, max_batch, guidance=True, engine=engine,
-                on_status=lambda msg: typer.echo(msg, err=True))
-        return backends[(height, width)]
-
-    def prepare_item(item, cfg):
-        if item.job.concepts or item.job.layout:
-            raise ConfigError("per-job 'concepts' and 'layout' are not wired into --jobs yet")
-        return 0, None
-
-    total = sum(j.n for j in jobs)
-    bar = _progress(total, "images", unit="img")
+    sink = open_sink(out).prepare()
     summary = JobsSummary(problems=list(problems))
+    items = pending_items(jobs, out, files, resume, summary, exists=sink.exists)
+    settings = dict(model=str(files.root), device=device, backend=backend.value, engine=engine,
+                    max_batch=max_batch, scheduler=scheduler.value)
+    bar = _progress(len(items), "images", unit="img")
     try:
-        run_jobs(jobs, out, loaded, open_unet, max_batch, scheduler.value, resume, summary,
-                 on_image=lambda png: bar.update(1), prepare_item=prepare_item)
+        if ray is not None:
+            from compinv_rt.scaleout import run_on_ray
+
+            run_on_ray(items, sink.uri, settings, summary, on_image=lambda name: bar.update(1), **ray)
+        else:
+            from compinv_rt.jobs import JobRunner
+
+            JobRunner(sink=sink, **settings).run(items, summary, on_image=lambda name: bar.update(1))
     finally:
         bar.close()
     for line in summary.problems[len(problems):]:

@@ -134,19 +134,44 @@ def read_jobs(path: Path, defaults: dict) -> tuple[list[Job], list[str]]:
     return jobs, problems
 
 
-def run_jobs(
-    jobs: list[Job],
-    out: Path,
+def pending_items(jobs: list[Job], out: Path, model_files, resume: bool,
+                  summary: JobsSummary, exists: Callable[[str], bool] | None = None) -> list[Item]:
+    """Items not yet done. Without `resume`, existing results are an error (never overwritten
+    silently); jobs whose settings do not fit the model are reported and skipped."""
+    from compinv_rt.runtime.pipeline import SamplingConfig
+
+    exists = exists or (lambda name: (Path(out) / name).exists())
+    items = []
+    for job in jobs:
+        try:
+            SamplingConfig(job.steps, job.guidance, "ddim", job.height, job.width).resolved(model_files)
+        except ConfigError as exc:
+            summary.problems.append(f"line {job.line} ({job.id}): {exc}")
+            continue
+        for i in range(job.n):
+            item = Item(job, i)
+            if exists(f"{item.name}.json"):
+                if not resume:
+                    raise ConfigError(f"{out} already holds results of these jobs "
+                                      f"({item.name}.json): pass --resume to finish them, or a new --out")
+                summary.skipped += 1
+                continue
+            items.append(item)
+    return items
+
+
+def generate_items(
+    items: list[Item],
+    sink,
     model,
     open_unet: Callable[[int, int], object],
     max_batch: int,
     scheduler: str,
-    resume: bool,
     summary: JobsSummary,
-    on_image: Callable[[Path], None] = lambda p: None,
+    on_image: Callable[[str], None] = lambda name: None,
     prepare_item: Callable | None = None,
 ) -> JobsSummary:
-    """Generate every pending item of `jobs` into `out`.
+    """Generate `items` into `sink` (an OutputSink), packed into UNet batches.
 
     `open_unet(height, width)` returns the backend for one image size (cached by the caller);
     `prepare_item(item, cfg) -> (bias_steps, make_bias)` gives an item's spatial settings, where
@@ -154,42 +179,31 @@ def run_jobs(
     """
     import torch
 
-    from compinv_rt.outputs import (atomic_write_json, image_metadata, remove_stale_temp_files,
-                                    save_png)
+    from compinv_rt.outputs import image_metadata
     from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out)
-    items: list[tuple[Item, SamplingConfig, int, Callable | None]] = []
-    for job in jobs:
+    prepared: list[tuple[Item, SamplingConfig, int, Callable | None]] = []
+    failed_jobs = set()
+    for item in items:
+        job = item.job
+        if job.id in failed_jobs:
+            continue
+        cfg = SamplingConfig(job.steps, job.guidance, scheduler, job.height,
+                             job.width).resolved(model.files)
         try:
-            cfg = SamplingConfig(job.steps, job.guidance, scheduler, job.height,
-                                 job.width).resolved(model.files)
+            bias_steps, make_bias = prepare_item(item, cfg) if prepare_item else (0, None)
         except ConfigError as exc:
             summary.problems.append(f"line {job.line} ({job.id}): {exc}")
+            failed_jobs.add(job.id)
             continue
-        for i in range(job.n):
-            item = Item(job, i)
-            if (out / f"{item.name}.json").exists():
-                if not resume:
-                    raise ConfigError(f"{out} already holds results of these jobs "
-                                      f"({item.name}.json): pass --resume to finish them, or a new --out")
-                summary.skipped += 1
-                continue
-            try:
-                bias_steps, make_bias = prepare_item(item, cfg) if prepare_item else (0, None)
-            except ConfigError as exc:
-                summary.problems.append(f"line {job.line} ({job.id}): {exc}")
-                break
-            items.append((item, cfg, bias_steps, make_bias))
+        prepared.append((item, cfg, bias_steps, make_bias))
 
     def key(entry):
         item, cfg, bias_steps, _ = entry
         return (BatchKey(cfg.height, cfg.width, cfg.steps, cfg.scheduler.value, cfg.guidance),
                 bias_steps)
 
-    for (_, bias_steps), batch in pack(items, key, max_batch):
+    for (_, bias_steps), batch in pack(prepared, key, max_batch):
         cfg = batch[0][1]
         pipe = Pipeline(model, open_unet(cfg.height, cfg.width))
         bias = None
@@ -201,13 +215,47 @@ def run_jobs(
                                negative_prompts=[e[0].job.negative_prompt for e in batch],
                                attention_bias=bias, bias_steps=bias_steps)
         for (item, *_), image in zip(batch, images):
-            png = save_png(out / f"{item.name}.png", image)
+            sink.write_png(f"{item.name}.png", image)
             meta = image_metadata(item.job.prompt, item.job.negative_prompt, item.seed,
                                   cfg.as_dict(), model, getattr(pipe.backend, "name", "custom"),
                                   job_id=item.job.id, index=item.index, line=item.job.line,
                                   concepts=list(item.job.concepts), layout=item.job.layout,
-                                  image=png.name)
-            atomic_write_json(out / f"{item.name}.json", meta)  # written last: marks the item done
+                                  image=f"{item.name}.png")
+            sink.write_json(f"{item.name}.json", meta)  # written last: marks the item done
             summary.written += 1
-            on_image(png)
+            on_image(item.name)
     return summary
+
+
+
+class JobRunner:
+    """Everything one process needs to generate items: the model and backends, opened once.
+    The same object runs the local path and each Ray actor (compinv_rt.scaleout)."""
+
+    def __init__(self, sink, model: str, device: str, backend: str, engine, max_batch: int,
+                 scheduler: str):
+        from compinv_rt.models.loading import load_model
+
+        self.sink = sink
+        self.model = load_model(model, device=device)
+        self.backend, self.engine = backend, engine
+        self.max_batch, self.scheduler = max_batch, scheduler
+        self._unets = {}
+
+    def open_unet(self, height: int, width: int):
+        from compinv_rt.runtime.registry import open_backend
+
+        if (height, width) not in self._unets:
+            self._unets[(height, width)] = open_backend(
+                self.backend, self.model, height, width, self.max_batch, guidance=True,
+                engine=self.engine)
+        return self._unets[(height, width)]
+
+    def prepare_item(self, item: Item, cfg):
+        if item.job.concepts or item.job.layout:
+            raise ConfigError("per-job 'concepts' and 'layout' are not wired into --jobs yet")
+        return 0, None
+
+    def run(self, items: list[Item], summary: JobsSummary, on_image=lambda name: None) -> JobsSummary:
+        return generate_items(items, self.sink, self.model, self.open_unet, self.max_batch,
+                              self.scheduler, summary, on_image, self.prepare_item)

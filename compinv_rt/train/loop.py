@@ -208,9 +208,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     check_out_dir(out, resume)
     t_start = time.perf_counter()
 
-    m = load_model(str(plan.files.root), device=device)
-    if m.dtype != torch.float32:  # training runs in fp32 (a CUDA load defaults to fp16)
-        m = load_model(str(plan.files.root), device=device, dtype="fp32")
+    m = load_model(str(plan.files.root), device=device, dtype="fp32")  # training runs in fp32
     tok, te, unet, vae = m.tokenizer, m.text_encoder, m.unet, m.vae
     table0 = te.get_input_embeddings().weight.detach().clone()  # the real vocabulary, untouched
     init_id = T.single_token_id(tok, cfg.init, "init word")

@@ -400,7 +400,7 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
     for p in list(ema_u.parameters()) + list(ema_t.parameters()):
         p.requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, betas=(0.9, 0.99), fused=True)
     ck = run / "unet_ckpt.safetensors"
     start = 0
     history: list = []

@@ -1,0 +1,105 @@
+"""`generate --jobs FILE --ray`: the same job file on a Ray cluster, one actor per worker.
+
+Ray Data reads the pending items; `map_batches` runs `RayJobWorker`, a callable class that opens
+the model and backend once per actor (with `num_gpus` when GPUs are asked for). Outputs go to one
+shared location (a folder every worker sees, or a pyarrow URI). Idempotence comes from the same
+rule as the local path: each image is `<job>_<index>.png` + `.json`, the sidecar written last, and
+a retried batch skips what is done; Ray Data restarts a killed actor and retries its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+from compinv_rt.errors import CompinvError, ConfigError
+from compinv_rt.jobs import Item, Job, JobsSummary
+
+ENGINE_BACKENDS = {"onnxruntime", "tensorrt", "aoti"}
+
+
+class RayJobWorker:
+    """One per actor: loads the model and backend once, then generates whatever batches arrive."""
+
+    def __init__(self, sink_uri: str, settings: dict, threads: int):
+        import torch
+
+        from compinv_rt.jobs import JobRunner
+        from compinv_rt.sinks import open_sink
+
+        torch.set_num_threads(threads)
+        self.runner = JobRunner(sink=open_sink(sink_uri), **settings)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        items = [Item(Job(**{**json.loads(j), "concepts": tuple(json.loads(j)["concepts"])}), int(i))
+                 for j, i in zip(batch["job"], batch["index"])]
+        todo = [it for it in items if not self.runner.sink.exists(f"{it.name}.json")]
+        summary = JobsSummary()
+        self.runner.run(todo, summary)
+        done = {it.name for it in todo} if not summary.problems else set()
+        status = ["written" if it.name in done else "skipped" for it in items]
+        return {"name": np.array([it.name for it in items]), "status": np.array(status),
+                "problems": np.array([json.dumps(summary.problems)] * len(items))}
+
+
+def run_on_ray(items: list[Item], sink_uri: str, settings: dict, summary: JobsSummary,
+               on_image=lambda name: None, address: str | None = None, workers: int = 2,
+               gpus_per_worker: float = 0) -> JobsSummary:
+    import logging
+
+    import ray
+
+    for name in ("ray", "ray.data"):  # Ray's INFO lines would bury the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if settings["backend"] in ENGINE_BACKENDS and settings["engine"] is None:
+        raise ConfigError("with --ray, build the engine once first (compinv-rt export) and pass "
+                          "--engine DIR: every worker loads that engine and none rebuilds it")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if not items:
+        return summary
+    if settings["engine"] is not None:
+        settings = {**settings, "engine": os.path.abspath(settings["engine"])}
+    settings = {**settings, "model": os.path.abspath(settings["model"])}
+    local = address is None
+    ray.init(address=address, num_cpus=max(workers, os.cpu_count() or 1) if local else None,
+             include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+             configure_logging=False)
+    try:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        rows = [{"job": json.dumps(asdict(it.job)), "index": it.index} for it in items]
+        threads = max(1, (os.cpu_count() or 1) // workers) if local else 1
+        ds = ray.data.from_items(rows).map_batches(
+            RayJobWorker,
+            fn_constructor_kwargs={"sink_uri": sink_uri, "settings": settings, "threads": threads},
+            batch_size=settings["max_batch"],
+            concurrency=workers,
+            num_cpus=1,
+            num_gpus=gpus_per_worker or None,
+        )
+        seen_problems = set()
+        try:
+            for row in ds.iter_rows():
+                if row["status"] == "written":
+                    summary.written += 1
+                    on_image(row["name"])
+                for p in json.loads(row["problems"]):
+                    if p not in seen_problems:
+                        seen_problems.add(p)
+                        summary.problems.append(p)
+        except Exception as exc:  # a worker's CompinvError arrives wrapped by Ray: unwrap it
+            cause = exc
+            while cause is not None and not isinstance(cause, CompinvError):
+                cause = getattr(cause, "cause", None) or cause.__cause__
+            if cause is not None:
+                raise type(cause)(f"a Ray worker failed: {cause}") from None
+            raise
+    finally:
+        ray.shutdown()
+    return summary
