@@ -112,6 +112,9 @@ def parse_layout(text: str | None) -> LayoutSpec:
             raise ConfigError(f"--layout entry {entry!r} has no phrase before '='")
         if sep and "=" in coords:
             raise ConfigError(f"--layout entry {entry!r} has more than one '='")
+        if not sep and re.search(r"[\d.]+\s*,", phrase):
+            raise ConfigError(f"--layout entry {entry!r} is malformed; expected "
+                              "'phrase=x0,y0,x1,y1' (or a phrase alone for a predicted box)")
         box_list = boxes.setdefault(phrase, [])
         if not sep:
             continue  # a phrase without a box: boxes from the layout model

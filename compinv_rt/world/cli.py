@@ -85,7 +85,8 @@ def train(
     gate_threshold: float = typer.Option(0.90, help="VAE gate: judge's exact-object-set accuracy on reconstructions."),
     ckpt_every: int = typer.Option(200, help="Checkpoint every N steps."),
     snapshot_every: int = typer.Option(1000, help="Keep an EMA snapshot every N UNet steps."),
-    threads: int = typer.Option(1, help="torch CPU threads (1 is fastest when the CPU is shared)."),
+    threads: int = typer.Option(1, help="torch CPU threads per process (1 is fastest when the CPU is shared)."),
+    procs: int = typer.Option(1, help="Data-parallel processes for the UNet stage (batch = procs x unet-batch)."),
     seed: int = typer.Option(0, help="Seed of everything."),
     tiny: bool = typer.Option(False, help="Tiny architecture and data (smoke tests)."),
     judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
@@ -102,11 +103,12 @@ def train(
     if bad:
         raise ConfigError(f"unknown stage(s) {', '.join(bad)}; expected some of {', '.join(STAGES)}")
     for name, v in (("--vae-steps", vae_steps), ("--unet-steps", unet_steps), ("--unet-batch", unet_batch),
-                    ("--cache-scenes", cache_scenes), ("--threads", threads), ("--ckpt-every", ckpt_every)):
+                    ("--cache-scenes", cache_scenes), ("--threads", threads), ("--procs", procs),
+                    ("--ckpt-every", ckpt_every)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")
     cfg = RecipeConfig(
-        run_dir=str(run_dir), arch=TINY_ARCH if tiny else ArchConfig(), seed=seed, threads=threads,
+        run_dir=str(run_dir), arch=TINY_ARCH if tiny else ArchConfig(), seed=seed, threads=threads, procs=procs,
         vae_steps=vae_steps, unet_steps=unet_steps, unet_batch=min(unet_batch, 4) if tiny else unet_batch,
         unet_lr=unet_lr,
         cache_scenes=cache_scenes, gate_threshold=gate_threshold, ckpt_every=ckpt_every,

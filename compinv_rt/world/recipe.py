@@ -47,6 +47,7 @@ class RecipeConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     seed: int = 0
     threads: int = 1
+    procs: int = 1  # data-parallel CPU processes for the UNet stage (effective batch procs * unet_batch)
     world: WorldConfig = field(default_factory=WorldConfig)
     # VAE
     vae_steps: int = 1500
@@ -373,15 +374,71 @@ def _alphas_cumprod():
     return build_scheduler().alphas_cumprod
 
 
+def _dp_worker(cfg_json: dict, rank: int, world: int, addr: str, steps: int | None) -> None:
+    """A data-parallel helper process (rank >= 1): same loop, no progress, no writes."""
+    logging.basicConfig(level=logging.WARNING)
+    train_unet(RecipeConfig.from_json(cfg_json), None, steps, rank=rank, world=world, addr=addr)
+
+
+def train_unet_parallel(cfg: RecipeConfig, procs: int, progress: Progress | None = None,
+                        steps: int | None = None) -> dict:
+    """Data-parallel training over `procs` CPU processes (gloo all-reduce of gradients), each with
+    `cfg.threads` threads: on a shared 2-core machine two 1-thread processes beat one 2-thread one.
+    The effective batch is procs * unet_batch; rank 0 (this process) reports and writes."""
+    import multiprocessing as mp
+    import socket
+
+    if procs <= 1:
+        return train_unet(cfg, progress, steps)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    addr = f"tcp://127.0.0.1:{port}"
+    ctx = mp.get_context("spawn")
+    workers = [ctx.Process(target=_dp_worker, args=(json.loads(json.dumps(cfg.to_json())), r, procs, addr, steps),
+                           daemon=True) for r in range(1, procs)]
+    for w in workers:
+        w.start()
+    try:
+        result = train_unet(cfg, progress, steps, rank=0, world=procs, addr=addr)
+    finally:
+        for w in workers:
+            w.join(timeout=60)
+            if w.is_alive():
+                w.terminate()
+    return result
+
+
+def _allreduce_grads(params, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[off:off + n].view_as(p).clone()
+        off += n
+
+
 def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int | None = None,
-               stop: Callable[[], bool] | None = None) -> dict:
-    """Train (or resume) UNet + text encoder on the latent cache up to `steps`."""
+               stop: Callable[[], bool] | None = None, rank: int = 0, world: int = 1,
+               addr: str | None = None) -> dict:
+    """Train (or resume) UNet + text encoder on the latent cache up to `steps`.
+
+    With world > 1 this is one rank of a data-parallel group (see `train_unet_parallel`)."""
     import copy
 
     import torch
+    import torch.distributed as dist
     import torch.nn.functional as F
 
     torch.set_num_threads(cfg.threads)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=addr, rank=rank, world_size=world)
     run = Path(cfg.run_dir)
     cache = run / "latents.safetensors"
     if not cache.is_file():
@@ -421,8 +478,13 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
     t0 = time.time()
     ema_params = list(ema_u.parameters()) + list(ema_t.parameters())
     run_loss = None
+    writer = rank == 0
+    if world > 1:  # identical start on every rank
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, 0)
     for step in range(start, total):
-        gen, rng = _step_rng(cfg.seed, "unet", step)
+        gen, rng = _step_rng(cfg.seed + 7777 * rank, "unet", step)
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
         caps = [caption_for(records[i], rng, cfg.size_word_prob) for i in idx.tolist()]
         ids = tokens(caps)
@@ -442,9 +504,17 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
         loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            _allreduce_grads(params, world)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         done = step + 1
+        if world > 1 and done % 200 == 0:  # guard against drift between ranks
+            with torch.no_grad():
+                for p in params:
+                    dist.broadcast(p.data, 0)
+        if not writer:
+            continue
         d = min(cfg.ema_decay, (1 + done) / (10 + done))
         with torch.no_grad():
             for pe, p in zip(ema_params, params):
@@ -454,7 +524,7 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
             progress("unet", done, total, {"loss": run_loss, "s_per_step": (time.time() - t0) / (done - start)})
         if done % 100 == 0:
             history.append([done, round(run_loss, 5), round(time.time() - t0, 1)])
-        last = done == total or (stop is not None and stop())
+        last = done == total or (world == 1 and stop is not None and stop())
         if done % cfg.ckpt_every == 0 or last:
             ot, groups = _opt_tensors(opt)
             tensors = {**_prefixed("unet.", unet), **_prefixed("text.", text),
@@ -467,7 +537,10 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
                           {"step": done, "scaling_factor": scale})
         if last and done != total:
             break
-    return {"steps": done if total > start else start, "history": history}
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"steps": total if total > start else start, "history": history}
 
 
 def list_snapshots(cfg: RecipeConfig) -> list[Path]:
@@ -529,7 +602,7 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES, progress: Progress | None = Non
     if "cache" in stages:
         build_cache(cfg, progress)
     if "unet" in stages:
-        result["unet"] = train_unet(cfg, progress)
+        result["unet"] = train_unet_parallel(cfg, cfg.procs, progress)
     if "export" in stages:
         result["export"] = str(export_snapshot(cfg, out_dir or run / "model"))
     return result

@@ -350,14 +350,15 @@ def render_background(name: str, size: int, rng: np.random.Generator) -> np.ndar
 
 def pattern_mask(pattern: str, size: int, rng: np.random.Generator, scale: float) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    # coarse enough (period 9 px at 64 px) for a factor-4 VAE to keep them
     if pattern == "dotted":
-        p = max(4.0, 6.0 * scale)
+        p = max(6.0, 9.0 * scale)
         ox, oy = rng.uniform(0, p, 2)
         dx = ((xx + ox) % p) - p / 2
         dy = ((yy + oy) % p) - p / 2
-        return np.clip(1.6 * scale + 0.5 - np.sqrt(dx * dx + dy * dy), 0, 1)
+        return np.clip(2.4 * scale + 0.5 - np.sqrt(dx * dx + dy * dy), 0, 1)
     if pattern == "striped":
-        p = max(4.0, 6.0 * scale)
+        p = max(6.0, 9.0 * scale)
         o = rng.uniform(0, p)
         v = ((xx + yy + o) % p) / p
         return ((v > 0.5)).astype(np.float32)

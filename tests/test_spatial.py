@@ -1,0 +1,399 @@
+"""Spatial inversion: layouts, token lookup, bias maps, guidance, heatmaps, the layout model, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from compinv_rt.cli import app
+from compinv_rt.errors import ArtifactError, ConfigError
+from compinv_rt.spatial.bias_maps import MAX_STRENGTH, bias_batch, bias_map, region_mask, resolve_steps
+from compinv_rt.spatial.layouts import (
+    REFERENCE_BOXES,
+    LayoutSource,
+    concept_phrases,
+    concept_tokens,
+    parse_layout,
+    resolve_layout,
+    token_positions,
+)
+
+runner = CliRunner()
+PROMPT = "a red star and a blue circle on grass"
+LAYOUT = "red star=0.1,0.2,0.5,0.8;blue circle=0.6,0.2,0.95,0.8"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    from compinv_rt.models.loading import load_model
+
+    return load_model(str(tiny_model), device="cpu")
+
+
+# --- layouts and tokens --------------------------------------------------------------------
+
+
+def test_parse_layout_forms():
+    assert parse_layout(None).kind == "none" and parse_layout("none").kind == "none"
+    assert parse_layout("auto").kind == "auto" and parse_layout("auto").needs_boxes
+    spec = parse_layout("red star = 0.1,0.2,0.5,0.8; blue  circle=0.6,0.2,0.95,0.8;red star=0,0,0.1,0.1")
+    assert [r.phrase for r in spec.regions] == ["red star", "blue circle"]
+    assert spec.regions[0].boxes == ((0.1, 0.2, 0.5, 0.8), (0.0, 0.0, 0.1, 0.1))  # two boxes
+    assert not spec.needs_boxes
+    assert parse_layout("red star;blue circle").needs_boxes  # phrases only: boxes from the model
+
+
+@pytest.mark.parametrize("text, message", [
+    ("star=0.1,0.2,0.5", "4 numbers"),
+    ("star=a,b,c,d", "4 comma-separated numbers"),
+    ("=0,0,1,1", "no phrase"),
+    ("star=0,0,1,1;;circle=0,0,1,1", "empty entry"),
+    ("star=0,0,1,1=2", "more than one"),
+    ("star=0,0,1.5,1", "outside [0, 1]"),
+    ("star=-0.1,0,1,1", "outside [0, 1]"),
+    ("star=0.5,0,0.2,1", "inverted"),
+    ("star=0.2,0.3,0.4,0.3", "inverted"),
+    ("a;b;c;d;e", "at most 4"),
+    ("star 0.1,0.2,0.5,0.8", "malformed"),
+    ("star=0,0,1,1;circle", "for some phrases but not"),
+])
+def test_parse_layout_rejects(text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_layout(text)
+
+
+def test_token_positions_multi_token_and_repeats(tokenizer):
+    assert token_positions(tokenizer, PROMPT, "red star") == [2, 3]
+    assert token_positions(tokenizer, PROMPT, "Blue Circle") == [6, 7]  # tokenizer lower-cases
+    assert token_positions(tokenizer, PROMPT, "grass") == [9]
+    # a phrase named twice finds its next occurrence; words inside other words do not match
+    assert concept_tokens(tokenizer, "a star and a star", ["star", "star"]) == [[2], [5]]
+    with pytest.raises(ConfigError, match="not in the prompt"):
+        token_positions(tokenizer, "a red stars on grass", "red star")
+    with pytest.raises(ConfigError, match="not in the prompt"):
+        token_positions(tokenizer, PROMPT, "green square")
+    long = " ".join(["word"] * 80) + " cat"
+    with pytest.raises(ConfigError, match="token limit"):
+        token_positions(tokenizer, long, "cat")
+
+
+def test_token_positions_follow_added_multi_vector_tokens(tiny_model):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    tok.add_tokens(["<c>", "<c>_1", "<c>_2"])
+    prompt = "a photo of <c> <c>_1 <c>_2 cat and a dog"
+    pos = token_positions(tok, prompt, "<c> <c>_1 <c>_2 cat")
+    assert len(pos) == 4 and pos == list(range(pos[0], pos[0] + 4))
+    assert tok.convert_ids_to_tokens(tok(prompt).input_ids[pos[0]:pos[0] + 3]) == ["<c>", "<c>_1", "<c>_2"]
+
+
+def test_concept_phrases_and_fixed_boxes(tokenizer):
+    assert concept_phrases("a photo of a cat and a dog on grass") == ["cat", "dog"]
+    assert concept_phrases("A red star, a blue circle and a green heart in the sky") == [
+        "red star", "blue circle", "green heart"]
+    layout = resolve_layout(parse_layout("auto"), tokenizer, PROMPT)
+    assert layout.source is LayoutSource.fixed
+    assert [c.boxes[0] for c in layout.concepts] == list(REFERENCE_BOXES)
+    assert [c.tokens for c in layout.concepts] == [(2, 3), (6, 7)]
+    with pytest.raises(ConfigError, match="at most 4"):
+        resolve_layout(parse_layout("auto"), tokenizer, "a cat, a dog, a cow, a pig and a hen")
+
+
+# --- bias maps -----------------------------------------------------------------------------
+
+
+def test_bias_map_values(tokenizer):
+    layout = resolve_layout(parse_layout("red star=0,0,0.5,1;blue circle=0.5,0,1,0.5"), tokenizer, PROMPT)
+    bias = bias_map(layout, 3.0, 16, 16)
+    assert bias.shape == (77, 16, 16)
+    for p in (2, 3):
+        assert (bias[p, :, :8] == 3.0).all() and (bias[p, :, 8:] == -3.0).all()
+    for p in (6, 7):
+        assert (bias[p, :8, 8:] == 3.0).all() and (bias[p, 8:, :] == -3.0).all()
+        assert (bias[p, :, :8] == -3.0).all()
+    others = [p for p in range(77) if p not in (2, 3, 6, 7)]
+    assert (bias[others] == 0).all()
+    # partial cells get the covered fraction: half a cell in -> 0
+    assert region_mask([(0, 0, 0.5 / 16, 1)], 16, 16)[0, 0].item() == pytest.approx(0.5)
+    batch = bias_batch([layout, None], 3.0, 16, 16)
+    assert batch.shape == (2, 77, 16, 16) and (batch[1] == 0).all()
+    assert bias_batch([None, None], 3.0, 16, 16) is None
+
+
+def test_bias_is_finite_in_fp16_at_max_strength(tokenizer, loaded):
+    from compinv_rt.spatial.attention import bias_for_layer
+
+    layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
+    bias = bias_map(layout, MAX_STRENGTH, 16, 16, dtype=torch.float16)
+    assert bias.dtype == torch.float16 and torch.isfinite(bias).all()
+    assert torch.isfinite(bias_for_layer(bias[None], 16)).all()  # pooled to 4x4
+    with pytest.raises(ConfigError, match="bias-strength"):
+        bias_map(layout, MAX_STRENGTH * 2, 16, 16)
+    with pytest.raises(ConfigError, match="bias-strength"):
+        bias_map(layout, float("nan"), 16, 16)
+    # a half-precision UNet step with the strongest bias stays finite
+    from compinv_rt.spatial.attention import BiasedUNet
+    import copy
+
+    unet = BiasedUNet(copy.deepcopy(loaded.unet).to(torch.float16))
+    with torch.no_grad():
+        out = unet(torch.randn(1, 4, 16, 16, dtype=torch.float16), torch.tensor([500]),
+                   torch.randn(1, 77, 64, dtype=torch.float16), bias[None])
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("value, total, expected", [
+    ("0.2", 50, 10), ("0.25", 10, 2), ("1.0", 25, 25), ("0", 25, 0), ("10", 50, 10), ("80", 50, 50),
+    ("0.5", 7, 4),
+])
+def test_bias_steps_fraction_or_count(value, total, expected):
+    assert resolve_steps(value, total) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "ten", "nan"])
+def test_bias_steps_rejects(value):
+    with pytest.raises(ConfigError, match="bias-steps"):
+        resolve_steps(value, 50)
+
+
+def test_denoise_biases_only_the_conditional_half_and_first_steps():
+    from diffusers import DDIMScheduler
+
+    from compinv_rt.runtime.denoise import denoise
+
+    seen = []
+
+    def fake_unet(sample, t, context, bias):
+        seen.append(None if bias is None else bias.clone())
+        return torch.zeros_like(sample)
+
+    sched = DDIMScheduler()
+    sched.set_timesteps(6)
+    bias = torch.full((2, 77, 4, 4), 2.0)
+    hooked = []
+    denoise(fake_unet, sched, torch.randn(2, 4, 4, 4), torch.randn(2, 77, 8), torch.randn(2, 77, 8), 7.5,
+            attention_bias=bias, bias_steps=2,
+            latent_hook=lambda i, t, x, c, s: hooked.append(i) or x)
+    assert [b is not None for b in seen] == [True, True, False, False, False, False]
+    assert (seen[0][:2] == 0).all() and (seen[0][2:] == 2.0).all()  # [uncond; cond]
+    assert hooked == list(range(6))
+
+
+# --- attention capture, bias effect, guidance ----------------------------------------------
+
+
+def _cross_layer(unet):
+    from compinv_rt.spatial.capture import cross_attention_layers
+
+    name, attn = next(iter(cross_attention_layers(unet).items()))
+    return name, attn
+
+
+def test_capture_processor_matches_bias_processor(loaded):
+    from compinv_rt.spatial.attention import BiasAttnProcessor
+    from compinv_rt.spatial.capture import CaptureAttnProcessor
+
+    _, attn = _cross_layer(loaded.unet)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, attn.to_q.in_features, generator=g)
+    ctx = torch.randn(2, 77, 64, generator=g)
+    bias = torch.randn(2, 77, 16, 16, generator=g) * 3
+    probs = []
+    cap = CaptureAttnProcessor("layer", lambda name, p: probs.append(p))
+    with torch.no_grad():
+        for b in (bias, None):
+            ref = BiasAttnProcessor()(attn, x, ctx, attention_bias=b)
+            got = cap(attn, x, ctx, attention_bias=b)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert probs[0].shape == (2, attn.heads, 256, 77)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(2, attn.heads, 256))
+    assert not torch.allclose(probs[0], probs[1])  # the bias really changed the attention
+
+
+def _in_region_share(loaded, backend_bias, tokenizer, steps=4):
+    """Mean attention of the concept tokens inside their boxes / everywhere, with a recorder."""
+    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.spatial.bias_maps import concept_masks
+    from compinv_rt.spatial.heatmaps import AttentionRecorder
+
+    layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
+    rec = AttentionRecorder(1, 16, 16)
+    bias = bias_batch([layout], 3.0, 16, 16) if backend_bias else None
+    Pipeline(loaded).generate([PROMPT], [1], SamplingConfig(steps=steps), attention_bias=bias,
+                              bias_steps=steps, attention_recorder=rec)
+    maps = rec.maps()[0]
+    masks = concept_masks(layout, 16, 16)
+    share = [(maps[list(c.tokens)] * m).sum() / maps[list(c.tokens)].sum()
+             for c, m in zip(layout.concepts, masks)]
+    return torch.stack(share)
+
+
+def test_bias_moves_concept_attention_into_its_region(loaded, tokenizer):
+    plain = _in_region_share(loaded, False, tokenizer)
+    biased = _in_region_share(loaded, True, tokenizer)
+    assert (biased > plain + 0.2).all(), (plain, biased)
+
+
+def test_guidance_lowers_the_layout_loss_and_only_early(loaded, tokenizer):
+    from diffusers import DDIMScheduler
+
+    from compinv_rt.runtime.backends import TorchBackend
+    from compinv_rt.runtime.pipeline import Pipeline
+    from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance, step_size
+
+    layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
+    backend = TorchBackend(loaded.unet)
+    guide = LayoutGuidance(backend.module, [layout, None], (16, 16),
+                           GuidanceConfig(steps=1, iterations=3, threshold=0.0, scale=3000.0))
+    assert guide.layers == ["mid_block.attentions.0.transformer_blocks.0.attn2",
+                            "up_blocks.1.attentions.0.transformer_blocks.0.attn2"]
+    sched = DDIMScheduler.from_config(loaded.files.scheduler_config)
+    sched.set_timesteps(10)
+    cond = Pipeline(loaded, backend).encode_prompts([PROMPT] * 2)
+    x = torch.randn(2, 4, 16, 16)
+    with torch.inference_mode():  # as inside the pipeline
+        out = guide(0, sched.timesteps[0], x, cond, sched)
+        assert torch.equal(guide(1, sched.timesteps[1], x, cond, sched), x)  # past its steps
+    losses = [h["loss"][0] for h in guide.history]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert all(h["loss"][1] == 0 for h in guide.history)  # no layout, no loss
+    assert not torch.equal(out[0], x[0]) and torch.equal(out[1], x[1])
+    assert 0 < step_size(sched, sched.timesteps[0], x) < 1  # VP latents: 1 - alpha_bar
+
+
+# --- the layout model ----------------------------------------------------------------------
+
+
+def _synthetic(words, boxes):
+    from compinv_rt.spatial.layout_model import LayoutExample
+
+    return [LayoutExample(f"a {a} and a {b}", (a, b), (boxes[a], boxes[b]))
+            for a in words for b in words if a != b]
+
+
+def test_layout_model_learns_boxes_from_concept_tokens_and_round_trips(loaded, tmp_path):
+    from compinv_rt.spatial import layout_model as lm
+
+    words = ["cat", "dog", "cow", "pig", "hen", "fox", "owl", "bee"]
+    g = torch.Generator().manual_seed(0)
+    boxes = {}
+    for w in words:  # each word has its own box
+        x0, y0 = (torch.rand(2, generator=g) * 0.5).tolist()
+        boxes[w] = (x0, y0, x0 + 0.45, y0 + 0.45)
+    data = _synthetic(words, boxes)
+    held = {("cat", "dog"), ("pig", "owl"), ("bee", "fox"), ("hen", "cow"), ("dog", "bee")}
+    train = [e for e in data if e.phrases not in held]
+    test = [e for e in data if e.phrases in held]
+    net = lm.fit(train, loaded.tokenizer, loaded.text_encoder, lm.FitConfig(epochs=150, batch=16, lr=3e-3))
+    res = lm.evaluate(net, test, loaded.tokenizer, loaded.text_encoder)
+    assert res["mean_iou"] > 0.6 and res["mean_iou"] > res["fixed_boxes_iou"] + 0.2, res
+
+    lm.save(net, tmp_path / "lm", {"source": "test"})
+    assert json.loads((tmp_path / "lm" / lm.CONFIG).read_text())["config"]["hidden"] == 64
+    again, meta = lm.load(tmp_path / "lm")
+    pred = lm.LayoutPredictor(again, loaded.tokenizer, loaded.text_encoder)
+    toks = concept_tokens(loaded.tokenizer, "a cat and a dog", ["cat", "dog"])
+    assert pred("a cat and a dog", toks) == lm.LayoutPredictor(net, loaded.tokenizer,
+                                                              loaded.text_encoder)("a cat and a dog", toks)
+    assert meta["source"] == "test" and not list((tmp_path / "lm").glob(".*tmp"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / lm.WEIGHTS).write_bytes((tmp_path / "lm" / lm.WEIGHTS).read_bytes()[:300])
+    with pytest.raises(ArtifactError, match="corrupt layout model"):
+        lm.load(tmp_path / "bad")
+    with pytest.raises(ArtifactError, match="no layout model"):
+        lm.load(tmp_path / "missing")
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+def _gen(model, out, *extra, prompt=PROMPT):
+    return runner.invoke(app, ["generate", prompt, "--model", str(model), "--out", str(out),
+                               "-n", "2", "--steps", "4", "--seed", "3", *extra])
+
+
+def test_generate_with_bias_layout_and_heatmaps(tiny_model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    plain = _gen(tiny_model, tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    res = _gen(tiny_model, tmp_path / "bias", "--layout", LAYOUT, "--bias-strength", "4",
+               "--bias-steps", "1.0", "--save-attention")
+    assert res.exit_code == 0, res.output
+    meta = json.loads(next((tmp_path / "bias").glob("*_3.json")).read_text())
+    sp = meta["spatial"]
+    assert sp["mode"] == "bias" and sp["regularized_steps"] == 4 and sp["layout"]["source"] == "explicit"
+    assert [c["tokens"] for c in sp["layout"]["concepts"]] == [[2, 3], [6, 7]]
+    assert [s["token"] for s in meta["attention"]["share"]] == PROMPT.split()
+    assert sum(s["share"] for s in meta["attention"]["share"]) == pytest.approx(1, abs=1e-3)
+    heat = tmp_path / "bias" / meta["attention"]["heatmaps"]
+    assert Image.open(heat).size[0] > 128
+    a = np.asarray(Image.open(next((tmp_path / "plain").glob("*_3.png"))), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "bias" / meta["image"]), dtype=np.int16)
+    assert np.abs(a - b).max() > 10  # the bias changed the image
+    assert json.loads(next((tmp_path / "plain").glob("*_3.json")).read_text())["spatial"]["mode"] == "none"
+
+
+def test_generate_guidance_and_layout_model(tiny_model, tmp_path):
+    from compinv_rt.spatial import layout_model as lm
+
+    data = tmp_path / "layouts.jsonl"
+    lm.write_jsonl(data, _synthetic(["star", "circle", "heart"],
+                                    {"star": (0.0, 0.0, 0.5, 0.5), "circle": (0.5, 0.5, 1.0, 1.0),
+                                     "heart": (0.2, 0.2, 0.7, 0.7)}))
+    fit = runner.invoke(app, ["layout", "fit", "--data", str(data), "--model", str(tiny_model),
+                              "--out", str(tmp_path / "lm"), "--epochs", "3"])
+    assert fit.exit_code == 0, fit.output
+    res = _gen(tiny_model, tmp_path / "g", "--spatial", "guidance", "--layout-model", str(tmp_path / "lm"),
+               "--bias-steps", "1", prompt="a star and a circle on grass")
+    assert res.exit_code == 0, res.output
+    sp = json.loads(next((tmp_path / "g").glob("*_3.json")).read_text())["spatial"]
+    assert sp["mode"] == "guidance" and sp["layout"]["source"] == "model"
+    assert sp["regularized_steps"] == 1 and sp["guidance_iterations"] >= 1
+    assert [c["phrase"] for c in sp["layout"]["concepts"]] == ["star", "circle"]
+
+
+def test_layout_fit_from_attention(tiny_model, tmp_path):
+    res = runner.invoke(app, ["layout", "fit", "--from-attention", "--words", "cat,dog",
+                              "--images-per-prompt", "1", "--steps", "2", "--epochs", "2",
+                              "--model", str(tiny_model), "--out", str(tmp_path / "lm")])
+    assert res.exit_code == 0, res.output
+    recovered = (tmp_path / "lm" / "recovered_layouts.jsonl").read_text().splitlines()
+    assert len(recovered) == 2 and json.loads(recovered[0])["phrases"] == ["cat", "dog"]
+    meta = json.loads((tmp_path / "lm" / "layout_model.json").read_text())
+    assert meta["source"] == "attention" and meta["examples"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layout", "red star=0.1,0.2,1.5,0.8"], "outside [0, 1]"),
+    (["--layout", "red star=0.5,0.2,0.1,0.8"], "inverted"),
+    (["--layout", "green square=0.1,0.2,0.5,0.8"], "not in the prompt"),
+    (["--layout", "a;b;c;d;e"], "at most 4"),
+    (["--layout", "red star=0.1,0.2"], "4 numbers"),
+    (["--layout", "red star:0.1,0.2,0.5,0.8"], "malformed"),
+    (["--spatial", "guidance", "--backend", "onnxruntime"], "--backend torch"),
+    (["--save-attention", "--backend", "onnxruntime"], "--backend torch"),
+    (["--spatial", "none", "--layout", LAYOUT], "no effect"),
+    (["--bias-steps", "1.5", "--spatial", "bias"], "fraction"),
+    (["--layout-model", "/nonexistent/lm", "--spatial", "bias"], "does not exist"),
+])
+def test_bad_spatial_input_is_one_clear_line(tiny_model, tmp_path, extra, message):
+    out = tmp_path / "out"
+    res = _gen(tiny_model, out, *extra)
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not out.exists()
