@@ -100,6 +100,7 @@ def run_checks() -> list[Check]:
         _plain("onnx", "onnx", "ONNX export unavailable"),
         _plain("polygraphy", "polygraphy", "graph folding and TensorRT builds unavailable"),
         _tensorrt(),
+        _plain("ray", "ray", "generate --jobs --ray unavailable"),
         _clip_vocab(),
         _default_model(),
     ]

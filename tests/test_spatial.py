@@ -296,7 +296,7 @@ def test_layout_model_learns_boxes_from_concept_tokens_and_round_trips(loaded, t
     held = {("cat", "dog"), ("pig", "owl"), ("bee", "fox"), ("hen", "cow"), ("dog", "bee")}
     train = [e for e in data if e.phrases not in held]
     test = [e for e in data if e.phrases in held]
-    net = lm.fit(train, loaded.tokenizer, loaded.text_encoder, lm.FitConfig(epochs=150, batch=16, lr=3e-3))
+    net = lm.fit(train, loaded.tokenizer, loaded.text_encoder, lm.FitConfig(epochs=150, batch=16))
     res = lm.evaluate(net, test, loaded.tokenizer, loaded.text_encoder)
     assert res["mean_iou"] > 0.6 and res["mean_iou"] > res["fixed_boxes_iou"] + 0.2, res
 

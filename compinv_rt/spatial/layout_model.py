@@ -156,7 +156,7 @@ def _tensors(examples, tokenizer, text_encoder, seq_len=77):
 class FitConfig:
     epochs: int = 60
     batch: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     seed: int = 0
 
 
