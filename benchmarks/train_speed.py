@@ -34,7 +34,8 @@ WARMUP = 3
 
 def model_dir(name: str) -> Path:
     """tiny: the tests' tiny SD (128 px, x8 VAE); world: the shapes-world architecture with random
-    weights (64 px, x4 VAE); embedded: the trained shapes-world model; else a folder."""
+    weights (64 px, x4 VAE); sd15/sd21: real architectures with random weights; embedded: the
+    trained shapes-world model; else a folder."""
     from compinv_rt.models.architectures import save_model, tiny_components
 
     if name == "tiny":
@@ -51,6 +52,13 @@ def model_dir(name: str) -> Path:
             torch.manual_seed(0)
             arch = ArchConfig()
             export_model(build_vae(arch), build_unet(arch), build_text_encoder(arch), d, fp16=False)
+        return d
+    if name in ("sd15", "sd21"):  # architecture-true, random weights (speed only)
+        from compinv_rt.models.architectures import sd_components
+
+        d = CACHE / name
+        if not (d / "model_index.json").exists():
+            save_model(sd_components(name), d)
         return d
     if name == "embedded":
         from compinv_rt.models.embedded import default_model_dir
@@ -128,12 +136,13 @@ def baseline(model: Path, photos: Path, token: str, steps: int, batch: int, size
     return times
 
 
-def ours(model: Path, photos: Path, token: str, steps: int, batch: int, lr: float, seed: int,
-         anchor_weight: float) -> tuple[list[float], float]:
+def ours(model: Path, photos: Path, token: str, steps: int, batch: int, size: int, lr: float,
+         seed: int, anchor_weight: float) -> tuple[list[float], float]:
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept
 
     cfg = TrainConfig(token=token, class_word="heart", steps=steps, batch=batch, lr=lr,
+                      resolution=size,
                       scale_lr=False, seed=seed, checkpoint_every=steps,
                       anchor_weight=anchor_weight)
     stamps = []
@@ -153,6 +162,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resolution", type=int, default=None, help="default: the model's size")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,7 +171,7 @@ def main() -> None:
     from compinv_rt.world.photos import make_photos
 
     model = model_dir(args.model)
-    size = inspect_model_dir(model).default_size
+    size = args.resolution or inspect_model_dir(model).default_size
     photos = CACHE / f"photos-{size}"
     if not photos.exists():
         make_photos(photos, count=8, size=size)
@@ -169,7 +179,8 @@ def main() -> None:
     for r in range(args.rounds):
         runs["baseline"] += baseline(model, photos, f"<b{r}>", args.steps, args.batch, size,
                                      args.lr, r)[WARMUP:]
-        times, setup = ours(model, photos, f"<o{r}>", args.steps, args.batch, args.lr, r, 0.95)
+        times, setup = ours(model, photos, f"<o{r}>", args.steps, args.batch, size, args.lr, r,
+                            0.95)
         runs["ours"] += times[WARMUP:]
         runs["ours_setup_s"].append(round(setup, 3))
         print(f"round {r}: baseline {statistics.median(runs['baseline']):.4f} s/step, "

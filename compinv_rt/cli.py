@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from compinv_rt.export.iospec import Precision
-from compinv_rt.export.manifest import EngineFormat
+from compinv_rt.export.manifest import EngineFormat, ExportTarget
 from compinv_rt.export.onnx_export import OnnxExporter
 from compinv_rt.runtime.registry import BackendName
 from compinv_rt.runtime.schedulers import SchedulerName
@@ -216,7 +216,9 @@ def _int_list(text: str, option: str) -> list[int]:
 @app.command()
 @user_errors
 def export(
-    format: EngineFormat = typer.Option(..., "--format", help="Artifact to build."),
+    format: ExportTarget = typer.Option(
+        ..., "--format", help="Artifact to build; triton = a Triton model repository around the "
+        "TensorRT plan (on CUDA with TensorRT) or else the ONNX engine."),
     model: Optional[str] = typer.Option(None, help="Local diffusers SD 1.x/2.x folder (default: embedded)."),
     precision: Precision = typer.Option(Precision.fp32, help="Weights and activations precision."),
     batch_sizes: str = typer.Option("1,2,4,8", help="Image batch sizes: one static bucket each."),
@@ -239,6 +241,13 @@ def export(
     from compinv_rt.runtime.registry import ExportOptions
 
     profiles = batch_profiles(_int_list(batch_sizes, "--batch-sizes"), dynamic)
+    target = format
+    if target is ExportTarget.triton:
+        from compinv_rt.export.build import tensorrt_usable
+
+        format = EngineFormat.tensorrt if tensorrt_usable(device) else EngineFormat.onnx
+    else:
+        format = EngineFormat(target.value)
     if format is not EngineFormat.aoti:
         check_opset(exporter, opset)
     files = inspect_model_dir(resolve_model_dir(model))
@@ -254,6 +263,12 @@ def export(
     engine_dir, reused = export_engine(format, loaded, spec, profiles, out, options, force=force,
                                        on_status=lambda msg: typer.echo(msg, err=True))
     typer.echo(f"{'reused' if reused else 'built'} {format.value} engine: {engine_dir}")
+    if target is ExportTarget.triton:
+        from compinv_rt.export.triton import write_triton_repository
+
+        model_dir = write_triton_repository([engine_dir], out / "triton")
+        typer.echo(f"Triton model repository: {model_dir.parent} (model '{model_dir.name}', "
+                   f"{format.value}); the denoising-loop model is described in docs/scale-out.md")
 
 
 @app.command()

@@ -297,3 +297,40 @@ def test_tensorrt_engine_matches_torch(tiny_model, tmp_path):
     ref = _images(tiny_model, "torch", _bias(), tmp_path)
     got = _images(tiny_model, "tensorrt", _bias(), tmp_path)
     assert np.abs(got - ref).max() <= 4  # fp32 engine built with TF32 allowed
+
+
+def test_triton_repository_from_onnx_engine(onnx_engine, tmp_path):
+    from compinv_rt.export.triton import write_triton_repository
+
+    model_dir = write_triton_repository([onnx_engine], tmp_path / "repo")
+    cfg = (model_dir / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in cfg
+    for line in ('name: "sample" data_type: TYPE_FP32 dims: [ -1, 4, 16, 16 ]',
+                 'name: "timestep" data_type: TYPE_FP32 dims: [ -1 ]',
+                 'name: "encoder_hidden_states" data_type: TYPE_FP32 dims: [ -1, 77, 64 ]',
+                 'name: "attention_bias" data_type: TYPE_FP32 dims: [ -1, 77, 16, 16 ]',
+                 'name: "noise_pred" data_type: TYPE_FP32 dims: [ -1, 4, 16, 16 ]'):
+        assert line in cfg
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (onnx_engine / "unet.onnx").read_bytes()
+
+
+def test_triton_repository_maps_plans_to_compute_capabilities(onnx_engine, tmp_path):
+    """TensorRT plans of one model for two GPUs -> cc_model_filenames (plans are opaque bytes here)."""
+    from compinv_rt.export.triton import write_triton_repository
+
+    engines = []
+    for sm in ("90", "80"):
+        d = tmp_path / f"trt{sm}"
+        d.mkdir()
+        m = json.loads((onnx_engine / "manifest.json").read_text())
+        m.update(format="tensorrt", device=f"cuda-sm{sm}")
+        m["io"]["precision"] = "fp16"
+        (d / "manifest.json").write_text(json.dumps(m))
+        (d / "unet.plan").write_bytes(sm.encode())
+        engines.append(d)
+    model_dir = write_triton_repository(engines, tmp_path / "repo")
+    cfg = (model_dir / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in cfg and "graphs: true" in cfg
+    assert '{ key: "9.0" value: "model_sm90.plan" }' in cfg and '{ key: "8.0" value: "model_sm80.plan" }' in cfg
+    assert "TYPE_FP16 dims: [ -1, 4, 16, 16 ]" in cfg and 'name: "timestep" data_type: TYPE_FP32' in cfg
+    assert (model_dir / "1" / "model_sm80.plan").read_bytes() == b"80"

@@ -25,6 +25,16 @@ def require_tensorrt():
         ) from None
 
 
+def tensorrt_usable(device: str = "auto") -> bool:
+    try:
+        require_tensorrt()
+    except BackendUnavailable:
+        return False
+    import torch
+
+    return torch.cuda.is_available() and (device == "auto" or str(device).startswith("cuda"))
+
+
 def engine_request(fmt: EngineFormat, model, spec: UNetIOSpec, profiles: list[BatchProfile],
                    options: dict) -> EngineRequest:
     from compinv_rt.models.loading import content_hash

@@ -29,6 +29,15 @@ class EngineFormat(str, Enum):
     aoti = "aoti"
 
 
+class ExportTarget(str, Enum):
+    """What `compinv-rt export --format` builds: an engine format, or a Triton repository."""
+
+    onnx = "onnx"
+    tensorrt = "tensorrt"
+    aoti = "aoti"
+    triton = "triton"
+
+
 def _version(dist: str) -> str | None:
     import importlib.metadata
 

@@ -1,0 +1,78 @@
+"""A Triton Inference Server model repository for the UNet engine.
+
+The UNet is served as-is: an ONNX engine with `platform: "onnxruntime_onnx"`, a TensorRT plan with
+`platform: "tensorrt_plan"` (per-GPU plans via `cc_model_filenames`, CUDA graphs on). The IO
+section comes from the same IO spec as every other artifact. The denoising loop that calls it
+(text encoder with concept tokens, scheduler, VAE) belongs in a Python/BLS model: see
+docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from compinv_rt.errors import ConfigError
+from compinv_rt.export.iospec import INPUTS, OUTPUTS, UNetIOSpec
+from compinv_rt.export.manifest import read_manifest
+
+_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+
+
+def config_pbtxt(name: str, platform: str, spec: UNetIOSpec, max_unet_batch: int,
+                 cc_files: dict[str, str] | None = None) -> str:
+    """The model configuration. Batch is an explicit (-1) dimension, as in the engine."""
+
+    def tensor(n):
+        dims = ", ".join(str(d) for d in (-1, *spec.shapes(1)[n][1:]))
+        dtype = _TYPES[str(spec.dtype(n)).removeprefix("torch.")]
+        return f'  {{ name: "{n}" data_type: {dtype} dims: [ {dims} ] }}'
+
+    lines = [f'name: "{name}"', f'platform: "{platform}"', "max_batch_size: 0",
+             "input [", ",\n".join(tensor(n) for n in INPUTS), "]",
+             "output [", ",\n".join(tensor(n) for n in OUTPUTS), "]"]
+    if cc_files:
+        entries = ",\n".join(f'  {{ key: "{k}" value: "{v}" }}' for k, v in sorted(cc_files.items()))
+        lines += ["cc_model_filenames [", entries, "]"]
+    lines.append("instance_group [ { count: 1 kind: KIND_GPU } ]" if platform == "tensorrt_plan"
+                 else "instance_group [ { count: 1 kind: KIND_AUTO } ]")
+    if platform == "tensorrt_plan":
+        lines.append("optimization { cuda { graphs: true } }")
+    lines.append(f"# UNet batch = 2 x images with classifier-free guidance; largest profile: {max_unet_batch}")
+    return "\n".join(lines) + "\n"
+
+
+def write_triton_repository(engine_dirs: list[Path], repo: Path, name: str = "unet") -> Path:
+    """Place one or more engines of the same model into `repo/<name>/`: an ONNX engine, or
+    TensorRT plans for different GPUs (one file per compute capability)."""
+    from compinv_rt.outputs import atomic_write_text
+
+    manifests = [(Path(d), read_manifest(d)) for d in engine_dirs]
+    formats = {m["format"] for _, m in manifests}
+    if len(formats) != 1 or formats & {"aoti"}:
+        raise ConfigError("a Triton model takes engines of one format: onnx, or tensorrt plans")
+    if len({m["unet_hash"] for _, m in manifests}) != 1:
+        raise ConfigError("the engines were built from different models")
+    fmt = formats.pop()
+    spec = UNetIOSpec.from_dict(manifests[0][1]["io"])
+    max_batch = max(p["max"] for _, m in manifests for p in m["profiles"])
+    version = repo / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        if len(manifests) != 1:
+            raise ConfigError("pass one ONNX engine (it runs on every GPU)")
+        src = manifests[0][0]
+        shutil.copy2(src / "unet.onnx", version / "model.onnx")
+        if (src / "unet.onnx.data").exists():
+            shutil.copy2(src / "unet.onnx.data", version / "unet.onnx.data")
+        text = config_pbtxt(name, "onnxruntime_onnx", spec, max_batch)
+    else:
+        cc_files = {}
+        for src, m in manifests:
+            sm = m["device"].removeprefix("cuda-sm")  # e.g. "90" -> Triton's key "9.0"
+            key = f"{sm[:-1]}.{sm[-1]}"
+            cc_files[key] = f"model_sm{sm}.plan"
+            shutil.copy2(src / "unet.plan", version / cc_files[key])
+        text = config_pbtxt(name, "tensorrt_plan", spec, max_batch, cc_files)
+    atomic_write_text(repo / name / "config.pbtxt", text)
+    return repo / name
