@@ -27,17 +27,6 @@ WORLD_TEMPLATES = ("a photo of a {}", "photo of a {}", "an image of a {}", "a pi
 METHODS = (("ti", 0.0), ("si", 0.95))
 
 
-def world_vocabulary() -> list[str]:
-    import re
-
-    from compinv_rt.world import scenes as S
-
-    words = set(S.COLOURS) | set(S.SHAPES) | set(S.SIZES) | set(S.POSITIONS) | {"dotted", "striped"}
-    for text in list(S.TEMPLATES) + [p for ps in S.BG_PHRASES.values() for p in ps]:
-        words |= set(re.findall(r"[a-z]+", text.replace("{objs}", "").replace("{bg}", "")))
-    return sorted(words | {"a", "an", "and"})
-
-
 def judge_samples(judge, images, colour, pattern, shape, photo_bg) -> dict:
     js = judge(images)
     n = len(js)
@@ -95,7 +84,7 @@ def main() -> None:
 
     from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
     from compinv_rt.outputs import make_grid, save_png
-    from compinv_rt.train.analysis import analyze, vocabulary_ids
+    from compinv_rt.train.analysis import analyze, shapes_world_vocabulary, vocabulary_ids
     from compinv_rt.train.artifact import read_embedding_file
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept
@@ -107,7 +96,7 @@ def main() -> None:
     judge = load_judge(args.judge)
     base = load_model(str(model), device="cpu")
     table0 = base.text_encoder.get_input_embeddings().weight.detach().clone()
-    vocab_words = world_vocabulary()
+    vocab_words = shapes_world_vocabulary()
     vocab = vocabulary_ids(base.tokenizer, vocab_words)
     results = {"model": str(model), "model_hash": base.hash, "steps": args.steps,
                "batch": args.batch, "samples": args.samples, "sample_steps": args.sample_steps,

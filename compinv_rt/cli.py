@@ -435,6 +435,9 @@ def layout_world_data(
     n: int = typer.Option(4000, "-n", help="Scenes."),
     split: str = typer.Option("train", help="train (scenes the world trains on) or heldout."),
     seed: int = typer.Option(0, help="First scene seed."),
+    positions: bool = typer.Option(
+        False, "--positions", help="Captions state each object's horizontal position (the "
+        "world's own captions never do)."),
 ):
     """Ground-truth layouts from the shapes world (captions + object boxes)."""
     from compinv_rt.errors import ConfigError
@@ -446,7 +449,7 @@ def layout_world_data(
     from compinv_rt.spatial.layout_data import world_examples
     from compinv_rt.spatial.layout_model import write_jsonl
 
-    write_jsonl(out, world_examples(n, split, seed))
+    write_jsonl(out, world_examples(n, split, seed, positions))
     typer.echo(f"wrote {n} {split} layouts to {out}")
 
 

@@ -73,7 +73,7 @@ def generate_to_folder(
         "python": platform.python_version(),
     }
     out = Path(out)
-    heat = _attention_outputs(plan, loaded.tokenizer, prompt, images) if plan.recorder else None
+    heat = _attention_outputs(plan, loaded.tokenizer, text, images) if plan.recorder else None
     pngs, sidecars, heatmaps = [], [], []
     for i, (seed, image) in enumerate(zip(seeds, images)):
         png = save_png(out / f"{stem}_{seed}.png", image)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from compinv_rt.cli import app
 from compinv_rt.errors import ArtifactError, ConfigError
 from compinv_rt.spatial.bias_maps import MAX_STRENGTH, bias_batch, bias_map, region_mask, resolve_steps
+from compinv_rt.spatial.heatmaps import box_from_map
 from compinv_rt.spatial.layouts import (
     REFERENCE_BOXES,
     LayoutSource,
@@ -226,7 +227,8 @@ def _in_region_share(loaded, backend_bias, tokenizer, steps=4):
     """Mean attention of the concept tokens inside their boxes / everywhere, with a recorder."""
     from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
     from compinv_rt.spatial.bias_maps import concept_masks
-    from compinv_rt.spatial.heatmaps import AttentionRecorder
+    from compinv_rt.spatial.heatmaps import AttentionRecorder, box_from_map
+    from compinv_rt.spatial.layout_model import box_iou
 
     layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
     rec = AttentionRecorder(1, 16, 16)
@@ -237,13 +239,25 @@ def _in_region_share(loaded, backend_bias, tokenizer, steps=4):
     masks = concept_masks(layout, 16, 16)
     share = [(maps[list(c.tokens)] * m).sum() / maps[list(c.tokens)].sum()
              for c, m in zip(layout.concepts, masks)]
-    return torch.stack(share)
+    recovered = [box_from_map(maps[list(c.tokens)].mean(0)) for c in layout.concepts]
+    iou = box_iou(torch.tensor(recovered), torch.tensor([c.boxes[0] for c in layout.concepts]))
+    return torch.stack(share), iou
 
 
 def test_bias_moves_concept_attention_into_its_region(loaded, tokenizer):
-    plain = _in_region_share(loaded, False, tokenizer)
-    biased = _in_region_share(loaded, True, tokenizer)
+    """...and the attention-recovery box reader finds the region again from the maps."""
+    plain, plain_iou = _in_region_share(loaded, False, tokenizer)
+    biased, biased_iou = _in_region_share(loaded, True, tokenizer)
     assert (biased > plain + 0.2).all(), (plain, biased)
+    assert (biased_iou > 0.6).all() and (plain_iou < 0.5).all(), (plain_iou, biased_iou)
+
+
+def test_box_from_map_keeps_the_peak_component():
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    blob = torch.exp(-((xx - 4) ** 2 + (yy - 9) ** 2) / 4)  # peak at cell x 4, y 9: 3x3 above 0.5
+    blob[0, 15] = 0.9  # a stray hot cell far away
+    x0, y0, x1, y1 = box_from_map(blob)
+    assert (x0 * 16, y0 * 16, x1 * 16, y1 * 16) == (3, 8, 6, 11)
 
 
 def test_guidance_lowers_the_layout_loss_and_only_early(loaded, tokenizer):

@@ -258,6 +258,22 @@ def test_k_anchors_are_a_sparse_nonnegative_combination():
     assert [r.carries_weight for r in rep] == [True, False, True, False]
 
 
+def test_anchor_term_reaches_the_vectors_in_the_loop(tiny_model, photos, tmp_path):
+    """Weight 0 is plain TI; a huge anchor weight pins the vector near the anchor. (0.95 with the
+    reference normalization is a gentle pull: over a few steps it is close to plain TI.)"""
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.loop import prepare, train_concept
+
+    dist = {}
+    for w in (0.0, 1e5):
+        cfg = TrainConfig(token="<p>", class_word="heart", anchor_weight=w, steps=8, batch=1,
+                          resolution=64, variants=2, checkpoint_every=8)
+        res = train_concept(prepare(cfg, photos, tiny_model), tmp_path / str(w), device="cpu")
+        dist[w] = res.record["anchor_target_distance"]
+        assert res.record["method"] == ("textual-inversion" if w == 0 else "semantic-inversion")
+    assert dist[0.0] > 0.02 and dist[1e5] < 0.3 * dist[0.0], dist
+
+
 def test_auto_k_picks_the_nearest_real_words(tiny_model):
     from compinv_rt.models.loading import load_model
     from compinv_rt.train.anchors import real_word_ids, resolve_anchor_ids
@@ -280,7 +296,7 @@ def test_semantic_inversion_with_auto_anchors_on_v_prediction(tiny_vpred_model, 
     res = runner.invoke(app, ["train", "--images", str(photos), "--token", "<zz-heart>",
                               "--class-word", "heart", "--out", str(out), "--model",
                               str(tiny_vpred_model), "--anchors", "auto:3", "--steps", "3",
-                              "--no-augment", *FAST])
+                              "--grad-accum", "2", "--no-augment", *FAST])
     assert res.exit_code == 0, res.output
     assert "anchors carrying weight:" in res.stdout
     art = json.loads((out / "artifact.json").read_text())
@@ -288,6 +304,7 @@ def test_semantic_inversion_with_auto_anchors_on_v_prediction(tiny_vpred_model, 
     assert [a["word"] for a in art["anchors"]][0] == "heart" and len(art["anchors"]) == 3
     assert art["images"]["variants"] == 3  # --no-augment: the images only
     assert sum(a["coefficient"] for a in art["anchors"]) > 0
+    assert art["effective_lr"] == pytest.approx(5e-3 * 1 * 2)  # lr x batch x grad-accum
 
 
 # ------------------------------------------------------------------------------------------------

@@ -50,12 +50,24 @@ def attention_shares(maps: torch.Tensor, positions: list[int]) -> list[float]:
 
 
 def box_from_map(attn: torch.Tensor, threshold: float = 0.5):
-    """Normalized bounding box of the cells above `threshold` of the map's range ((h, w) map)."""
+    """Normalized box of the region a token attends to, from its (h, w) map: the 4-connected
+    component around the peak of the cells above `threshold` of the map's range (stray hot cells
+    elsewhere do not stretch the box)."""
     a = attn.float()
     a = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12)
-    ys, xs = torch.nonzero(a >= threshold, as_tuple=True)
+    hot = (a >= threshold).tolist()
     h, w = a.shape
-    return (xs.min().item() / w, ys.min().item() / h, (xs.max().item() + 1) / w, (ys.max().item() + 1) / h)
+    peak = int(a.argmax())
+    stack, seen = [divmod(peak, w)], {divmod(peak, w)}
+    while stack:
+        y, x = stack.pop()
+        for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+            if 0 <= ny < h and 0 <= nx < w and hot[ny][nx] and (ny, nx) not in seen:
+                seen.add((ny, nx))
+                stack.append((ny, nx))
+    ys = [y for y, _ in seen]
+    xs = [x for _, x in seen]
+    return (min(xs) / w, min(ys) / h, (max(xs) + 1) / w, (max(ys) + 1) / h)
 
 
 def _colormap(v: np.ndarray) -> np.ndarray:

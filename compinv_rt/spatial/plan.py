@@ -80,7 +80,10 @@ class SpatialPlan:
         d = {**config.as_dict(), "regularized_steps": self.steps,
              "layout": None if self.layout is None else self.layout.to_json()}
         if self.guidance is not None:
-            d["guidance_iterations"] = len(self.guidance.history)
+            hist = self.guidance.history
+            d["guidance_iterations"] = len(hist)
+            if hist:  # the layout loss L_CA per image at the first and the last inner iteration
+                d["guidance_loss"] = {"first": hist[0]["loss"], "last": hist[-1]["loss"]}
         return d
 
 

@@ -196,7 +196,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     from compinv_rt.models.loading import load_model
     from compinv_rt.train import anchors as A
     from compinv_rt.train import tokens as T
-    from compinv_rt.train.analysis import analyze, vocabulary_ids
+    from compinv_rt.train.analysis import analyze, default_vocabulary, vocabulary_ids
     from compinv_rt.train.artifact import SCHEMA_VERSION, FORMAT, write_artifacts
     from compinv_rt.train.data import (DEFAULT_TEMPLATES, build_prompts, encode_variants,
                                        images_hash, make_variants)
@@ -243,6 +243,8 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     # -- resume -------------------------------------------------------------------------------
     start, history = 0, np.zeros((0, len(HISTORY_COLUMNS)), np.float32)
     if resume:
+        for stale in out.rglob(".*.tmp"):  # temp files of writes cut short by a kill
+            stale.unlink(missing_ok=True)
         ck = latest_checkpoint(out)
         if ck is None:
             status("no checkpoint to resume from: starting from step 0")
@@ -309,7 +311,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     reports = A.report(tok, anchor_ids, target)
     with torch.no_grad():
         tgt = target().detach()
-    vocab = vocabulary_ids(tok, analysis_words)
+    vocab = vocabulary_ids(tok, analysis_words or default_vocabulary(plan.files.root))
     analysis = analyze(table0, tok, vectors, tgt, anchor_ids, vocab, seed=cfg.seed)
     seconds = time.perf_counter() - t_start
     tokens = T.placeholder_tokens(cfg.token, cfg.vectors)

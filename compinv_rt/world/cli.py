@@ -265,3 +265,69 @@ def judge_train(
     j.meta = {"heldout_clean": acc, "train_seconds": round(time.time() - t0, 1)}
     j.save(out)
     typer.echo(json.dumps(acc, indent=1))
+
+
+@world_app.command()
+@_user_errors
+def curve(
+    run_dir: Path = typer.Option(Path(".cache/world/run"), help="Training run with EMA snapshots."),
+    k: int = typer.Option(2, "-k", help="Images per prompt."),
+    prompts_per_kind: int = typer.Option(25, help="Held-out prompts per kind."),
+    steps: int = typer.Option(25, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    every: int = typer.Option(1, help="Score every N-th snapshot (the last one always)."),
+    judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
+    out: Path = typer.Option(Path("outputs/world-curve"), help="Folder for curve.json, curve.md, curve.png."),
+):
+    """Learning curve: score every EMA snapshot of a run on the held-out prompts."""
+    import tempfile
+
+    from compinv_rt.errors import ModelError
+    from compinv_rt.world.recipe import RecipeConfig, export_snapshot, list_snapshots
+    from compinv_rt.world.score import ScoreConfig, default_prompts
+    from compinv_rt.world.score import score as run_score
+
+    cfg_file = run_dir / "recipe.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"no training run at {run_dir} (recipe.json missing)")
+    cfg = RecipeConfig.from_json(json.loads(cfg_file.read_text()))
+    snaps = list_snapshots(cfg)
+    if not snaps:
+        raise ModelError(f"no snapshots in {run_dir}/snapshots")
+    chosen = [s for i, s in enumerate(snaps) if i % max(1, every) == 0 or s == snaps[-1]]
+    plist = default_prompts(("single", "two", "novel"), prompts_per_kind, 0)
+    scfg = ScoreConfig(k=k, prompts_per_kind=prompts_per_kind, steps=steps, guidance=guidance)
+    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    for snap in chosen:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = export_snapshot(cfg, Path(tmp) / "model", snap)
+            res = run_score(plist, scfg, model_dir=model, judge_dir=judge)
+        step = int(snap.stem.replace("step", ""))
+        rows.append({"step": step, **{kind: s["exact"] for kind, s in res["summary"].items()},
+                     "samples": {kind: s["samples"] for kind, s in res["summary"].items()},
+                     "detail": res["summary"]})
+        typer.echo(f"step {step}: " + ", ".join(f"{kd} {100 * s['exact']:.1f}%" for kd, s in res["summary"].items()))
+        (out / "curve.json").write_text(json.dumps(rows, indent=1))
+    kinds = [kd for kd in ("single", "two", "novel") if kd in rows[0]]
+    md = ["| step | " + " | ".join(f"{kd} exact" for kd in kinds) + " | samples per kind |",
+          "|---|" + "---|" * (len(kinds) + 1)]
+    for r in rows:
+        md.append(f"| {r['step']} | " + " | ".join(f"{100 * r[kd]:.1f}%" for kd in kinds)
+                  + f" | {r['samples'][kinds[0]]} |")
+    (out / "curve.md").write_text("\n".join(md) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for kd in kinds:
+        ax.plot([r["step"] for r in rows], [100 * r[kd] for r in rows], marker="o", label=kd)
+    ax.set_xlabel("UNet steps")
+    ax.set_ylabel("exact (%)")
+    ax.set_title("held-out prompts, judged")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=120)
+    typer.echo("\n".join(md))
