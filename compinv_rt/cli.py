@@ -84,7 +84,8 @@ def generate(
         "(backward latent guidance, --backend torch only). Default: bias when --layout is given."),
     bias_strength: float = typer.Option(2.0, help="Bias s: +s inside a concept's region, -s outside."),
     bias_steps: str = typer.Option(
-        "0.2", help="Steps that get the bias or guidance: a fraction (0.2) or a count (10)."),
+        "0.2", help="Steps that get the bias or guidance: a fraction (0.2; 1.0 = all) or a "
+        "count (10)."),
     layout_model: Optional[Path] = typer.Option(
         None, help="Layout model folder from `compinv-rt layout fit` for --layout auto "
         "(default: <model>/layout/ if present, else fixed boxes)."),
@@ -112,6 +113,9 @@ def generate(
     if jobs is not None:
         if prompt is not None:
             raise ConfigError("pass either a PROMPT or --jobs FILE, not both")
+        if layout is not None or spatial is not None or save_attention:
+            raise ConfigError("--layout, --spatial and --save-attention apply to one PROMPT; "
+                              "they are not available with --jobs")
         ray_opts = dict(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         return _generate_jobs(jobs, out, model, device, backend, engine, scheduler, max_batch,
                               resume, seed, steps, guidance, ray_opts if ray else None)
@@ -470,7 +474,7 @@ def layout_fit(
     threshold: float = typer.Option(0.5, help="--from-attention: map level (of its range) kept as the box."),
     model: Optional[str] = typer.Option(None, help="Base model folder (default: embedded)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    epochs: int = typer.Option(60, help="Training epochs."),
+    epochs: int = typer.Option(10, help="Training epochs (more overfits a few thousand layouts)."),
     seed: int = typer.Option(0, help="Seed."),
 ):
     """Fit the layout MLP (prompt states + concept tokens -> one box per concept)."""

@@ -53,7 +53,8 @@ def generate_to_folder(
     from compinv_rt.spatial.plan import SpatialConfig, plan_spatial
 
     spatial = spatial or SpatialConfig()
-    plan = plan_spatial(spatial, loaded, pipe.backend, text, len(seeds), config, on_status)
+    plan = plan_spatial(spatial, loaded, pipe.backend, text, len(seeds), config, on_status,
+                        expand=lambda phrase: expand_prompt(phrase, concepts))
     images = pipe.generate([text] * len(seeds), seeds, config,
                            negative_prompts=[negative] * len(seeds), on_step=on_step,
                            **plan.kwargs)

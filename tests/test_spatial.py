@@ -98,6 +98,10 @@ def test_token_positions_follow_added_multi_vector_tokens(tiny_model):
     pos = token_positions(tok, prompt, "<c> <c>_1 <c>_2 cat")
     assert len(pos) == 4 and pos == list(range(pos[0], pos[0] + 4))
     assert tok.convert_ids_to_tokens(tok(prompt).input_ids[pos[0]:pos[0] + 3]) == ["<c>", "<c>_1", "<c>_2"]
+    # a user phrase naming the placeholder covers all its vectors once expanded like the prompt
+    layout = resolve_layout(parse_layout("<c> cat=0,0,0.5,1;dog=0.5,0,1,1"), tok, prompt,
+                            expand=lambda s: s.replace("<c>", "<c> <c>_1 <c>_2"))
+    assert layout.concepts[0].phrase == "<c> cat" and list(layout.concepts[0].tokens) == pos
 
 
 def test_concept_phrases_and_fixed_boxes(tokenizer):
@@ -145,8 +149,9 @@ def test_bias_is_finite_in_fp16_at_max_strength(tokenizer, loaded):
     with pytest.raises(ConfigError, match="bias-strength"):
         bias_map(layout, float("nan"), 16, 16)
     # a half-precision UNet step with the strongest bias stays finite
-    from compinv_rt.spatial.attention import BiasedUNet
     import copy
+
+    from compinv_rt.spatial.attention import BiasedUNet
 
     unet = BiasedUNet(copy.deepcopy(loaded.unet).to(torch.float16))
     with torch.no_grad():
@@ -389,6 +394,15 @@ def test_layout_fit_from_attention(tiny_model, tmp_path):
     assert len(recovered) == 2 and json.loads(recovered[0])["phrases"] == ["cat", "dog"]
     meta = json.loads((tmp_path / "lm" / "layout_model.json").read_text())
     assert meta["source"] == "attention" and meta["examples"] == 2
+
+
+def test_spatial_options_are_refused_with_jobs(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a red star"}\n')
+    res = runner.invoke(app, ["generate", "--jobs", str(jobs), "--out", str(tmp_path / "o"),
+                              "--spatial", "bias"])
+    assert res.exit_code == 1 and res.stderr.startswith("error: ") and "--jobs" in res.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

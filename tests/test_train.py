@@ -321,7 +321,7 @@ def _bad(args, out, expect):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "in-vocab", "anchor", "auto-k",
-                                  "auto-0", "init"])
+                                  "auto-0", "init", "resolution"])
 def test_bad_input(case, tiny_model, photos, tmp_path):
     import shutil
 
@@ -346,9 +346,12 @@ def test_bad_input(case, tiny_model, photos, tmp_path):
         extra = ["--anchors", "auto:0"]
     elif case == "init":
         extra = ["--init-word", "polkadot"]
+    elif case == "resolution":
+        extra = ["--resolution", "72"]
     expect = {"missing": "not found", "empty": "no images", "corrupt": "corrupt image",
               "in-vocab": "already in the tokenizer's vocabulary", "anchor": "unknown anchor word",
-              "auto-k": "auto:K", "auto-0": "auto:K", "init": "unknown init word"}[case]
+              "auto-k": "auto:K", "auto-0": "auto:K", "init": "unknown init word",
+              "resolution": "not a multiple of 16"}[case]
     _bad(["--images", str(images), "--token", token, "--class-word", "heart", "--model",
           str(tiny_model), *extra], tmp_path / "out", expect)
 
@@ -360,6 +363,20 @@ def test_non_empty_out_needs_resume(tiny_model, photos, tmp_path):
     res = runner.invoke(app, ["train", "--images", str(photos), "--token", TOKEN, "--class-word",
                               "heart", "--model", str(tiny_model), "--out", str(out)])
     assert res.exit_code == 1 and "--resume" in res.stderr
+
+
+def test_resume_refuses_a_different_config(trained, photos, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained.out, out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    res = runner.invoke(app, ["train", "--images", str(photos), "--token", TOKEN, "--class-word",
+                              "heart", "--model", str(trained.model.root), "--out", str(out),
+                              "--vectors", "2", "--steps", "4", "--batch", "2", "--resolution", "64",
+                              "--variants", "2", "--lr", "0.001", "--resume"])
+    assert res.exit_code == 1 and "different lr" in res.stderr, res.output
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 # ------------------------------------------------------------------------------------------------

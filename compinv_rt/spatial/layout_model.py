@@ -154,7 +154,7 @@ def _tensors(examples, tokenizer, text_encoder, seq_len=77):
 
 @dataclass(frozen=True)
 class FitConfig:
-    epochs: int = 60
+    epochs: int = 10
     batch: int = 64
     lr: float = 1e-3
     seed: int = 0

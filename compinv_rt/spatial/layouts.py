@@ -213,15 +213,22 @@ def fixed_boxes(n: int) -> list[Box]:
     return [(round(i * w + 0.05 * w, 4), 0.2, round((i + 1) * w - 0.05 * w, 4), 0.8) for i in range(n)]
 
 
-def resolve_layout(spec: LayoutSpec, tokenizer, prompt: str, predictor=None) -> Layout | None:
+def resolve_layout(spec: LayoutSpec, tokenizer, prompt: str, predictor=None,
+                   expand=None) -> Layout | None:
     """Turn `--layout` into concepts with boxes and token positions for this prompt.
 
-    `predictor(prompt, token_lists) -> list[Box]` is the layout model (None: fixed boxes)."""
+    `predictor(prompt, token_lists) -> list[Box]` is the layout model (None: fixed boxes).
+    `expand(text) -> text` applies the prompt's placeholder expansion (a multi-vector concept token
+    becomes all its vectors) to user-given phrases, so every vector gets the concept's region."""
     if spec.kind == "none":
         return None
-    phrases = [r.phrase for r in spec.regions] if spec.kind == "explicit" else concept_phrases(prompt)
+    if spec.kind == "explicit":
+        phrases = [r.phrase for r in spec.regions]
+        lookup = [expand(p) if expand else p for p in phrases]
+    else:  # read out of the (already expanded) prompt
+        phrases = lookup = concept_phrases(prompt)
     check_concept_count(len(phrases))
-    tokens = concept_tokens(tokenizer, prompt, phrases)
+    tokens = concept_tokens(tokenizer, prompt, lookup)
     if not spec.needs_boxes:
         boxes = [r.boxes for r in spec.regions]
         source = LayoutSource.explicit

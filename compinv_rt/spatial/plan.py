@@ -95,8 +95,10 @@ def find_layout_model(config: SpatialConfig, model_root: Path) -> Path | None:
 
 
 def plan_spatial(config: SpatialConfig, loaded, backend, prompt: str, batch: int, sampling,
-                 on_status=None) -> SpatialPlan:
-    """Resolve the layout for `prompt` and build the pipeline inputs for `batch` images."""
+                 on_status=None, expand=None) -> SpatialPlan:
+    """Resolve the layout for `prompt` (already expanded: `expand` is the placeholder expansion
+    that made it, applied to user-given phrases too) and build the pipeline inputs for `batch`
+    images."""
     from compinv_rt.spatial.bias_maps import bias_batch, resolve_steps
     from compinv_rt.spatial.layouts import resolve_layout
 
@@ -109,11 +111,15 @@ def plan_spatial(config: SpatialConfig, loaded, backend, prompt: str, batch: int
         if path is not None:
             from compinv_rt.spatial import layout_model
 
-            model, _ = layout_model.load(path)
+            model, meta = layout_model.load(path)
             predictor = layout_model.LayoutPredictor(model, loaded.tokenizer, loaded.text_encoder)
+            fit_on = (meta.get("base_model") or {}).get("hash")
+            if fit_on and fit_on != loaded.hash and on_status:
+                on_status(f"note: layout model {path} was fit on another base model "
+                          f"({meta['base_model'].get('path')}); its boxes may fit this one less well")
         elif on_status:
             on_status("no layout model: using the reference's fixed boxes")
-    layout = resolve_layout(config.layout, loaded.tokenizer, prompt, predictor)
+    layout = resolve_layout(config.layout, loaded.tokenizer, prompt, predictor, expand)
     if config.mode is not SpatialMode.none and on_status:
         from compinv_rt.spatial.layouts import format_layout
 

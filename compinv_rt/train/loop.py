@@ -162,6 +162,26 @@ def _fingerprint(config: TrainConfig, model_hash: str, images_hash: str) -> dict
             "images_hash": images_hash}
 
 
+def resume_point(out: Path, cfg: TrainConfig, fingerprint: dict, status):
+    """The newest checkpoint to resume from (None: start at 0); refuses a different config."""
+    for stale in out.rglob(".*.tmp"):  # temp files of writes cut short by a kill
+        stale.unlink(missing_ok=True)
+    ck = latest_checkpoint(out)
+    if ck is None:
+        status("no checkpoint to resume from: starting from step 0")
+        return None
+    step, _, meta = ck
+    saved = json.loads(meta["fingerprint"])
+    diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+    if diff:
+        raise ConfigError(f"cannot resume {out}: it was trained with different "
+                          f"{', '.join(diff)} (checkpoint {step})")
+    if step > cfg.steps:
+        raise ConfigError(f"cannot resume {out}: its checkpoint is at step {step}, "
+                          f"beyond --steps {cfg.steps}")
+    return ck
+
+
 def check_out_dir(out: Path, resume: bool) -> None:
     from compinv_rt.outputs import check_writable_dir
 
@@ -193,7 +213,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     from diffusers import DDPMScheduler
 
     from compinv_rt import __version__
-    from compinv_rt.models.loading import load_model
+    from compinv_rt.models.loading import content_hash, load_model
     from compinv_rt.train import anchors as A
     from compinv_rt.train import tokens as T
     from compinv_rt.train.analysis import analyze, default_vocabulary, vocabulary_ids
@@ -207,6 +227,9 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     status = on_status or (lambda msg: log.info(msg))
     check_out_dir(out, resume)
     t_start = time.perf_counter()
+    img_hash = images_hash(plan.image_files)
+    fingerprint = _fingerprint(cfg, content_hash(plan.files.all_files()), img_hash)
+    ck = resume_point(out, cfg, fingerprint, status) if resume else None  # before heavy work
 
     m = load_model(str(plan.files.root), device=device, dtype="fp32")  # training runs in fp32
     tok, te, unet, vae = m.tokenizer, m.text_encoder, m.unet, m.vae
@@ -226,9 +249,6 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     placeholder_text = " ".join(T.placeholder_tokens(cfg.token, cfg.vectors))
     prompts = build_prompts(tok, cfg.templates or DEFAULT_TEMPLATES, placeholder_text,
                             cfg.class_word)
-    img_hash = images_hash(plan.image_files)
-    fingerprint = _fingerprint(cfg, m.hash, img_hash)
-
     scheduler = DDPMScheduler.from_config(plan.files.scheduler_config)
     pred_type = plan.files.prediction_type
     n_train_t = scheduler.config.num_train_timesteps
@@ -240,31 +260,16 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
         groups.append({"params": [target.coefs], "lr": cfg.coef_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
 
-    # -- resume -------------------------------------------------------------------------------
+    # -- resume: restore the checkpoint read before loading -----------------------------------
     start, history = 0, np.zeros((0, len(HISTORY_COLUMNS)), np.float32)
-    if resume:
-        for stale in out.rglob(".*.tmp"):  # temp files of writes cut short by a kill
-            stale.unlink(missing_ok=True)
-        ck = latest_checkpoint(out)
-        if ck is None:
-            status("no checkpoint to resume from: starting from step 0")
-        else:
-            step, tensors, meta = ck
-            saved = json.loads(meta["fingerprint"])
-            diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
-            if diff:
-                raise ConfigError(f"cannot resume {out}: it was trained with different "
-                                  f"{', '.join(diff)} (checkpoint {step})")
-            if step > cfg.steps:
-                raise ConfigError(f"cannot resume {out}: its checkpoint is at step {step}, "
-                                  f"beyond --steps {cfg.steps}")
-            with torch.no_grad():
-                wrapper.vectors.copy_(tensors["vectors"])
-                target.coefs.copy_(tensors["coefs"])
-            _restore_optimizer(optimizer, tensors)
-            history = tensors["history"].numpy()[:step].copy()
-            start = step
-            status(f"resuming from checkpoint at step {step}")
+    if ck is not None:
+        start, tensors, _ = ck
+        with torch.no_grad():
+            wrapper.vectors.copy_(tensors["vectors"])
+            target.coefs.copy_(tensors["coefs"])
+        _restore_optimizer(optimizer, tensors)
+        history = tensors["history"].numpy()[:start].copy()
+        status(f"resuming from checkpoint at step {start}")
 
     # -- train --------------------------------------------------------------------------------
     rows = [history] if len(history) else []

@@ -77,7 +77,8 @@ def scenes(
 def train(
     run_dir: Path = typer.Option(Path(".cache/world/run"), help="Checkpoints, caches and logs (resumable)."),
     stages: str = typer.Option("vae,gate,cache,unet,export", help="Comma-separated stages to run."),
-    vae_steps: int = typer.Option(1600, help="VAE optimizer steps."),
+    vae_steps: int = typer.Option(3000, help="VAE optimizer steps."),
+    vae_lr: float = typer.Option(3e-3, help="VAE peak learning rate."),
     unet_steps: int = typer.Option(6000, help="UNet + text encoder optimizer steps."),
     unet_batch: int = typer.Option(32, help="UNet batch size."),
     unet_lr: float = typer.Option(6e-4, help="UNet + text encoder peak learning rate."),
@@ -109,7 +110,7 @@ def train(
             raise ConfigError(f"{name} must be >= 1, got {v}")
     cfg = RecipeConfig(
         run_dir=str(run_dir), arch=TINY_ARCH if tiny else ArchConfig(), seed=seed, threads=threads, procs=procs,
-        vae_steps=vae_steps, unet_steps=unet_steps, unet_batch=min(unet_batch, 4) if tiny else unet_batch,
+        vae_steps=vae_steps, vae_lr=vae_lr, unet_steps=unet_steps, unet_batch=min(unet_batch, 4) if tiny else unet_batch,
         unet_lr=unet_lr,
         cache_scenes=cache_scenes, gate_threshold=gate_threshold, ckpt_every=ckpt_every,
         snapshot_every=snapshot_every,

@@ -524,6 +524,8 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
             progress("unet", done, total, {"loss": run_loss, "s_per_step": (time.time() - t0) / (done - start)})
         if done % 100 == 0:
             history.append([done, round(run_loss, 5), round(time.time() - t0, 1)])
+            log.info("unet step %d/%d loss %.4f (%.2f s/step)", done, total, run_loss,
+                     (time.time() - t0) / (done - start))
         last = done == total or (world == 1 and stop is not None and stop())
         if done % cfg.ckpt_every == 0 or last:
             ot, groups = _opt_tensors(opt)
