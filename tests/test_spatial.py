@@ -425,3 +425,24 @@ def test_bad_spatial_input_is_one_clear_line(tiny_model, tmp_path, extra, messag
     err = res.stderr.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert not out.exists()
+
+
+def test_layout_phrase_with_a_multi_vector_concept_biases_every_vector(tiny_model, tmp_path):
+    """`--concept` expands a placeholder into all its vectors; a layout phrase naming the
+    placeholder covers every vector (and --layout auto finds them in the expanded prompt)."""
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.loop import prepare, train_concept
+    from compinv_rt.world.photos import make_photos
+
+    make_photos(tmp_path / "photos", count=2, size=64)
+    cfg = TrainConfig(token="<my-heart>", class_word="heart", vectors=2, steps=1, batch=1,
+                      resolution=64, variants=1, checkpoint_every=1)
+    concept = tmp_path / "concept"
+    train_concept(prepare(cfg, tmp_path / "photos", tiny_model), concept, device="cpu")
+    prompt = "a <my-heart> heart and a blue circle on grass"
+    for layout, out in ((["--layout", "<my-heart> heart=0.1,0.2,0.5,0.8;blue circle=0.6,0.2,0.95,0.8"], "a"),
+                        (["--spatial", "bias"], "b")):
+        res = _gen(tiny_model, tmp_path / out, "--concept", str(concept), *layout, prompt=prompt)
+        assert res.exit_code == 0, res.output
+        sp = json.loads(next((tmp_path / out).glob("*_3.json")).read_text())["spatial"]
+        assert [c["tokens"] for c in sp["layout"]["concepts"]] == [[2, 3, 4], [7, 8]]
