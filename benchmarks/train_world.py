@@ -113,6 +113,13 @@ def main() -> None:
         imgs = sample(model, None, prompt_plain, args.samples, args.sample_steps, args.guidance)
         entry["no_token"] = {"prompt": prompt_plain,
                              **judge_samples(judge, imgs, colour, pattern, shape, bg)}
+        # what the base model does when the concept is spelled out in words (a ceiling for a
+        # base that cannot draw it from words either)
+        prompt_words = f"photo of a {pattern} {colour} {shape} on grass"
+        imgs = sample(model, None, prompt_words, args.samples, args.sample_steps, args.guidance)
+        save_png(args.out / f"world-{name}-words.png", make_grid(imgs[:16], cols=8))
+        entry["in_words"] = {"prompt": prompt_words,
+                             **judge_samples(judge, imgs, colour, pattern, shape, bg)}
         for method, aw in METHODS:
             token = f"<{name}-{method}>"
             out = args.work / f"{name}-{method}"

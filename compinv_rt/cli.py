@@ -118,7 +118,8 @@ def generate(
                               "they are not available with --jobs")
         ray_opts = dict(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         return _generate_jobs(jobs, out, model, device, backend, engine, scheduler, max_batch,
-                              resume, seed, steps, guidance, ray_opts if ray else None)
+                              resume, seed, steps, guidance, ray_opts if ray else None,
+                              bias_strength=bias_strength, bias_steps=bias_steps)
     # Everything cheap is validated before any weights are loaded or files are written.
     if prompt is None:
         raise ConfigError("give a PROMPT to draw (or --jobs FILE)")
@@ -165,7 +166,7 @@ def generate(
 
 
 def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, max_batch, resume,
-                   seed, steps, guidance, ray=None):
+                   seed, steps, guidance, ray=None, bias_strength=2.0, bias_steps="0.2"):
     """`generate --jobs`: many jobs packed into UNet batches, streamed to disk, resumable."""
     from compinv_rt.errors import ConfigError
     from compinv_rt.jobs import JobsSummary, pending_items, read_jobs
@@ -183,8 +184,11 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
     sink = open_sink(out).prepare()
     summary = JobsSummary(problems=list(problems))
     items = pending_items(jobs, out, files, resume, summary, exists=sink.exists)
+    from compinv_rt.jobs import concept_folders
+
     settings = dict(model=str(files.root), device=device, backend=backend.value, engine=engine,
-                    max_batch=max_batch, scheduler=scheduler.value)
+                    max_batch=max_batch, scheduler=scheduler.value, concepts=concept_folders(jobs),
+                    bias_strength=bias_strength, bias_steps=bias_steps)
     bar = _progress(len(items), "images", unit="img")
     try:
         if ray is not None:

@@ -129,3 +129,32 @@ def test_resume_after_kill_9_loses_and_duplicates_nothing(tiny_model, tmp_path):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for i in range(16):
         assert np.array_equal(_pixels(out / f"j{i:02d}_000.png"), _pixels(clean / f"j{i:02d}_000.png"))
+
+
+def test_per_job_layout_biases_that_job_only(tiny_model, tmp_path):
+    """A job's layout becomes its rows of attention_bias: its image changes, its batch-mates do
+    not, it equals `generate --layout ... --spatial bias`, and a bad layout fails only its job."""
+    jobs = tmp_path / "jobs.jsonl"
+    layout = "star=0.05,0.1,0.5,0.9"
+    jobs.write_text("\n".join(json.dumps(j) for j in [
+        {"prompt": "a red star on grass", "seed": 3, "id": "plain"},
+        {"prompt": "a red star on grass", "seed": 3, "id": "laid", "layout": layout},
+        {"prompt": "a red star on grass", "seed": 3, "id": "bad", "layout": "moon=0.1,0.1,0.5,0.5"},
+    ]) + "\n")
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["generate", "--jobs", str(jobs), "--model", str(tiny_model), "--out",
+                              str(out), "--steps", "6", "--max-batch", "4", "--bias-steps", "1.0",
+                              "--bias-strength", "4"])
+    assert res.exit_code == 1 and "line 3 (bad)" in res.stderr and "moon" in res.stderr
+    assert sorted(p.name for p in out.glob("*.png")) == ["laid_000.png", "plain_000.png"]
+    plain, laid = _pixels(out / "plain_000.png"), _pixels(out / "laid_000.png")
+    assert np.abs(plain - laid).max() > 10
+    single = tmp_path / "single"
+    r = runner.invoke(app, ["generate", "a red star on grass", "--model", str(tiny_model), "--out",
+                            str(single), "-n", "1", "--seed", "3", "--steps", "6", "--layout", layout,
+                            "--spatial", "bias", "--bias-steps", "1.0", "--bias-strength", "4"])
+    assert r.exit_code == 0, r.output
+    assert np.abs(_pixels(single / "a-red-star-on-grass_3.png") - laid).max() <= 1
+    r = runner.invoke(app, ["generate", "a red star on grass", "--model", str(tiny_model), "--out",
+                            str(tmp_path / "p"), "-n", "1", "--seed", "3", "--steps", "6"])
+    assert np.abs(_pixels(tmp_path / "p" / "a-red-star-on-grass_3.png") - plain).max() <= 1
