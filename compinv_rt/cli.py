@@ -113,9 +113,9 @@ def generate(
     if jobs is not None:
         if prompt is not None:
             raise ConfigError("pass either a PROMPT or --jobs FILE, not both")
-        if layout is not None or spatial is not None or save_attention:
-            raise ConfigError("--layout, --spatial and --save-attention apply to one PROMPT; "
-                              "they are not available with --jobs")
+        if layout is not None or spatial is not None or save_attention or concept:
+            raise ConfigError("--layout, --spatial, --concept and --save-attention apply to one "
+                              "PROMPT; with --jobs give each line its own 'layout' and 'concepts'")
         ray_opts = dict(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         return _generate_jobs(jobs, out, model, device, backend, engine, scheduler, max_batch,
                               resume, seed, steps, guidance, ray_opts if ray else None,
