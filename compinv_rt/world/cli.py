@@ -279,9 +279,16 @@ def curve(
     every: int = typer.Option(1, help="Score every N-th snapshot (the last one always)."),
     judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
     out: Path = typer.Option(Path("outputs/world-curve"), help="Folder for curve.json, curve.md, curve.png."),
+    snapshots: str = typer.Option("", help="Comma-separated snapshot steps to score (default: all, see --every)."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
 ):
     """Learning curve: score every EMA snapshot of a run on the held-out prompts."""
     import tempfile
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     from compinv_rt.errors import ModelError
     from compinv_rt.world.recipe import RecipeConfig, export_snapshot, list_snapshots
@@ -296,6 +303,11 @@ def curve(
     if not snaps:
         raise ModelError(f"no snapshots in {run_dir}/snapshots")
     chosen = [s for i, s in enumerate(snaps) if i % max(1, every) == 0 or s == snaps[-1]]
+    if snapshots:
+        wanted = {int(x) for x in snapshots.split(",") if x.strip()}
+        chosen = [s for s in snaps if int(s.stem.replace("step", "")) in wanted]
+        if not chosen:
+            raise ModelError(f"none of the snapshots {sorted(wanted)} exist in {run_dir}/snapshots")
     plist = default_prompts(("single", "two", "novel"), prompts_per_kind, 0)
     scfg = ScoreConfig(k=k, prompts_per_kind=prompts_per_kind, steps=steps, guidance=guidance)
     rows = []
