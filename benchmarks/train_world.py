@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--no-augment", action="store_true", help="train without scale augmentation")
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-train" / "world-concepts")
@@ -99,6 +100,7 @@ def main() -> None:
     vocab_words = shapes_world_vocabulary()
     vocab = vocabulary_ids(base.tokenizer, vocab_words)
     results = {"model": str(model), "model_hash": base.hash, "steps": args.steps,
+               "augment": not args.no_augment, "lr": args.lr,
                "batch": args.batch, "samples": args.samples, "sample_steps": args.sample_steps,
                "guidance": args.guidance, "vocabulary_words": len(vocab), "concepts": []}
     for spec in args.concepts.split(";"):
@@ -126,6 +128,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             cfg = TrainConfig(token=token, class_word=shape, anchor_weight=aw, steps=args.steps,
                               batch=args.batch, lr=args.lr, checkpoint_every=args.steps,
+                              augment=not args.no_augment,
                               templates=WORLD_TEMPLATES)
             t0 = time.perf_counter()
             res = train_concept(prepare(cfg, photos, model), out, device="cpu",

@@ -124,7 +124,7 @@ def tiny_run(tmp_path_factory):
     """A few steps of every stage of the recipe on the tiny architecture."""
     run = tmp_path_factory.mktemp("tinyrun")
     args = ["train", "--run-dir", str(run), "--tiny", "--vae-steps", "4", "--unet-steps", "4",
-            "--cache-scenes", "24", "--ckpt-every", "2", "--snapshot-every", "2"]
+            "--cache-scenes", "24", "--ckpt-every", "2", "--snapshot-every", "2", "--procs", "1"]
     r = CliRunner().invoke(world_app, args)
     # a 4-step VAE cannot pass the judge's gate: the UNet stages must refuse it
     assert r.exit_code == 1 and "gate" in r.output, r.output
@@ -144,7 +144,7 @@ def test_recipe_smoke_and_resume(tiny_run):
     assert [p.name for p in list_snapshots(cfg)] == ["step000002.safetensors", "step000004.safetensors"]
     # resuming to 6 steps continues from the checkpoint rather than starting over
     r = CliRunner().invoke(world_app, ["train", "--run-dir", str(tiny_run), "--tiny", "--stages", "unet",
-                                       "--unet-steps", "6", "--ckpt-every", "2", "--force"])
+                                       "--unet-steps", "6", "--ckpt-every", "2", "--force", "--procs", "1"])
     assert r.exit_code == 0, r.output
     _, meta = _load_tensors(tiny_run / "unet_ckpt.safetensors")
     assert meta["step"] == 6
@@ -180,3 +180,15 @@ def test_check_requires_every_stated_attribute():
     assert not check(spec, Judgement("sand", (d_circ, d_star)))["exact"]
     assert not check(spec, Judgement("grass", (d_star, d_bad)))["exact"]
     assert not check(spec, Judgement("grass", (d_star,)))["exact"]
+
+
+def test_data_parallel_resume_matches_the_recipe(tiny_run):
+    """Two data-parallel processes (gloo) continue the tiny run and write one checkpoint."""
+    from compinv_rt.world.recipe import RecipeConfig, _load_tensors, train_unet_parallel
+
+    cfg = RecipeConfig.from_json(json.loads((tiny_run / "recipe.json").read_text()))
+    res = train_unet_parallel(cfg, 2, steps=8)
+    assert res["steps"] == 8
+    t, meta = _load_tensors(tiny_run / "unet_ckpt.safetensors")
+    assert meta["step"] == 8
+    assert all(bool(v.isfinite().all()) for k, v in t.items() if k.startswith("unet.") and v.is_floating_point())

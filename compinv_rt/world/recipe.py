@@ -47,31 +47,31 @@ class RecipeConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     seed: int = 0
     threads: int = 1
-    procs: int = 1  # data-parallel CPU processes for the UNet stage (effective batch procs * unet_batch)
+    procs: int = 2  # data-parallel CPU processes for the UNet stage (effective batch procs * unet_batch)
     world: WorldConfig = field(default_factory=WorldConfig)
     # VAE
-    vae_steps: int = 1500
+    vae_steps: int = 3000
     vae_batch: int = 32
     vae_crop: int = 32
-    vae_lr: float = 1e-3
+    vae_lr: float = 3e-3
     vae_scenes: int = 8000
     vae_kl: float = 1e-6
     # gate
     gate_scenes: int = 500
     gate_threshold: float = 0.90
     # latent cache
-    cache_scenes: int = 48000
+    cache_scenes: int = 32000
     # UNet + text encoder
-    unet_steps: int = 6000
+    unet_steps: int = 5600
     unet_batch: int = 32
-    unet_lr: float = 6e-4
+    unet_lr: float = 1e-3
     warmup: int = 200
     ema_decay: float = 0.998
     snr_gamma: float = 5.0
     cond_drop: float = 0.1
     size_word_prob: float = 0.3
-    ckpt_every: int = 200
-    snapshot_every: int = 1000
+    ckpt_every: int = 100
+    snapshot_every: int = 400
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -438,7 +438,10 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
 
     torch.set_num_threads(cfg.threads)
     if world > 1:
-        dist.init_process_group("gloo", init_method=addr, rank=rank, world_size=world)
+        from datetime import timedelta
+
+        dist.init_process_group("gloo", init_method=addr, rank=rank, world_size=world,
+                                timeout=timedelta(minutes=5))
     run = Path(cfg.run_dir)
     cache = run / "latents.safetensors"
     if not cache.is_file():
