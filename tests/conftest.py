@@ -49,3 +49,29 @@ def stock_pipeline_cls():
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline
+
+
+TOKEN = "<my-heart>"
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    from compinv_rt.world.photos import make_photos
+
+    d = tmp_path_factory.mktemp("photos")
+    make_photos(d, count=3, size=64)
+    return d
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model, photos, tmp_path_factory):
+    """Two vectors, a few steps: enough for every vector to move."""
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.loop import prepare, train_concept
+
+    cfg = TrainConfig(token=TOKEN, class_word="heart", vectors=2, steps=4, batch=2,
+                      resolution=64, variants=2, checkpoint_every=2)
+    out = tmp_path_factory.mktemp("trained") / "concept"
+    return train_concept(prepare(cfg, photos, tiny_model), out, device="cpu")
+
+

@@ -158,3 +158,26 @@ def test_per_job_layout_biases_that_job_only(tiny_model, tmp_path):
     r = runner.invoke(app, ["generate", "a red star on grass", "--model", str(tiny_model), "--out",
                             str(tmp_path / "p"), "-n", "1", "--seed", "3", "--steps", "6"])
     assert np.abs(_pixels(tmp_path / "p" / "a-red-star-on-grass_3.png") - plain).max() <= 1
+
+
+def test_per_job_concepts_equal_generate_with_concept(tiny_model, trained, tmp_path):
+    """A job naming a trained concept uses its token; a job without it is unaffected."""
+    jobs = tmp_path / "jobs.jsonl"
+    prompt = "photo of a <my-heart> heart on grass"
+    jobs.write_text("\n".join(json.dumps(j) for j in [
+        {"prompt": prompt, "seed": 2, "id": "mine", "concepts": [str(trained.out)]},
+        {"prompt": "a red star on grass", "seed": 2, "id": "other"},
+    ]) + "\n")
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["generate", "--jobs", str(jobs), "--model", str(tiny_model), "--out",
+                              str(out), "--steps", "4", "--max-batch", "2"])
+    assert res.exit_code == 0, res.output
+    single = tmp_path / "single"
+    r = runner.invoke(app, ["generate", prompt, "--concept", str(trained.out), "--model", str(tiny_model),
+                            "--out", str(single), "-n", "1", "--seed", "2", "--steps", "4"])
+    assert r.exit_code == 0, r.output
+    ref = _pixels(next(p for p in single.glob("*_2.png")))
+    assert np.abs(_pixels(out / "mine_000.png") - ref).max() <= 1
+    r = runner.invoke(app, ["generate", "a red star on grass", "--model", str(tiny_model), "--out",
+                            str(tmp_path / "p"), "-n", "1", "--seed", "2", "--steps", "4"])
+    assert np.abs(_pixels(tmp_path / "p" / "a-red-star-on-grass_2.png") - _pixels(out / "other_000.png")).max() <= 1

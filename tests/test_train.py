@@ -19,29 +19,8 @@ from typer.testing import CliRunner
 from compinv_rt.cli import app
 
 runner = CliRunner()
-TOKEN = "<my-heart>"
+TOKEN = "<my-heart>"  # the token of the `trained` fixture (conftest.py)
 FAST = ["--batch", "1", "--resolution", "64", "--variants", "2"]
-
-
-@pytest.fixture(scope="session")
-def photos(tmp_path_factory):
-    from compinv_rt.world.photos import make_photos
-
-    d = tmp_path_factory.mktemp("photos")
-    make_photos(d, count=3, size=64)
-    return d
-
-
-@pytest.fixture(scope="session")
-def trained(tiny_model, photos, tmp_path_factory):
-    """Two vectors, a few steps: enough for every vector to move."""
-    from compinv_rt.train.config import TrainConfig
-    from compinv_rt.train.loop import prepare, train_concept
-
-    cfg = TrainConfig(token=TOKEN, class_word="heart", vectors=2, steps=4, batch=2,
-                      resolution=64, variants=2, checkpoint_every=2)
-    out = tmp_path_factory.mktemp("trained") / "concept"
-    return train_concept(prepare(cfg, photos, tiny_model), out, device="cpu")
 
 
 def _table(text_encoder) -> torch.Tensor:
