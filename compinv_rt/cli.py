@@ -6,12 +6,12 @@ torch, diffusers and friends are imported inside the commands that need them.
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from compinv_rt.cli_support import progress, user_errors
 
 from compinv_rt.export.iospec import Precision
 from compinv_rt.export.manifest import EngineFormat, ExportTarget
@@ -29,30 +29,7 @@ app = typer.Typer(
 )
 
 
-def user_errors(fn):
-    """Turn a CompinvError into one clear line on stderr and exit code 1. Bugs keep their traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from compinv_rt.errors import CompinvError
-
-        try:
-            return fn(*args, **kwargs)
-        except CompinvError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _progress(total: int, desc: str, unit: str = "step"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                disable=None)  # disable=None: hidden when stderr is not a terminal
+_progress = progress
 
 
 @app.command()
@@ -557,6 +534,10 @@ def layout_eval(
 
 
 app.add_typer(layout_app, name="layout")
+
+from compinv_rt.world.cli import world_app  # noqa: E402  (typer-only module: --help stays fast)
+
+app.add_typer(world_app, name="world")
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ class OnnxRuntimeBackend:
             providers = ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
+        # Same thread budget as torch (OMP_NUM_THREADS / torch.set_num_threads), one knob for all.
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(Path(engine_dir) / "unet.onnx"), opts,
                                             providers=providers)
         self._np_types = {torch.float32: np.float32, torch.float16: np.float16}

@@ -5,13 +5,14 @@ Only typer and the standard library at module level: torch/diffusers are importe
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from compinv_rt.cli_support import progress as progress_bar
+from compinv_rt.cli_support import user_errors
 
 world_app = typer.Typer(
     name="world",
@@ -22,30 +23,8 @@ world_app = typer.Typer(
 )
 
 
-def _user_errors(fn):
-    """A CompinvError becomes one line on stderr and exit code 1; bugs keep their traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from compinv_rt.errors import CompinvError
-
-        try:
-            return fn(*args, **kwargs)
-        except CompinvError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-def _bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, disable=None)
-
-
 @world_app.command()
-@_user_errors
+@user_errors
 def scenes(
     out: Path = typer.Option(..., help="Folder for scene PNGs, scenes.json and grid.png."),
     n: int = typer.Option(16, "-n", help="Number of scenes."),
@@ -73,7 +52,7 @@ def scenes(
 
 
 @world_app.command()
-@_user_errors
+@user_errors
 def train(
     run_dir: Path = typer.Option(Path(".cache/world/run"), help="Checkpoints, caches and logs (resumable)."),
     stages: str = typer.Option("vae,gate,cache,unet,export", help="Comma-separated stages to run."),
@@ -120,7 +99,7 @@ def train(
 
     def progress(stage, i, n, info):
         if stage not in bars:
-            bars[stage] = _bar(n, stage)
+            bars[stage] = progress_bar(n, stage, unit="it")
         b = bars[stage]
         b.update(i - b.n)
         if info:
@@ -143,7 +122,7 @@ def train(
 
 
 @world_app.command()
-@_user_errors
+@user_errors
 def score(
     model: Optional[Path] = typer.Option(None, help="Diffusers model folder (default: embedded)."),
     prompts: Optional[Path] = typer.Option(None, help="Prompt file, one per line, optional 'kind<TAB>prompt' (default: held-out prompts)."),
@@ -177,7 +156,7 @@ def score(
 
         torch.set_num_threads(threads)
     cfg = ScoreConfig(k=k, prompts_per_kind=prompts_per_kind, steps=steps, guidance=guidance, seed=seed)
-    bar = _bar(len(plist) * k, "sampling")
+    bar = progress_bar(len(plist) * k, "sampling", unit="it")
 
     def progress(i, n):
         bar.update(i - bar.n)
@@ -191,7 +170,7 @@ def score(
 
 
 @world_app.command()
-@_user_errors
+@user_errors
 def photos(
     out: Path = typer.Option(..., help="Folder for the photos and concept.json."),
     shape: str = typer.Option("heart", help="circle, square, triangle, star, heart or cross."),
@@ -209,7 +188,7 @@ def photos(
 
 
 @world_app.command("judge")
-@_user_errors
+@user_errors
 def judge_images(
     images: list[Path] = typer.Argument(..., help="Image files to judge."),
     judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
@@ -230,7 +209,7 @@ def judge_images(
 
 
 @world_app.command("judge-train")
-@_user_errors
+@user_errors
 def judge_train(
     out: Path = typer.Option(..., help="Folder for judge.safetensors + judge.json."),
     steps: int = typer.Option(2500, help="Optimizer steps."),
@@ -251,7 +230,7 @@ def judge_train(
         raise ConfigError("--steps and --scenes must be >= 1")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    bar = _bar(steps, "judge")
+    bar = progress_bar(steps, "judge", unit="it")
     t0 = time.time()
 
     def progress(i, n, info):
@@ -269,7 +248,7 @@ def judge_train(
 
 
 @world_app.command()
-@_user_errors
+@user_errors
 def curve(
     run_dir: Path = typer.Option(Path(".cache/world/run"), help="Training run with EMA snapshots."),
     k: int = typer.Option(2, "-k", help="Images per prompt."),

@@ -231,7 +231,6 @@ class Judge:
 
 def load_judge(path: str | Path | None = None) -> Judge:
     """Load a judge folder (default: the one shipped in the package)."""
-    import torch
     from safetensors.torch import load_file
 
     d = Path(path) if path is not None else default_judge_dir()

@@ -94,7 +94,6 @@ def read_prompt_file(path: str | Path) -> list[tuple[str, str]]:
 
 def load_pipeline(model_dir: str | Path | None = None):
     """Stock diffusers pipeline, offline, float32 on CPU."""
-    import torch
 
     from compinv_rt.world.model import default_model_dir
 
