@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
-from compinv_rt import __version__
-from compinv_rt.outputs import atomic_write_json, make_grid, save_png, slug
+from compinv_rt.outputs import atomic_write_json, image_metadata, make_grid, save_png, slug
 from compinv_rt.runtime.denoise import StepCallback
 from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
 
@@ -60,26 +57,17 @@ def generate_to_folder(
                            **plan.kwargs)
     stem = slug(prompt)
     common = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "model": {"path": str(loaded.root), "hash": loaded.hash},
         "concepts": [{"folder": str(c.folder), "token": c.token, "vectors": c.vectors}
                      for c in concepts],
-        "settings": config.as_dict(),
-        "backend": pipe.backend.name,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
         "spatial": plan.sidecar(spatial),
-        "compinv_rt": __version__,
-        "python": platform.python_version(),
     }
     out = Path(out)
     heat = _attention_outputs(plan, loaded.tokenizer, text, images) if plan.recorder else None
     pngs, sidecars, heatmaps = [], [], []
     for i, (seed, image) in enumerate(zip(seeds, images)):
         png = save_png(out / f"{stem}_{seed}.png", image)
-        meta = {**common, "seed": seed, "index": i, "image": png.name,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        meta = image_metadata(prompt, negative_prompt, seed, config.as_dict(), loaded,
+                              pipe.backend.name, **common, index=i, image=png.name)
         if heat is not None:
             grid_img, shares = heat[i]
             heatmaps.append(save_png(out / f"{stem}_{seed}_attention.png", grid_img))
