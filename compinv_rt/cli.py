@@ -12,7 +12,6 @@ from typing import Optional
 import typer
 
 from compinv_rt.cli_support import progress, user_errors
-
 from compinv_rt.export.iospec import Precision
 from compinv_rt.export.manifest import EngineFormat, ExportTarget
 from compinv_rt.export.onnx_export import OnnxExporter
@@ -27,9 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-_progress = progress
 
 
 @app.command()
@@ -125,7 +121,7 @@ def generate(
 
     from compinv_rt.generation import generate_to_folder
 
-    bar = _progress(config.steps, "denoising")
+    bar = progress(config.steps, "denoising")
     try:
         result = generate_to_folder(
             prompt, negative_prompt, seeds=[seed + i for i in range(num_images)], config=config,
@@ -166,7 +162,7 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
     settings = dict(model=str(files.root), device=device, backend=backend.value, engine=engine,
                     max_batch=max_batch, scheduler=scheduler.value, concepts=concept_folders(jobs),
                     bias_strength=bias_strength, bias_steps=bias_steps)
-    bar = _progress(len(items), "images", unit="img")
+    bar = progress(len(items), "images", unit="img")
     try:
         if ray is not None:
             from compinv_rt.scaleout import run_on_ray
@@ -304,7 +300,7 @@ def train(
     plan = prepare(cfg, images, model)
     check_out_dir(out, resume)
 
-    bar = _progress(steps, "training")
+    bar = progress(steps, "training")
 
     def on_step(info):
         if bar.n == 0 and info.step > 1:
@@ -487,14 +483,14 @@ def layout_fit(
     if prompts is not None:
         from compinv_rt.runtime.pipeline import SamplingConfig
 
-        bar = _progress(len(prompts) * images_per_prompt, "generating", unit="image")
+        bar = progress(len(prompts) * images_per_prompt, "generating", unit="image")
         try:
             examples = layout_data.attention_examples(
                 loaded, prompts, images_per_prompt, SamplingConfig(steps, guidance), seed,
                 threshold=threshold, on_progress=lambda done, total: bar.update(done - bar.n))
         finally:
             bar.close()
-    bar = _progress(epochs, "fitting", unit="epoch")
+    bar = progress(epochs, "fitting", unit="epoch")
     try:
         net = layout_model.fit(examples, loaded.tokenizer, loaded.text_encoder,
                                layout_model.FitConfig(epochs=epochs, seed=seed),

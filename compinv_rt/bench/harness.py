@@ -103,7 +103,7 @@ def layout_bias(tokenizer, prompt: str, batch: int, latent_hw: tuple[int, int], 
     return bias
 
 
-def _measure(run, device, repeats: int, timer: StepTimer, batch: int, steps: int):
+def _measure(run, device, repeats: int, timer: StepTimer, batch: int):
     run()  # warm-up: compilation, engine load, allocator
     timer.times.clear()
     e2e = []
@@ -146,7 +146,7 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
                  generator=[torch.Generator().manual_seed(s) for s in range(batch)])
 
         cells[batch] = Cell(STOCK, batch, False, cfg.steps,
-                            **_measure(run, model.device, cfg.repeats, timer, batch, cfg.steps))
+                            **_measure(run, model.device, cfg.repeats, timer, batch))
     del pipe
     return cells
 
@@ -192,7 +192,7 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
                                   attention_bias=bias, bias_steps=cfg.steps if with_bias else 0)
 
                 cell = Cell(backend, batch, with_bias, cfg.steps,
-                            **_measure(run, model.device, cfg.repeats, timer, batch, cfg.steps))
+                            **_measure(run, model.device, cfg.repeats, timer, batch))
                 base = stock[batch]
                 cell.step_speedup = base.step_ms_p50 / cell.step_ms_p50
                 cell.e2e_speedup = base.e2e_s / cell.e2e_s

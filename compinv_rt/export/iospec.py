@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from enum import Enum
 
-from compinv_rt.errors import ConfigError, EngineMismatch
+from compinv_rt.errors import ConfigError
 
 INPUTS = ("sample", "timestep", "encoder_hidden_states", "attention_bias")
 OUTPUTS = ("noise_pred",)
@@ -116,18 +116,6 @@ class UNetIOSpec:
                 t = torch.randn(shapes[name], generator=g)
             out.append(t.to(device=device, dtype=self.dtype(name)))
         return tuple(out)
-
-    def check_shapes(self, sample_shape: tuple[int, ...], profiles: list[BatchProfile]) -> None:
-        """Refuse inputs an engine cannot take, naming what it was built for."""
-        batch, _, h, w = sample_shape
-        if (h, w) != (self.latent_height, self.latent_width):
-            raise EngineMismatch(
-                f"the engine was built for {self.latent_height}x{self.latent_width} latents, got "
-                f"{h}x{w}: export one for this image size (compinv-rt export --height/--width)"
-            )
-        if not any(p.accepts(batch) for p in profiles):
-            ranges = ", ".join(f"{p.min}" if p.static else f"{p.min}-{p.max}" for p in profiles)
-            raise EngineMismatch(f"UNet batch {batch} is outside the engine's profiles ({ranges})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
