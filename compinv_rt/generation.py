@@ -26,6 +26,7 @@ def generate_to_folder(
     model: str | None,
     out: Path,
     device: str = "auto",
+    precision: str = "auto",
     backend: str = "torch",
     engine: Path | None = None,
     engines_root: Path = Path("engines"),
@@ -37,7 +38,7 @@ def generate_to_folder(
     from compinv_rt.models.loading import load_model
     from compinv_rt.runtime.registry import open_backend
 
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, dtype=precision)
     from compinv_rt.train.artifact import expand_prompt, load_concepts
 
     concepts = load_concepts(loaded, concepts)  # their tokens join the text encoder's table

@@ -259,12 +259,12 @@ class JobRunner:
 
     def __init__(self, sink, model: str, device: str, backend: str, engine, max_batch: int,
                  scheduler: str, concepts: tuple[str, ...] = (), bias_strength: float = 2.0,
-                 bias_steps: str = "0.2"):
+                 bias_steps: str = "0.2", precision: str = "auto"):
         from compinv_rt.models.loading import load_model
         from compinv_rt.train.artifact import load_concepts
 
         self.sink = sink
-        self.model = load_model(model, device=device)
+        self.model = load_model(model, device=device, dtype=precision)
         self.backend, self.engine = backend, engine
         self.max_batch, self.scheduler = max_batch, scheduler
         self.bias_strength, self.bias_steps = bias_strength, bias_steps

@@ -91,6 +91,10 @@ def test_size_not_multiple_of_model_factor(tiny_model, tmp_path, opt):
     assert opt in err
 
 
+def test_unknown_precision(tiny_model, tmp_path):
+    _fails(["a cat", "--precision", "int4", "--model", str(tiny_model)], tmp_path / "o", "--precision")
+
+
 def test_unwritable_output(tiny_model, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")

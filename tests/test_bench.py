@@ -38,3 +38,30 @@ def test_bench_rejects_unknown_backend(tiny_model, tmp_path):
     res = runner.invoke(app, ["bench", "--model", str(tiny_model), "--backends", "torch,openvino",
                               "--out", str(tmp_path)])
     assert res.exit_code == 1 and "openvino" in res.stderr
+
+
+def test_bench_precisions_have_their_own_stock_baseline(tiny_model, tmp_path):
+    out = tmp_path / "res"
+    res = runner.invoke(app, ["bench", "--model", str(tiny_model), "--backends", "torch,onnxruntime",
+                              "--batch-sizes", "1", "--steps", "2", "--repeats", "1", "--bias", "off",
+                              "--precisions", "fp32,bf16", "--engines", str(tmp_path / "eng"),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    cells = {(c["backend"], c["precision"]): c for c in data["cells"]}
+    # onnxruntime has no bf16 kernels: skipped with its reason, never silently run in fp32
+    assert set(cells) == {("diffusers", "fp32"), ("diffusers", "bf16"), ("torch", "fp32"),
+                          ("torch", "bf16"), ("onnxruntime", "fp32")}
+    assert any(line.startswith("onnxruntime bf16") for line in data["meta"]["skipped"])
+    ref, stock_bf16 = cells["diffusers", "fp32"], cells["diffusers", "bf16"]
+    bf16 = cells["torch", "bf16"]
+    assert abs(bf16["e2e_speedup"] - ref["e2e_s"] / bf16["e2e_s"]) < 1e-9
+    assert abs(bf16["e2e_speedup_same_precision"] - stock_bf16["e2e_s"] / bf16["e2e_s"]) < 1e-9
+    assert stock_bf16["e2e_speedup"] == ref["e2e_s"] / stock_bf16["e2e_s"]
+    assert "Skipped: onnxruntime bf16" in (out / "results.md").read_text()
+
+
+def test_bench_rejects_unknown_precision(tiny_model, tmp_path):
+    res = runner.invoke(app, ["bench", "--model", str(tiny_model), "--precisions", "fp32,int3",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "int3" in res.stderr

@@ -241,27 +241,33 @@ def _images(model, backend, bias, engine_root):
     from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
     from compinv_rt.runtime.registry import open_backend
 
-    m = load_model(str(model))
-    unet = open_backend(backend, m, 128, 128, 2, guidance=True, engines_root=engine_root)
-    imgs = Pipeline(m, unet).generate(["a red star on grass"] * 2, [3, 4], SamplingConfig(steps=6),
-                                      attention_bias=bias, bias_steps=3)
+    m = load_model(model)  # None = the embedded shapes-world model
+    sampling = SamplingConfig(steps=6).resolved(m.files)
+    unet = open_backend(backend, m, sampling.height, sampling.width, 2, guidance=True,
+                        engines_root=engine_root)
+    imgs = Pipeline(m, unet).generate(["a dotted red star and a blue circle on grass"] * 2, [3, 4],
+                                      sampling, attention_bias=bias, bias_steps=3)
     return np.stack([np.asarray(i, dtype=np.int16) for i in imgs])
 
 
 def _bias():
     g = torch.Generator().manual_seed(0)
-    return torch.randn((2, 77, 16, 16), generator=g) * 3.0
+    return torch.randn((2, 77, 16, 16), generator=g) * 3.0  # both models have 16x16 latents
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "aoti", "compile"])
-def test_backend_parity_with_torch(backend, tiny_model, tmp_path):
+# The issue asks for parity on the embedded model (real weights, 64x64); torch.compile is checked
+# on the tiny model to keep the suite's compile time down (its kernels are the same Inductor's).
+@pytest.mark.parametrize("backend,which", [("onnxruntime", "embedded"), ("aoti", "embedded"),
+                                           ("compile", "tiny_model")])
+def test_backend_parity_with_torch(backend, which, request, tmp_path):
     """Final images of every backend match eager PyTorch within 2/255, with and without a bias
     (the bias must also really change the images)."""
-    ref_plain = _images(tiny_model, "torch", None, tmp_path)
-    ref_bias = _images(tiny_model, "torch", _bias(), tmp_path)
+    model = None if which == "embedded" else str(request.getfixturevalue(which))
+    ref_plain = _images(model, "torch", None, tmp_path)
+    ref_bias = _images(model, "torch", _bias(), tmp_path)
     assert np.abs(ref_plain - ref_bias).max() > 10
-    got_plain = _images(tiny_model, backend, None, tmp_path)
-    got_bias = _images(tiny_model, backend, _bias(), tmp_path)
+    got_plain = _images(model, backend, None, tmp_path)
+    got_bias = _images(model, backend, _bias(), tmp_path)
     assert np.abs(got_plain - ref_plain).max() <= 2
     assert np.abs(got_bias - ref_bias).max() <= 2
 
@@ -286,8 +292,8 @@ def test_tensorrt_engine_matches_torch(tiny_model, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed on this machine")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    ref = _images(tiny_model, "torch", _bias(), tmp_path)
-    got = _images(tiny_model, "tensorrt", _bias(), tmp_path)
+    ref = _images(str(tiny_model), "torch", _bias(), tmp_path)
+    got = _images(str(tiny_model), "tensorrt", _bias(), tmp_path)
     assert np.abs(got - ref).max() <= 4  # fp32 engine built with TF32 allowed
 
 

@@ -93,3 +93,14 @@ def test_custom_size_and_negative_prompt(tiny_model, tmp_path):
     assert _pixels(png).shape == (64, 192, 3)
     assert json.loads(png.with_suffix(".json").read_text())["negative_prompt"] == "blurry"
     assert str(out) in res.output
+
+
+def test_bf16_precision_generates_close_to_fp32(tiny_model, tmp_path):
+    """--precision bf16 loads every component in bfloat16 (recorded in the sidecar); images stay
+    close to fp32 (bf16 keeps 8 mantissa bits, so not bit-identical)."""
+    fp32 = _generate(tiny_model, tmp_path / "fp32")
+    bf16 = _generate(tiny_model, tmp_path / "bf16", "--precision", "bf16")
+    assert json.loads(bf16[0].with_suffix(".json").read_text())["dtype"] == "bfloat16"
+    diffs = [np.abs(_pixels(a) - _pixels(b)) for a, b in zip(fp32, bf16)]
+    assert max(d.mean() for d in diffs) < 8, [float(d.mean()) for d in diffs]
+    assert any(d.max() > 0 for d in diffs), "bf16 run was identical to fp32: precision not applied"

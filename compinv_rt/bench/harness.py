@@ -37,6 +37,9 @@ class BenchConfig:
     # "eager": stock StableDiffusionPipeline as loaded; "compiled": the same with its UNet in
     # channels_last + torch.compile(mode="reduce-overhead"), the fastest stock PyTorch path on GPU.
     baseline: str = "eager"
+    # Every backend and the stock baseline run at each precision; speedups are against stock at
+    # the first one (the reference), and also against stock at the cell's own precision.
+    precisions: tuple[str, ...] = ("auto",)
 
 
 @dataclass
@@ -53,6 +56,8 @@ class Cell:
     peak_cuda_mb: float
     step_speedup: float | None = None  # stock p50 / this p50
     e2e_speedup: float | None = None  # stock e2e / this e2e
+    precision: str = "fp32"
+    e2e_speedup_same_precision: float | None = None  # vs stock at this cell's precision
 
 
 @dataclass
@@ -120,6 +125,10 @@ def _measure(run, device, repeats: int, timer: StepTimer, batch: int):
                 images_per_s=batch / e2e_s, peak_rss_mb=mem.rss_mb, peak_cuda_mb=mem.cuda_mb)
 
 
+def _precision_name(model) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[model.dtype]
+
+
 def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int, Cell]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -138,7 +147,7 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
         pipe.unet.forward = timer
     cells = {}
     for batch in cfg.batch_sizes:
-        on_status(f"{STOCK}: batch {batch}")
+        on_status(f"{STOCK} {_precision_name(model)}: batch {batch}")
 
         def run():
             pipe(cfg.prompt, num_images_per_prompt=batch, num_inference_steps=cfg.steps,
@@ -146,7 +155,8 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
                  generator=[torch.Generator().manual_seed(s) for s in range(batch)])
 
         cells[batch] = Cell(STOCK, batch, False, cfg.steps,
-                            **_measure(run, model.device, cfg.repeats, timer, batch))
+                            **_measure(run, model.device, cfg.repeats, timer, batch),
+                            precision=_precision_name(model))
     del pipe
     return cells
 
@@ -158,45 +168,66 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
     from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
     from compinv_rt.runtime.registry import open_backend
 
-    model = load_model(model_spec, device=device)
+    from compinv_rt.errors import BackendUnavailable
+
+    models = {}  # resolved precision name ("auto" -> fp32 on CPU) -> model; the first is the reference
+    for requested in cfg.precisions:
+        m = load_model(model_spec, device=device, dtype=requested)
+        models.setdefault(_precision_name(m), m)
+    model = next(iter(models.values()))
     sampling = SamplingConfig(steps=cfg.steps, guidance=cfg.guidance).resolved(model.files)
     f = model.files.vae_scale_factor
     latent_hw = (sampling.height // f, sampling.width // f)
     result = BenchResult(meta={
         "model": str(model.root), "model_hash": model.hash, "label": label,
         "device": str(model.device), "device_name": _device_name(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."), "torch": torch.__version__,
+        "dtype": _precision_name(model), "precisions": list(models),
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(), "compinv_rt": __version__,
         "image_size": [sampling.height, sampling.width], "steps": cfg.steps,
         "guidance": cfg.guidance, "repeats": cfg.repeats, "prompt": cfg.prompt,
         "baseline": f"stock diffusers StableDiffusionPipeline ({cfg.baseline})",
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "skipped": [],
     })
-    stock = _stock_cells(str(model.root), model, cfg, on_status)
-    result.cells.extend(stock.values())
-    for backend in cfg.backends:
-        for batch in cfg.batch_sizes:
-            on_status(f"{backend}: batch {batch} (opening)")
+    stock = {}
+    for precision, m in models.items():
+        stock[precision] = _stock_cells(str(m.root), m, cfg, on_status)
+        result.cells.extend(stock[precision].values())
+    reference = stock[_precision_name(model)]
+    for cells in list(stock.values())[1:]:
+        for batch, cell in cells.items():
+            cell.step_speedup = reference[batch].step_ms_p50 / cell.step_ms_p50
+            cell.e2e_speedup = reference[batch].e2e_s / cell.e2e_s
+    cells = ((p, m, b, n) for p, m in models.items() for b in cfg.backends for n in cfg.batch_sizes)
+    for precision, model, backend, batch in cells:
+        on_status(f"{backend} {precision}: batch {batch} (opening)")
+        try:
             unet = open_backend(backend, model, sampling.height, sampling.width, batch,
                                 guidance=cfg.guidance > 1, engines_root=cfg.engines_root,
                                 on_status=on_status)
-            timer = StepTimer(unet, model.device)
-            pipe = Pipeline(model, timer)
-            for with_bias in cfg.bias:
-                on_status(f"{backend}: batch {batch}, bias {'on' if with_bias else 'off'}")
-                bias = (layout_bias(model.tokenizer, cfg.prompt, batch, latent_hw, cfg.bias_strength)
-                        if with_bias else None)
+        except BackendUnavailable as exc:  # e.g. onnxruntime has no bf16 kernels
+            result.meta["skipped"].append(f"{backend} {precision}: {exc}")
+            on_status(f"skipped: {exc}")
+            continue
+        timer = StepTimer(unet, model.device)
+        pipe = Pipeline(model, timer)
+        for with_bias in cfg.bias:
+            on_status(f"{backend} {precision}: batch {batch}, bias {'on' if with_bias else 'off'}")
+            bias = (layout_bias(model.tokenizer, cfg.prompt, batch, latent_hw, cfg.bias_strength)
+                    if with_bias else None)
 
-                def run():
-                    pipe.generate([cfg.prompt] * batch, list(range(batch)), sampling,
-                                  attention_bias=bias, bias_steps=cfg.steps if with_bias else 0)
+            def run():
+                pipe.generate([cfg.prompt] * batch, list(range(batch)), sampling,
+                              attention_bias=bias, bias_steps=cfg.steps if with_bias else 0)
 
-                cell = Cell(backend, batch, with_bias, cfg.steps,
-                            **_measure(run, model.device, cfg.repeats, timer, batch))
-                base = stock[batch]
-                cell.step_speedup = base.step_ms_p50 / cell.step_ms_p50
-                cell.e2e_speedup = base.e2e_s / cell.e2e_s
-                result.cells.append(cell)
+            cell = Cell(backend, batch, with_bias, cfg.steps,
+                        **_measure(run, model.device, cfg.repeats, timer, batch),
+                        precision=precision)
+            base = reference[batch]
+            cell.step_speedup = base.step_ms_p50 / cell.step_ms_p50
+            cell.e2e_speedup = base.e2e_s / cell.e2e_s
+            cell.e2e_speedup_same_precision = stock[precision][batch].e2e_s / cell.e2e_s
+            result.cells.append(cell)
     return result
 
 

@@ -14,21 +14,26 @@ def markdown(result: BenchResult) -> str:
     lines = [
         f"Model: `{m['model']}`{' (' + m['label'] + ')' if m['label'] else ''}, "
         f"{m['image_size'][0]}x{m['image_size'][1]}, {m['steps']} DDIM steps, CFG {m['guidance']}, "
-        f"{m['dtype']}; device: {m['device_name']}; torch {m['torch']}; "
+        f"reference precision {m['dtype']}; device: {m['device_name']}; torch {m['torch']}; "
         f"median of {m['repeats']} timed runs after one warm-up; baseline: {m['baseline']}; "
         f"{m['created']}.",
         "",
-        "| backend | images/batch | bias | UNet step p50 (ms) | p90 (ms) | end-to-end (s) | images/s "
-        "| peak RSS (MB) | step speedup vs stock | end-to-end speedup vs stock |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| backend | precision | images/batch | bias | UNet step p50 (ms) | p90 (ms) | end-to-end (s) "
+        f"| images/s | peak RSS (MB) | step speedup vs stock {m['dtype']} "
+        f"| end-to-end speedup vs stock {m['dtype']} | end-to-end vs stock, same precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result.cells:
-        speed = lambda v: "1.00 (baseline)" if c.backend == STOCK else f"{v:.2f}x"  # noqa: E731
+        def speed(v):
+            return "1.00 (baseline)" if v is None else f"{v:.2f}x"
+        same = "-" if c.backend == STOCK else speed(c.e2e_speedup_same_precision)
         lines.append(
-            f"| {c.backend} | {c.batch} | {'on' if c.bias else 'off'} | {c.step_ms_p50:.1f} | "
-            f"{c.step_ms_p90:.1f} | {c.e2e_s:.2f} | {c.images_per_s:.2f} | {c.peak_rss_mb:.0f}"
-            f"{f' (+{c.peak_cuda_mb:.0f} CUDA)' if c.peak_cuda_mb else ''} | "
-            f"{speed(c.step_speedup)} | {speed(c.e2e_speedup)} |")
+            f"| {c.backend} | {c.precision} | {c.batch} | {'on' if c.bias else 'off'} | "
+            f"{c.step_ms_p50:.1f} | {c.step_ms_p90:.1f} | {c.e2e_s:.2f} | {c.images_per_s:.2f} | "
+            f"{c.peak_rss_mb:.0f}{f' (+{c.peak_cuda_mb:.0f} CUDA)' if c.peak_cuda_mb else ''} | "
+            f"{speed(c.step_speedup)} | {speed(c.e2e_speedup)} | {same} |")
+    for line in m.get("skipped", []):
+        lines.append(f"\nSkipped: {line}")
     return "\n".join(lines) + "\n"
 
 
@@ -38,20 +43,22 @@ def plot(result: BenchResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [c for c in result.cells if c.backend != STOCK]
+    reference = result.meta["dtype"]
+    cells = [c for c in result.cells if c.backend != STOCK or c.precision != reference]
     batches = sorted({c.batch for c in cells})
-    series = sorted({(c.backend, c.bias) for c in cells})
+    series = sorted({(c.backend, c.precision, c.bias) for c in cells})
     fig, ax = plt.subplots(figsize=(1.8 + 1.2 * len(batches) * max(1, len(series)) / 2, 4))
     width = 0.8 / max(1, len(series))
-    for i, (backend, bias) in enumerate(series):
-        ys = [next((c.e2e_speedup for c in cells if (c.backend, c.bias, c.batch) == (backend, bias, b)), 0)
+    for i, (backend, precision, bias) in enumerate(series):
+        key = (backend, precision, bias)
+        ys = [next((c.e2e_speedup for c in cells if (c.backend, c.precision, c.bias, c.batch) == (*key, b)), 0)
               for b in batches]
         xs = [j + i * width for j in range(len(batches))]
-        ax.bar(xs, ys, width, label=f"{backend}{' + bias' if bias else ''}")
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="stock diffusers")
+        ax.bar(xs, ys, width, label=f"{backend} {precision}{' + bias' if bias else ''}")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label=f"stock diffusers {reference}")
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(batches))])
     ax.set_xticklabels([f"{b} images" for b in batches])
-    ax.set_ylabel("end-to-end speedup vs stock diffusers")
+    ax.set_ylabel(f"end-to-end speedup vs stock diffusers {reference}")
     ax.set_title(f"{result.meta['device_name']}, {result.meta['steps']} steps")
     ax.legend(fontsize=8)
     fig.tight_layout()

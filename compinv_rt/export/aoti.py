@@ -15,7 +15,7 @@ def package_name(profile: BatchProfile) -> str:
 
 
 def export_aoti(unet, spec: UNetIOSpec, profiles: list[BatchProfile], out_dir: Path,
-                device: str) -> list[str]:
+                device: str, freezing: bool = False) -> list[str]:
     import torch
 
     from compinv_rt.spatial.attention import BiasedUNet
@@ -32,7 +32,8 @@ def export_aoti(unet, spec: UNetIOSpec, profiles: list[BatchProfile], out_dir: P
             with torch.no_grad():
                 program = torch.export.export(module, example, dynamic_shapes=dynamic)
                 path = out_dir / package_name(profile)
-                torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(path), inductor_configs={"freezing": freezing})
         except Exception as exc:
             raise ExportError(f"AOTInductor export failed: {str(exc).splitlines()[0]}") from exc
         names.append(path.name)

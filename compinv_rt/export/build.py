@@ -98,5 +98,6 @@ def _build(fmt, model, spec, profiles, out_dir: Path, options: dict) -> tuple[li
     if fmt is EngineFormat.aoti:
         from compinv_rt.export.aoti import export_aoti
 
-        return export_aoti(model.unet, spec, profiles, out_dir, str(model.device)), {}
+        return export_aoti(model.unet, spec, profiles, out_dir, str(model.device),
+                           freezing=options.get("freezing", False)), {}
     raise AssertionError(fmt)

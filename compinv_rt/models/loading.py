@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compinv_rt.errors import ModelError
+from compinv_rt.errors import ConfigError, ModelError
 
 # Set before huggingface_hub is imported anywhere: no code path may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -236,9 +236,20 @@ def pick_device(name: str = "auto"):
     return torch.device(name)
 
 
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def check_precision(dtype: str) -> str:
+    if dtype not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
+    return dtype
+
+
 def load_model(spec, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (fast on CPUs with AMX)."""
     import torch
 
+    check_precision(dtype)
     files = inspect_model_dir(resolve_model_dir(spec))
     dev = pick_device(device)
     if dtype == "auto":
