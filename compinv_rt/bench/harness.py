@@ -199,13 +199,17 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
             cell.step_speedup = reference[batch].step_ms_p50 / cell.step_ms_p50
             cell.e2e_speedup = reference[batch].e2e_s / cell.e2e_s
     cells = ((p, m, b, n) for p, m in models.items() for b in cfg.backends for n in cfg.batch_sizes)
+    unavailable = set()
     for precision, model, backend, batch in cells:
+        if (backend, precision) in unavailable:
+            continue
         on_status(f"{backend} {precision}: batch {batch} (opening)")
         try:
             unet = open_backend(backend, model, sampling.height, sampling.width, batch,
                                 guidance=cfg.guidance > 1, engines_root=cfg.engines_root,
                                 on_status=on_status)
         except BackendUnavailable as exc:  # e.g. onnxruntime has no bf16 kernels
+            unavailable.add((backend, precision))
             result.meta["skipped"].append(f"{backend} {precision}: {exc}")
             on_status(f"skipped: {exc}")
             continue
