@@ -1,0 +1,1 @@
+"""`compinv-rt eval`: the paper's evaluation protocol and ablation (see protocol.py)."""

@@ -1,0 +1,54 @@
+"""The `compinv-rt eval` command body: validate cheaply, run with a progress bar, print the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector, seed, samples,
+                steps, train_steps, cache) -> None:
+    from compinv_rt.cli_support import progress
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.eval.protocol import EvalConfig, build_protocol
+    from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
+    from compinv_rt.outputs import check_writable_dir
+
+    # everything cheap first: options, files, model folder, output folder
+    cfg = EvalConfig.preset(quick, seed=seed, samples=samples, steps=steps,
+                             train_steps=train_steps)
+    files = inspect_model_dir(resolve_model_dir(model))
+    world = (files.root / "shapes_world.json").is_file()
+    protocol = build_protocol(quick, concepts, prompts, world=world)
+    for name, path in (("--clip", clip), ("--detector", detector)):
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"{name} {path} is not a folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file")
+    check_writable_dir(out)
+    if cache is not None:
+        check_writable_dir(cache)
+
+    from compinv_rt.eval.runner import run_eval
+
+    bar = None
+
+    def on_progress(done, total, what):
+        nonlocal bar
+        if bar is None:
+            bar = progress(total, "eval", unit="unit")
+        bar.n = done
+        bar.set_postfix_str(what[:60])
+        bar.refresh()
+
+    try:
+        results = run_eval(protocol, cfg, out, model=str(files.root), cache=cache, clip=clip,
+                           detector=detector, on_status=lambda m: typer.echo(m, err=True),
+                           on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    typer.echo(Path(results["report"]["markdown"]).read_text())
+    typer.echo(f"results: {results['report']['json']}, {results['report']['markdown']}, "
+               f"{results['report']['plot']}, {results['report']['grids']}/")

@@ -1,0 +1,95 @@
+"""Concept photos and trained embeddings for the evaluation, cached by what decides them.
+
+A trained concept lives in `<cache>/concepts/<name>-<ti|si>-<key>/`, where `key` hashes the full
+`TrainConfig`, the base model's content hash and the photos' content hash: re-runs, `--quick` and
+the full run reuse whatever matches, and a change to any of them trains afresh. A training cut
+short resumes from its last checkpoint (the train loop's own resume)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+from compinv_rt.eval.protocol import EMBEDDINGS, WORLD_TEMPLATES, Concept, EvalConfig
+from compinv_rt.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def concept_photos(concept: Concept, cache: Path, size: int) -> Path:
+    """The user's folder, or world photos made once (deterministic) under the cache."""
+    if concept.photos is not None:
+        return Path(concept.photos)
+    from compinv_rt.world.photos import make_photos
+
+    spec = f"{concept.shape},{concept.colour},{concept.pattern},{concept.background},{size}"
+    d = cache / "photos" / f"{concept.name}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
+    if not (d / "concept.json").is_file():  # concept.json is written last
+        make_photos(d, concept.shape, concept.colour, concept.pattern or "plain",
+                    concept.background, count=8, seed=1, size=size)
+    return d
+
+
+def train_config(concept: Concept, embedding: str, cfg: EvalConfig, world: bool) -> TrainConfig:
+    return TrainConfig(
+        token=concept.token(embedding), class_word=concept.class_word,
+        anchor_weight=EMBEDDINGS[embedding], steps=cfg.train_steps, batch=cfg.train_batch,
+        lr=cfg.train_lr, augment=cfg.augment, variants=cfg.train_variants,
+        resolution=cfg.train_resolution, checkpoint_every=max(1, min(100, cfg.train_steps)),
+        templates=WORLD_TEMPLATES if world else None)
+
+
+def cache_key(tc: TrainConfig, model_hash: str, photos_hash: str) -> str:
+    blob = json.dumps({"train": tc.as_dict(), "model": model_hash, "photos": photos_hash},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_complete(folder: Path) -> bool:
+    from compinv_rt.errors import ArtifactError
+    from compinv_rt.train.artifact import read_artifact
+
+    if not (folder / "embeddings.safetensors").is_file():
+        return False
+    try:
+        read_artifact(folder)
+    except ArtifactError:
+        return False
+    return True
+
+
+def ensure_trained(concept: Concept, embedding: str, cfg: EvalConfig, model_root: Path,
+                   model_hash: str, cache: Path, world: bool,
+                   on_status: Callable[[str], None] | None = None,
+                   on_step=None, device: str = "auto") -> tuple[Path, bool]:
+    """-> (concept folder, reused). Trains (or finishes training) when no complete match exists."""
+    from compinv_rt.train.data import images_hash, list_images
+    from compinv_rt.train.loop import prepare, train_concept
+
+    status = on_status or log.info
+    photos = concept_photos(concept, cache, size=_model_size(model_root))
+    tc = train_config(concept, embedding, cfg, world)
+    key = cache_key(tc, model_hash, images_hash(list_images(photos)))
+    folder = cache / "concepts" / f"{concept.name}-{embedding}-{key}"
+    if is_complete(folder):
+        status(f"reusing {concept.token(embedding)} from {folder}")
+        return folder, True
+    status(f"training {concept.token(embedding)} ({tc.steps} steps, anchor weight "
+           f"{tc.anchor_weight}) -> {folder}")
+    from compinv_rt.train.analysis import shapes_world_vocabulary
+
+    plan = prepare(tc, photos, str(model_root))
+    train_concept(plan, folder, resume=True, device=device,
+                  on_step=on_step, on_status=lambda m: log.info(m),
+                  analysis_words=shapes_world_vocabulary() if world else None)
+    return folder, False
+
+
+def _model_size(model_root: Path) -> int:
+    from compinv_rt.models.loading import inspect_model_dir
+
+    return inspect_model_dir(Path(model_root)).default_size
+
