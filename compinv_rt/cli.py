@@ -430,12 +430,17 @@ def eval_(
     steps: Optional[int] = typer.Option(None, help="Sampler steps (default 25)."),
     train_steps: Optional[int] = typer.Option(None, help="Training steps per concept (default 500, quick 250)."),
     cache: Optional[Path] = typer.Option(None, help="Trained-concept cache (default: OUT/cache)."),
+    si_anchor_weight: Optional[float] = typer.Option(
+        None, help="Semantic inversion's anchor weight (default 0.95, the reference)."),
+    si_anchors: Optional[str] = typer.Option(
+        None, help="Semantic inversion's anchors: class (default), attributes (class + colour + "
+        "pattern words, a sparse combination), or a train --anchors spec."),
 ):
     """The paper's evaluation and ablation: 5 methods x prompts, judged; table + plot + grids."""
     from compinv_rt.eval.command import run_command
 
     run_command(out, quick, model, concepts, prompts, clip, detector, seed, samples, steps,
-                train_steps, cache)
+                train_steps, cache, si_anchor_weight, si_anchors)
 
 
 # --- `compinv-rt layout ...`: the layout model --------------------------------------------

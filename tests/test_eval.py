@@ -459,3 +459,23 @@ def test_cache_key_changes_with_the_config(e2e, tiny_model):
     assert not reused and other != folder
     assert ensure_trained(concept, "ti", P.EvalConfig(train_steps=1), tiny_model, h, cache,
                           world=False) == (other, True)
+
+
+def test_semantic_inversion_anchor_settings():
+    """--si-anchors / --si-anchor-weight reach the SI training config only; TI stays plain."""
+    from compinv_rt.eval.training import train_config
+
+    heart = P.Concept("heart", "heart", shape="heart", colour="orange", pattern="dotted",
+                      background="sand")
+    circle = P.Concept("circle", "circle", shape="circle", colour="red", pattern="plain",
+                       background="sand")
+    cfg = P.EvalConfig(si_anchors="attributes", si_anchor_weight=0.5)
+    si, ti = train_config(heart, "si", cfg, world=True), train_config(heart, "ti", cfg, world=True)
+    assert (si.anchors, si.anchor_weight) == ("heart,orange,dotted", 0.5)
+    assert (ti.anchors, ti.anchor_weight) == (None, 0.0)
+    assert train_config(circle, "si", cfg, world=True).anchors == "circle,red"
+    assert train_config(heart, "si", P.EvalConfig(), world=True).anchors is None
+    with pytest.raises(ConfigError):
+        P.EvalConfig(si_anchors="auto:0")
+    with pytest.raises(ConfigError):
+        P.EvalConfig(si_anchor_weight=-1)

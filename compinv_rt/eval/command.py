@@ -8,7 +8,7 @@ import typer
 
 
 def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector, seed, samples,
-                steps, train_steps, cache) -> None:
+                steps, train_steps, cache, si_anchor_weight=None, si_anchors=None) -> None:
     from compinv_rt.cli_support import progress
     from compinv_rt.errors import ConfigError
     from compinv_rt.eval.protocol import EvalConfig, build_protocol
@@ -17,7 +17,8 @@ def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector
 
     # everything cheap first: options, files, model folder, output folder
     cfg = EvalConfig.preset(quick, seed=seed, samples=samples, steps=steps,
-                             train_steps=train_steps)
+                             train_steps=train_steps, si_anchor_weight=si_anchor_weight,
+                             si_anchors=si_anchors)
     files = inspect_model_dir(resolve_model_dir(model))
     world = (files.root / "shapes_world.json").is_file()
     protocol = build_protocol(quick, concepts, prompts, world=world)

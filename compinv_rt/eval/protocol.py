@@ -69,6 +69,17 @@ class Concept:
     def is_world(self) -> bool:
         return self.shape is not None
 
+    def anchors(self, spec: str) -> str | None:
+        """Train `--anchors` for semantic inversion (None: the class word)."""
+        if spec == "class":
+            return None
+        if spec == "attributes":
+            if not self.is_world:
+                return None  # a user concept has no known attribute words
+            pat = [] if self.pattern in (None, "plain") else [self.pattern]
+            return ",".join([self.class_word, self.colour, *pat])
+        return spec
+
     def words(self) -> str:
         """The concept in world words (what the judge should find)."""
         if not self.is_world:
@@ -127,6 +138,11 @@ class EvalConfig:
     train_resolution: int | None = None
     augment: bool = False
     bias_strength: float = 2.0
+    # Semantic inversion's attractor: weight, and anchors: "class" (the class word, the
+    # reference), "attributes" (class + colour + pattern words of a world concept: a sparse
+    # combination, so the token keeps its attributes), or any train spec ("w1,w2", "auto:K").
+    si_anchor_weight: float = SI_ANCHOR_WEIGHT
+    si_anchors: str = "class"
     spatial_steps: str = "0.2"  # the reference's 10 of 50 steps
     batch: int = 16  # images per pipeline call
     detector_threshold: float = 0.8
@@ -137,6 +153,12 @@ class EvalConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.guidance < 0:
             raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
+        if self.si_anchor_weight < 0:
+            raise ConfigError(f"--si-anchor-weight must be >= 0, got {self.si_anchor_weight}")
+        if self.si_anchors not in ("class", "attributes"):
+            from compinv_rt.train.config import parse_anchor_spec
+
+            parse_anchor_spec(self.si_anchors)
 
     @staticmethod
     def preset(quick: bool, **overrides) -> "EvalConfig":

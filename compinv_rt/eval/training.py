@@ -34,9 +34,12 @@ def concept_photos(concept: Concept, cache: Path, size: int) -> Path:
 
 
 def train_config(concept: Concept, embedding: str, cfg: EvalConfig, world: bool) -> TrainConfig:
+    si = embedding == "si"
     return TrainConfig(
         token=concept.token(embedding), class_word=concept.class_word,
-        anchor_weight=EMBEDDINGS[embedding], steps=cfg.train_steps, batch=cfg.train_batch,
+        anchor_weight=cfg.si_anchor_weight if si else EMBEDDINGS[embedding],
+        anchors=concept.anchors(cfg.si_anchors) if si else None,
+        steps=cfg.train_steps, batch=cfg.train_batch,
         lr=cfg.train_lr, augment=cfg.augment, variants=cfg.train_variants,
         resolution=cfg.train_resolution, checkpoint_every=max(1, min(100, cfg.train_steps)),
         templates=WORLD_TEMPLATES if world else None)
