@@ -35,6 +35,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--bias-steps", default="0.2")
     ap.add_argument("--modes", default="none,bias,guidance")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--guidance-layers", default="default",
+                    help="default (the reference's choice), all, or comma-separated layer names")
+    ap.add_argument("--guidance-scale", type=float, default=30.0)
+    ap.add_argument("--guidance-iterations", type=int, default=5)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -42,6 +46,8 @@ def main(argv=None) -> dict:
     from compinv_rt.models.loading import load_model
     from compinv_rt.runtime.backends import TorchBackend
     from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.spatial.capture import cross_attention_layers
+    from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
     from compinv_rt.spatial.plan import SpatialConfig, plan_spatial
     from compinv_rt.world.judge import load_judge
     from compinv_rt.world.scenes import heldout_prompts, parse_prompt
@@ -51,9 +57,15 @@ def main(argv=None) -> dict:
     pipe = Pipeline(loaded, TorchBackend(loaded.unet))
     cfg = SamplingConfig(steps=args.steps, guidance=args.guidance).resolved(loaded.files)
     prompts = heldout_prompts("two", args.prompts)
+    f = loaded.files.vae_scale_factor
+    latent_hw = (cfg.height // f, cfg.width // f)
     result = {"model": str(loaded.root), "prompts": len(prompts), "k": args.k,
               "steps": args.steps, "guidance": args.guidance, "bias_strength": args.strength,
-              "bias_steps": args.bias_steps, "modes": {}}
+              "bias_steps": args.bias_steps, "guidance_layers": args.guidance_layers,
+              "guidance_scale": args.guidance_scale, "guidance_iterations": args.guidance_iterations,
+              "modes": {}}
+    layers = {"default": None, "all": tuple(cross_attention_layers(pipe.backend.module))}.get(
+        args.guidance_layers, tuple(args.guidance_layers.split(",")))
     for mode in args.modes.split(","):
         t0 = time.time()
         spatial = SpatialConfig.from_options(None if mode == "none" else mode, None, args.strength,
@@ -61,6 +73,12 @@ def main(argv=None) -> dict:
         present = inside = n = 0
         for prompt in prompts:
             plan = plan_spatial(spatial, loaded, pipe.backend, prompt, args.k, cfg)
+            if "latent_hook" in plan.kwargs:  # guidance with this run's settings
+                g = plan.kwargs["latent_hook"]
+                plan.kwargs["latent_hook"] = LayoutGuidance(
+                    g.module, [plan.layout] * args.k, latent_hw,
+                    GuidanceConfig(steps=g.config.steps, iterations=args.guidance_iterations,
+                                   scale=args.guidance_scale, layers=layers))
             seeds = [8888 + i for i in range(args.k)]
             images = pipe.generate([prompt] * args.k, seeds, cfg, **plan.kwargs)
             verdicts = judge(np.stack([np.asarray(im) for im in images]))

@@ -38,6 +38,8 @@ def markdown(result: BenchResult) -> str:
 
 
 def plot(result: BenchResult, path: Path) -> None:
+    """One panel per batch size: a horizontal bar per backend x precision x bias, the end-to-end
+    speedup over stock diffusers at the reference precision (dashed line at 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,20 +49,26 @@ def plot(result: BenchResult, path: Path) -> None:
     cells = [c for c in result.cells if c.backend != STOCK or c.precision != reference]
     batches = sorted({c.batch for c in cells})
     series = sorted({(c.backend, c.precision, c.bias) for c in cells})
-    fig, ax = plt.subplots(figsize=(1.8 + 1.2 * len(batches) * max(1, len(series)) / 2, 4))
-    width = 0.8 / max(1, len(series))
-    for i, (backend, precision, bias) in enumerate(series):
-        key = (backend, precision, bias)
-        ys = [next((c.e2e_speedup for c in cells if (c.backend, c.precision, c.bias, c.batch) == (*key, b)), 0)
-              for b in batches]
-        xs = [j + i * width for j in range(len(batches))]
-        ax.bar(xs, ys, width, label=f"{backend} {precision}{' + bias' if bias else ''}")
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label=f"stock diffusers {reference}")
-    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(batches))])
-    ax.set_xticklabels([f"{b} images" for b in batches])
-    ax.set_ylabel(f"end-to-end speedup vs stock diffusers {reference}")
-    ax.set_title(f"{result.meta['device_name']}, {result.meta['steps']} steps")
-    ax.legend(fontsize=8)
+    colours = {b: plt.cm.tab10(i) for i, b in enumerate(sorted({s[0] for s in series}))}
+    fig, axes = plt.subplots(1, len(batches), sharey=True, squeeze=False,
+                             figsize=(1.5 + 3.2 * len(batches), 1.2 + 0.28 * len(series)))
+    for ax, batch in zip(axes[0], batches):
+        for y, (backend, precision, bias) in enumerate(series):
+            value = next((c.e2e_speedup for c in cells
+                          if (c.backend, c.precision, c.bias, c.batch) == (backend, precision, bias, batch)),
+                         None) or 0.0  # 0: not measured (e.g. a skipped backend)
+            ax.barh(y, value, color=colours[backend], alpha=1.0 if precision == reference else 0.55,
+                    hatch="//" if bias else None, edgecolor="black", linewidth=0.4)
+            ax.text(value, y, f" {value:.2f}x", va="center", fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_title(f"{batch} image{'s' if batch > 1 else ''}", fontsize=9)
+        ax.set_xlabel(f"end-to-end speedup vs stock {reference}", fontsize=8)
+        ax.set_xlim(0, max([c.e2e_speedup or 0 for c in cells] + [1]) * 1.25)
+    axes[0][0].set_yticks(range(len(series)))
+    axes[0][0].set_yticklabels([f"{b} {p}{' + bias' if bias else ''}" for b, p, bias in series],
+                               fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"{result.meta['device_name']}, {result.meta['steps']} steps", fontsize=9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
