@@ -265,6 +265,29 @@ def test_box_from_map_keeps_the_peak_component():
     assert (x0 * 16, y0 * 16, x1 * 16, y1 * 16) == (3, 8, 6, 11)
 
 
+@pytest.mark.parametrize("up_types,expected_up", [
+    # SD 1.x/2.x structure: up block 0 has no attention -> up_blocks.1 (16x16 at 512 px)
+    (("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), "up_blocks.1.attentions.0."),
+    # the embedded model's structure: attention already in up block 0 (4x4) -> still up_blocks.1
+    (("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), "up_blocks.1.attentions.0."),
+    # only up block 0 attends: fall back to it
+    (("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), "up_blocks.0.attentions.0."),
+])
+def test_guidance_layers_follow_the_reference_structure(up_types, expected_up):
+    from diffusers import UNet2DConditionModel
+
+    from compinv_rt.spatial.capture import guidance_layers
+
+    down = tuple("CrossAttnDownBlock2D" if t == "CrossAttnUpBlock2D" else "DownBlock2D"
+                 for t in reversed(up_types))
+    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(8, 8, 8), layers_per_block=1,
+                                down_block_types=down, up_block_types=up_types,
+                                cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4)
+    layers = guidance_layers(unet)
+    assert layers[0].startswith("mid_block.") and len(layers) == 2
+    assert layers[1].startswith(expected_up), layers
+
+
 def test_guidance_lowers_the_layout_loss_and_only_early(loaded, tokenizer):
     from diffusers import DDIMScheduler
 

@@ -44,14 +44,19 @@ def cross_attention_layers(unet) -> dict[str, Attention]:
 
 
 def guidance_layers(unet) -> list[str]:
-    """The reference's layers: the mid block's cross-attention and the first cross-attention layer
-    of the first up block that has any (SD 1.x: 8x8 mid and 16x16 up_blocks.1.attentions.0)."""
+    """The reference's layers, by structure: the mid block's cross-attention and the first
+    cross-attention layer of up block 1, the second-coarsest level (SD 1.x/2.x: 8x8 mid and 16x16
+    up_blocks.1.attentions.0; up block 0 has no attention there). UNets that do attend in up block 0
+    (the embedded model) still get up block 1: its 4x4 maps are too coarse to place anything
+    (guidance there: 70 % / 46 % presence / region, at up block 1: 94 % / 94 %,
+    benchmarks/spatial.md). Falls back to the first up block with cross-attention."""
     names = list(cross_attention_layers(unet))
     mid = [n for n in names if n.startswith("mid_block.")]
     ups = [n for n in names if n.startswith("up_blocks.")]
     first_up = []
     if ups:
-        block = ".".join(ups[0].split(".")[:4])  # up_blocks.<i>.attentions.<j>
+        chosen = next((n for n in ups if n.startswith("up_blocks.1.")), ups[0])
+        block = ".".join(chosen.split(".")[:4])  # up_blocks.<i>.attentions.<j>
         first_up = [n for n in ups if n.startswith(block + ".")]
     return mid + first_up
 
