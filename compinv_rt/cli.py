@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from compinv_rt.cli_support import progress, user_errors
+from compinv_rt.cli_support import progress, typer_app, user_errors
 from compinv_rt.export.iospec import Precision
 from compinv_rt.export.manifest import EngineFormat, ExportTarget
 from compinv_rt.export.onnx_export import OnnxExporter
@@ -19,13 +19,9 @@ from compinv_rt.runtime.registry import BackendName
 from compinv_rt.runtime.schedulers import SchedulerName
 from compinv_rt.spatial.layouts import SpatialMode
 
-app = typer.Typer(
-    name="compinv-rt",
-    help="Compositional inversion for Stable Diffusion: train concepts, export engines, generate.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer_app(
+    "compinv-rt",
+    "Compositional inversion for Stable Diffusion: train concepts, export engines, generate.")
 
 
 @app.command()
@@ -445,13 +441,8 @@ def eval_(
 
 # --- `compinv-rt layout ...`: the layout model --------------------------------------------
 
-layout_app = typer.Typer(
-    name="layout",
-    help="The layout model behind `generate --layout auto`: build data, fit, evaluate.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+layout_app = typer_app(
+    "layout", "The layout model behind `generate --layout auto`: build data, fit, evaluate.")
 
 
 @layout_app.command("world-data")

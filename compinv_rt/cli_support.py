@@ -9,6 +9,13 @@ import sys
 import typer
 
 
+def typer_app(name: str, help: str) -> typer.Typer:
+    """The project's CLI policy, for the app and every sub-app: help when called bare, no shell
+    completion install, and no rich tracebacks (user errors are one line, see user_errors)."""
+    return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False)
+
+
 def user_errors(fn):
     """Turn a CompinvError into one clear line on stderr and exit code 1. Bugs keep their traceback."""
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from compinv_rt.bench.memory import PeakMemory
+from compinv_rt.runtime.registry import precision_of
 
 PROMPT = "a red star and a blue circle on grass"
 STOCK = "diffusers"
@@ -125,10 +126,6 @@ def _measure(run, device, repeats: int, timer: StepTimer, batch: int):
                 images_per_s=batch / e2e_s, peak_rss_mb=mem.rss_mb, peak_cuda_mb=mem.cuda_mb)
 
 
-def _precision_name(model) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[model.dtype]
-
-
 def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int, Cell]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -147,7 +144,7 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
         pipe.unet.forward = timer
     cells = {}
     for batch in cfg.batch_sizes:
-        on_status(f"{STOCK} {_precision_name(model)}: batch {batch}")
+        on_status(f"{STOCK} {precision_of(model).value}: batch {batch}")
 
         def run():
             pipe(cfg.prompt, num_images_per_prompt=batch, num_inference_steps=cfg.steps,
@@ -156,7 +153,7 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
 
         cells[batch] = Cell(STOCK, batch, False, cfg.steps,
                             **_measure(run, model.device, cfg.repeats, timer, batch),
-                            precision=_precision_name(model))
+                            precision=precision_of(model).value)
     del pipe
     return cells
 
@@ -166,14 +163,13 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
     from compinv_rt import __version__
     from compinv_rt.models.loading import load_model
     from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
-    from compinv_rt.runtime.registry import open_backend
-
     from compinv_rt.errors import BackendUnavailable
+    from compinv_rt.runtime.registry import open_backend
 
     models = {}  # resolved precision name ("auto" -> fp32 on CPU) -> model; the first is the reference
     for requested in cfg.precisions:
         m = load_model(model_spec, device=device, dtype=requested)
-        models.setdefault(_precision_name(m), m)
+        models.setdefault(precision_of(m).value, m)
     model = next(iter(models.values()))
     sampling = SamplingConfig(steps=cfg.steps, guidance=cfg.guidance).resolved(model.files)
     f = model.files.vae_scale_factor
@@ -181,7 +177,7 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
     result = BenchResult(meta={
         "model": str(model.root), "model_hash": model.hash, "label": label,
         "device": str(model.device), "device_name": _device_name(model.device),
-        "dtype": _precision_name(model), "precisions": list(models),
+        "dtype": precision_of(model).value, "precisions": list(models),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(), "compinv_rt": __version__,
         "image_size": [sampling.height, sampling.width], "steps": cfg.steps,
@@ -193,7 +189,7 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
     for precision, m in models.items():
         stock[precision] = _stock_cells(str(m.root), m, cfg, on_status)
         result.cells.extend(stock[precision].values())
-    reference = stock[_precision_name(model)]
+    reference = stock[precision_of(model).value]
     for cells in list(stock.values())[1:]:
         for batch, cell in cells.items():
             cell.step_speedup = reference[batch].step_ms_p50 / cell.step_ms_p50

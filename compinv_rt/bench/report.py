@@ -23,9 +23,10 @@ def markdown(result: BenchResult) -> str:
         f"| end-to-end speedup vs stock {m['dtype']} | end-to-end vs stock, same precision |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    def speed(v):
+        return "1.00 (baseline)" if v is None else f"{v:.2f}x"
+
     for c in result.cells:
-        def speed(v):
-            return "1.00 (baseline)" if v is None else f"{v:.2f}x"
         same = "-" if c.backend == STOCK else speed(c.e2e_speedup_same_precision)
         lines.append(
             f"| {c.backend} | {c.precision} | {c.batch} | {'on' if c.bias else 'off'} | "

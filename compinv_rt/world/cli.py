@@ -12,15 +12,11 @@ from typing import Optional
 import typer
 
 from compinv_rt.cli_support import progress as progress_bar
-from compinv_rt.cli_support import user_errors
+from compinv_rt.cli_support import typer_app, user_errors
 
-world_app = typer.Typer(
-    name="world",
-    help="The embedded shapes world: scenes, the judge, the tiny SD's training recipe, scoring, photos.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+world_app = typer_app(
+    "world",
+    "The embedded shapes world: scenes, the judge, the tiny SD's training recipe, scoring, photos.")
 
 
 @world_app.command()
