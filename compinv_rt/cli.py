@@ -15,7 +15,7 @@ from compinv_rt.cli_support import progress, typer_app, user_errors
 from compinv_rt.export.iospec import Precision
 from compinv_rt.export.manifest import EngineFormat, ExportTarget
 from compinv_rt.export.onnx_export import OnnxExporter
-from compinv_rt.runtime.registry import BackendName
+from compinv_rt.runtime.registry import Backend
 from compinv_rt.runtime.schedulers import SchedulerName
 from compinv_rt.spatial.layouts import SpatialMode
 
@@ -41,7 +41,7 @@ def generate(
     precision: str = typer.Option(
         "auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (about 2x faster on "
         "CPUs with AMX, with --backend aoti or compile)."),
-    backend: BackendName = typer.Option(BackendName.torch, help="UNet backend."),
+    backend: Backend = typer.Option(Backend.torch, help="UNet backend."),
     engine: Optional[Path] = typer.Option(
         None, help="Engine folder from `compinv-rt export` (default: find or build one in engines/)."),
     out: Optional[str] = typer.Option(
@@ -79,7 +79,7 @@ def generate(
 ):
     """Generate images: one PNG and one JSON sidecar per image, plus a grid."""
     from compinv_rt.errors import ConfigError
-    from compinv_rt.models.loading import check_precision, inspect_model_dir, resolve_model_dir
+    from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
     from compinv_rt.runtime.pipeline import SamplingConfig
 
     if jobs is not None:
@@ -100,7 +100,7 @@ def generate(
         raise ConfigError("the prompt is empty")
     if num_images < 1:
         raise ConfigError(f"-n/--num-images must be >= 1, got {num_images}")
-    check_precision(precision)
+    precision = Precision.parse(precision)
     files = inspect_model_dir(resolve_model_dir(model))
     config = SamplingConfig(steps, guidance, scheduler, height, width).resolved(files)
     if concept:
@@ -121,17 +121,18 @@ def generate(
     check_writable_dir(out)
 
     from compinv_rt.generation import generate_to_folder
+    from compinv_rt.session import GenerationSession, Request, SessionOptions
 
+    session = GenerationSession.open(
+        SessionOptions(str(files.root), device, precision, backend, engine,
+                       max_batch=num_images),
+        on_status=lambda msg: typer.echo(msg, err=True))
+    request = Request(prompt, seed, num_images, negative_prompt, config,
+                      tuple(str(c) for c in concept or ()), spatial_config)
     bar = progress(config.steps, "denoising")
     try:
-        result = generate_to_folder(
-            prompt, negative_prompt, seeds=[seed + i for i in range(num_images)], config=config,
-            model=str(files.root), device=device, precision=precision, out=out, backend=backend,
-            engine=engine,
-            on_step=lambda done, total: bar.update(done - bar.n),
-            on_status=lambda msg: typer.echo(msg, err=True), spatial=spatial_config,
-            concepts=concept or (),
-        )
+        result = generate_to_folder(session, request, out,
+                                    on_step=lambda done, total: bar.update(done - bar.n))
     finally:
         bar.close()
     typer.echo(f"wrote {len(result.images)} images + JSON sidecars to {out}/")
@@ -146,12 +147,12 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
     """`generate --jobs`: many jobs packed into UNet batches, streamed to disk, resumable."""
     from compinv_rt.errors import ConfigError
     from compinv_rt.jobs import JobsSummary, pending_items, read_jobs
-    from compinv_rt.models.loading import check_precision, inspect_model_dir, resolve_model_dir
+    from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
     from compinv_rt.sinks import open_sink
 
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
-    check_precision(precision)
+    precision = Precision.parse(precision)
     if out is None:
         raise ConfigError("--jobs needs --out DIR (the folder --resume continues)")
     jobs, problems = read_jobs(jobs_file, {"seed": seed, "steps": steps, "guidance": guidance})
@@ -163,20 +164,22 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
     items = pending_items(jobs, out, files, resume, summary, exists=sink.exists)
     from compinv_rt.jobs import concept_folders
 
-    settings = dict(model=str(files.root), device=device, precision=precision,
-                    backend=backend.value, engine=engine,
-                    max_batch=max_batch, scheduler=scheduler.value, concepts=concept_folders(jobs),
-                    bias_strength=bias_strength, bias_steps=bias_steps)
+    from compinv_rt.jobs import JobsConfig
+    from compinv_rt.session import SessionOptions
+
+    config = JobsConfig(SessionOptions(str(files.root), device, precision, backend, engine,
+                                       max_batch=max_batch),
+                        scheduler.value, concept_folders(jobs), bias_strength, bias_steps)
     bar = progress(len(items), "images", unit="img")
     try:
         if ray is not None:
             from compinv_rt.scaleout import run_on_ray
 
-            run_on_ray(items, sink.uri, settings, summary, on_image=lambda name: bar.update(1), **ray)
+            run_on_ray(items, sink.uri, config, summary, on_image=lambda name: bar.update(1), **ray)
         else:
             from compinv_rt.jobs import JobRunner
 
-            JobRunner(sink=sink, **settings).run(items, summary, on_image=lambda name: bar.update(1))
+            JobRunner(sink, config).run(items, summary, on_image=lambda name: bar.update(1))
     finally:
         bar.close()
     for line in summary.problems[len(problems):]:
@@ -224,7 +227,7 @@ def export(
     from compinv_rt.export.onnx_export import check_opset
     from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
     from compinv_rt.outputs import check_writable_dir
-    from compinv_rt.runtime.registry import ExportOptions
+    from compinv_rt.export.build import ExportOptions
 
     profiles = batch_profiles(_int_list(batch_sizes, "--batch-sizes"), dynamic)
     target = format
@@ -237,8 +240,10 @@ def export(
     if format is not EngineFormat.aoti:
         check_opset(exporter, opset)
     files = inspect_model_dir(resolve_model_dir(model))
+    from compinv_rt.models.loading import pick_device
+
     spec = UNetIOSpec.for_model(files, height or files.default_size, width or files.default_size,
-                                precision)
+                                precision.resolve(pick_device(device)))
     if format is EngineFormat.tensorrt:
         from compinv_rt.export.build import require_tensorrt
 
@@ -365,12 +370,11 @@ def bench(
     """Latency/throughput/memory of each backend vs stock diffusers, as JSON + table + plot."""
     from compinv_rt.errors import ConfigError
     from compinv_rt.outputs import check_writable_dir
-    from compinv_rt.runtime.registry import BackendName
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in BackendName.__members__]
+    unknown = [b for b in names if b not in Backend.__members__]
     if unknown or not names:
-        raise ConfigError(f"unknown backend(s) {unknown}: choose from {', '.join(BackendName.__members__)}")
+        raise ConfigError(f"unknown backend(s) {unknown}: choose from {', '.join(Backend.__members__)}")
     flags = {"off": False, "on": True}
     if not set(bias.split(",")) <= set(flags):
         raise ConfigError(f"--bias takes off, on or off,on; got {bias!r}")
@@ -380,9 +384,8 @@ def bench(
         raise ConfigError("pass --model or --arch, not both")
     if baseline not in ("eager", "compiled"):
         raise ConfigError(f"--baseline must be eager or compiled, got {baseline!r}")
-    from compinv_rt.models.loading import check_precision
-
-    precision_list = tuple(check_precision(p.strip()) for p in precisions.split(",") if p.strip())
+    precision_list = tuple(Precision.parse(p.strip(), "--precisions")
+                           for p in precisions.split(",") if p.strip())
     if not precision_list:
         raise ConfigError("--precisions needs at least one of auto, fp32, fp16, bf16")
     check_writable_dir(out)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compinv_rt.errors import CompinvError, ConfigError
-from compinv_rt.runtime.batching import BatchKey, pack
+from compinv_rt.session import Request, SessionOptions
 
 FIELDS = {"prompt", "concepts", "layout", "seed", "n", "negative_prompt", "steps", "guidance",
           "height", "width", "id"}
@@ -51,15 +51,6 @@ class Item:
     @property
     def name(self) -> str:
         return f"{self.job.id}_{self.index:03d}"
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """An item ready to batch: its text with concept tokens expanded, and its spatial bias."""
-
-    prompt: str
-    negative_prompt: str
-    bias: object | None = None  # (T, h, w) attention bias for the conditional half, or None
 
 
 @dataclass
@@ -169,153 +160,83 @@ def pending_items(jobs: list[Job], out: Path, model_files, resume: bool,
     return items
 
 
-def generate_items(
-    items: list[Item],
-    sink,
-    model,
-    open_unet: Callable[[int, int], object],
-    max_batch: int,
-    scheduler: str,
-    summary: JobsSummary,
-    on_image: Callable[[str], None] = lambda name: None,
-    prepare_item: Callable | None = None,
-    bias_steps_of: Callable[[Item, object], int] = lambda item, cfg: 0,
-) -> JobsSummary:
-    """Generate `items` into `sink` (an OutputSink), packed into UNet batches.
+@dataclass(frozen=True)
+class JobsConfig:
+    """Everything a jobs run needs besides the jobs: plain values, so it travels to Ray workers."""
 
-    `open_unet(height, width)` returns the backend for one image size (cached by the caller).
-    `bias_steps_of(item, cfg)` is the cheap part of an item's spatial settings, needed to pack;
-    `prepare_item(item, cfg) -> Prepared` (text with concept tokens expanded, attention bias) runs
-    only when the item's batch runs, so memory stays flat however many jobs there are. A job that
-    cannot be prepared is reported and its other items skipped; the rest still run.
-    """
-    import torch
+    options: SessionOptions
+    scheduler: str = "ddim"
+    concepts: tuple[str, ...] = ()  # every concept folder the jobs name (concept_folders)
+    bias_strength: float = 2.0  # for jobs with a layout
+    bias_steps: str = "0.2"
 
-    from compinv_rt.outputs import image_metadata
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
 
-    failed_jobs = set()
+def job_request(job: Job, config: JobsConfig) -> Request:
+    """A job as a generation request (its layout, if any, becomes a bias; ConfigError if bad)."""
+    from compinv_rt.runtime.pipeline import SamplingConfig
+    from compinv_rt.spatial.plan import SpatialConfig
 
-    def fail(job, exc):
-        if job.id not in failed_jobs:
-            summary.problems.append(f"line {job.line} ({job.id}): {exc}")
-        failed_jobs.add(job.id)
-
-    keyed = []
-    for item in items:
-        job = item.job
-        cfg = SamplingConfig(job.steps, job.guidance, scheduler, job.height,
-                             job.width).resolved(model.files)
-        try:
-            keyed.append((item, cfg, bias_steps_of(item, cfg)))
-        except CompinvError as exc:
-            fail(job, exc)
-
-    def key(entry):
-        item, cfg, bias_steps = entry
-        return (BatchKey(cfg.height, cfg.width, cfg.steps, cfg.scheduler.value, cfg.guidance),
-                bias_steps)
-
-    for (_, bias_steps), entries in pack(keyed, key, max_batch):
-        cfg = entries[0][1]
-        batch = []
-        for item, _, _ in entries:
-            if item.job.id in failed_jobs:
-                continue
-            try:
-                prep = (prepare_item(item, cfg) if prepare_item
-                        else Prepared(item.job.prompt, item.job.negative_prompt))
-            except CompinvError as exc:
-                fail(item.job, exc)
-                continue
-            batch.append((item, prep))
-        if not batch:
-            continue
-        pipe = Pipeline(model, open_unet(cfg.height, cfg.width))
-        bias = None
-        if bias_steps:
-            f = model.files.vae_scale_factor
-            zeros = torch.zeros((77, cfg.height // f, cfg.width // f))
-            bias = torch.stack([p.bias if p.bias is not None else zeros for _, p in batch])
-        images = pipe.generate([p.prompt for _, p in batch], [it.seed for it, _ in batch], cfg,
-                               negative_prompts=[p.negative_prompt for _, p in batch],
-                               attention_bias=bias, bias_steps=bias_steps)
-        for (item, _), image in zip(batch, images):
-            sink.write_png(f"{item.name}.png", image)
-            meta = image_metadata(item.job.prompt, item.job.negative_prompt, item.seed,
-                                  cfg.as_dict(), model, getattr(pipe.backend, "name", "custom"),
-                                  job_id=item.job.id, index=item.index, line=item.job.line,
-                                  concepts=list(item.job.concepts), layout=item.job.layout,
-                                  bias_steps=bias_steps, image=f"{item.name}.png")
-            sink.write_json(f"{item.name}.json", meta)  # written last: marks the item done
-            summary.written += 1
-            on_image(item.name)
-    return summary
+    spatial = SpatialConfig()
+    if job.layout:
+        spatial = SpatialConfig.from_options("bias", job.layout, config.bias_strength,
+                                             config.bias_steps, backend=config.options.backend,
+                                             total_steps=job.steps)
+    return Request(job.prompt, job.seed, job.n, job.negative_prompt,
+                   SamplingConfig(job.steps, job.guidance, config.scheduler, job.height, job.width),
+                   tuple(job.concepts), spatial)
 
 
 class JobRunner:
-    """Everything one process needs to generate items: the model, its concepts and backends,
-    opened once. The same object runs the local path and each Ray actor (compinv_rt.scaleout)."""
+    """Everything one process needs to generate items: a GenerationSession (the model, its
+    concepts and backends, opened once). The same object runs the local path and each Ray actor
+    (compinv_rt.scaleout)."""
 
-    def __init__(self, sink, model: str, device: str, backend: str, engine, max_batch: int,
-                 scheduler: str, concepts: tuple[str, ...] = (), bias_strength: float = 2.0,
-                 bias_steps: str = "0.2", precision: str = "auto"):
-        from compinv_rt.models.loading import load_model
-        from compinv_rt.train.artifact import load_concepts
+    def __init__(self, sink, config: JobsConfig):
+        from compinv_rt.session import GenerationSession
 
-        self.sink = sink
-        self.model = load_model(model, device=device, dtype=precision)
-        self.backend, self.engine = backend, engine
-        self.max_batch, self.scheduler = max_batch, scheduler
-        self.bias_strength, self.bias_steps = bias_strength, bias_steps
+        self.sink, self.config = sink, config
+        self.session = GenerationSession.open(config.options)
         # Every concept of the file joins the text encoder once; prompts without its token are
         # unaffected, so one model serves all jobs.
-        self.concepts = {str(c.folder): c for c in load_concepts(self.model, list(concepts))}
-        self._unets = {}
+        self.session.load_concepts(config.concepts)
 
-    def open_unet(self, height: int, width: int):
-        from compinv_rt.runtime.registry import open_backend
+    def run(self, items: list[Item], summary: JobsSummary,
+            on_image: Callable[[str], None] = lambda name: None) -> JobsSummary:
+        """Generate `items` into the sink, packed into UNet batches. Each job's text, concepts and
+        layout are prepared only when its batch runs, so memory stays flat however many jobs
+        there are. A job that fails is reported once and its other items skipped."""
+        from compinv_rt.session import Task
 
-        if (height, width) not in self._unets:
-            self._unets[(height, width)] = open_backend(
-                self.backend, self.model, height, width, self.max_batch, guidance=True,
-                engine=self.engine)
-        return self._unets[(height, width)]
+        requests: dict[str, Request] = {}
+        jobs: dict[int, Job] = {}
+        tasks = []
+        for item in items:
+            job = item.job
+            if job.id not in requests:
+                try:
+                    requests[job.id] = job_request(job, self.config)
+                except CompinvError as exc:
+                    summary.problems.append(f"line {job.line} ({job.id}): {exc}")
+                    requests[job.id] = None  # type: ignore[assignment]
+                    continue
+                jobs[id(requests[job.id])] = job
+            if requests[job.id] is not None:
+                tasks.append(Task(requests[job.id], item.index))
 
-    def prepare_item(self, item: Item, cfg) -> Prepared:
-        from compinv_rt.train.artifact import expand_prompt
+        def on_error(request: Request, exc: CompinvError) -> None:
+            job = jobs[id(request)]
+            summary.problems.append(f"line {job.line} ({job.id}): {exc}")
 
-        job = item.job
-        concepts = [self.concepts[str(Path(c).resolve())] for c in job.concepts]
-        prompt = expand_prompt(job.prompt, concepts)
-        negative = expand_prompt(job.negative_prompt, concepts)
-        if not job.layout:
-            return Prepared(prompt, negative)
-        from compinv_rt.spatial.plan import plan_spatial
-
-        plan = plan_spatial(self._spatial(job, cfg), self.model,
-                            self.open_unet(cfg.height, cfg.width), prompt, 1, cfg,
-                            expand=lambda phrase: expand_prompt(phrase, concepts))
-        return Prepared(prompt, negative, plan.kwargs["attention_bias"][0])  # (T, h, w)
-
-    def _spatial(self, job: Job, cfg):
-        from compinv_rt.spatial.plan import SpatialConfig
-
-        return SpatialConfig.from_options("bias", job.layout, self.bias_strength, self.bias_steps,
-                                          backend=self.backend, total_steps=cfg.steps)
-
-    def bias_steps_of(self, item: Item, cfg) -> int:
-        """Validates the job's layout text early (cheap) and says how many steps get its bias."""
-        if not item.job.layout:
-            return 0
-        from compinv_rt.spatial.bias_maps import resolve_steps
-
-        return resolve_steps(self._spatial(item.job, cfg).steps, cfg.steps)
-
-    def run(self, items: list[Item], summary: JobsSummary, on_image=lambda name: None) -> JobsSummary:
-        return generate_items(items, self.sink, self.model, self.open_unet, self.max_batch,
-                              self.scheduler, summary, on_image, self.prepare_item,
-                              self.bias_steps_of)
+        for result in self.session.run(tasks, on_error=on_error):
+            job = jobs[id(result.request)]
+            item = Item(job, result.index)
+            self.sink.write_png(f"{item.name}.png", result.image)
+            meta = self.session.sidecar(result, job_id=job.id, index=item.index, line=job.line,
+                                        image=f"{item.name}.png")
+            self.sink.write_json(f"{item.name}.json", meta)  # written last: marks the item done
+            summary.written += 1
+            on_image(item.name)
+        return summary
 
 
 def concept_folders(jobs: list[Job]) -> tuple[str, ...]:

@@ -9,27 +9,26 @@ a retried batch skips what is done; Ray Data restarts a killed actor and retries
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict
 
 from compinv_rt.errors import CompinvError, ConfigError
-from compinv_rt.jobs import Item, Job, JobsSummary
-
-ENGINE_BACKENDS = {"onnxruntime", "tensorrt", "aoti"}
+from compinv_rt.jobs import Item, Job, JobsConfig, JobsSummary
 
 
 class RayJobWorker:
     """One per actor: loads the model and backend once, then generates whatever batches arrive."""
 
-    def __init__(self, sink_uri: str, settings: dict, threads: int):
+    def __init__(self, sink_uri: str, config: JobsConfig, threads: int):
         import torch
 
         from compinv_rt.jobs import JobRunner
         from compinv_rt.sinks import open_sink
 
         torch.set_num_threads(threads)
-        self.runner = JobRunner(sink=open_sink(sink_uri), **settings)
+        self.runner = JobRunner(open_sink(sink_uri), config)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -45,7 +44,7 @@ class RayJobWorker:
                 "problems": np.array([json.dumps(summary.problems)] * len(items))}
 
 
-def run_on_ray(items: list[Item], sink_uri: str, settings: dict, summary: JobsSummary,
+def run_on_ray(items: list[Item], sink_uri: str, config: JobsConfig, summary: JobsSummary,
                on_image=lambda name: None, address: str | None = None, workers: int = 2,
                gpus_per_worker: float = 0) -> JobsSummary:
     import logging
@@ -54,16 +53,19 @@ def run_on_ray(items: list[Item], sink_uri: str, settings: dict, summary: JobsSu
 
     for name in ("ray", "ray.data"):  # Ray's INFO lines would bury the progress bar
         logging.getLogger(name).setLevel(logging.WARNING)
-    if settings["backend"] in ENGINE_BACKENDS and settings["engine"] is None:
+    options = config.options
+    if options.backend.needs_engine and options.engine is None:
         raise ConfigError("with --ray, build the engine once first (compinv-rt export) and pass "
                           "--engine DIR: every worker loads that engine and none rebuilds it")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if not items:
         return summary
-    if settings["engine"] is not None:
-        settings = {**settings, "engine": os.path.abspath(settings["engine"])}
-    settings = {**settings, "model": os.path.abspath(settings["model"])}
+    # Workers may run elsewhere: absolute paths.
+    options = dataclasses.replace(
+        options, model=os.path.abspath(options.model) if options.model else None,
+        engine=None if options.engine is None else os.path.abspath(options.engine))
+    config = dataclasses.replace(config, options=options)
     local = address is None
     ray.init(address=address, num_cpus=max(workers, os.cpu_count() or 1) if local else None,
              include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
@@ -77,8 +79,8 @@ def run_on_ray(items: list[Item], sink_uri: str, settings: dict, summary: JobsSu
         threads = max(1, (os.cpu_count() or 1) // workers) if local else 1
         ds = ray.data.from_items(rows).map_batches(
             RayJobWorker,
-            fn_constructor_kwargs={"sink_uri": sink_uri, "settings": settings, "threads": threads},
-            batch_size=settings["max_batch"],
+            fn_constructor_kwargs={"sink_uri": sink_uri, "config": config, "threads": threads},
+            batch_size=options.max_batch,
             concurrency=workers,
             num_cpus=1,
             num_gpus=gpus_per_worker or None,

@@ -43,47 +43,44 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    import dataclasses
+
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.backends import TorchBackend
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.runtime.pipeline import SamplingConfig
+    from compinv_rt.session import GenerationSession, Request
     from compinv_rt.spatial.capture import cross_attention_layers
-    from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
-    from compinv_rt.spatial.plan import SpatialConfig, plan_spatial
+    from compinv_rt.spatial.guidance import GuidanceConfig
+    from compinv_rt.spatial.plan import SpatialConfig
     from compinv_rt.world.judge import load_judge
     from compinv_rt.world.scenes import heldout_prompts, parse_prompt
 
     loaded = load_model(args.model)
     judge = load_judge()
-    pipe = Pipeline(loaded, TorchBackend(loaded.unet))
+    session = GenerationSession(loaded, max_batch=args.k)
     cfg = SamplingConfig(steps=args.steps, guidance=args.guidance).resolved(loaded.files)
     prompts = heldout_prompts("two", args.prompts)
-    f = loaded.files.vae_scale_factor
-    latent_hw = (cfg.height // f, cfg.width // f)
     result = {"model": str(loaded.root), "prompts": len(prompts), "k": args.k,
               "steps": args.steps, "guidance": args.guidance, "bias_strength": args.strength,
               "bias_steps": args.bias_steps, "guidance_layers": args.guidance_layers,
               "guidance_scale": args.guidance_scale, "guidance_iterations": args.guidance_iterations,
               "modes": {}}
-    layers = {"default": None, "all": tuple(cross_attention_layers(pipe.backend.module))}.get(
+    module = session.unet(cfg.height, cfg.width, True).module
+    layers = {"default": None, "all": tuple(cross_attention_layers(module))}.get(
         args.guidance_layers, tuple(args.guidance_layers.split(",")))
     for mode in args.modes.split(","):
         t0 = time.time()
         spatial = SpatialConfig.from_options(None if mode == "none" else mode, None, args.strength,
                                              args.bias_steps, total_steps=args.steps)
+        spatial = dataclasses.replace(spatial, guidance=GuidanceConfig(
+            iterations=args.guidance_iterations, scale=args.guidance_scale, layers=layers))
         present = inside = n = 0
         for prompt in prompts:
-            plan = plan_spatial(spatial, loaded, pipe.backend, prompt, args.k, cfg)
-            if "latent_hook" in plan.kwargs:  # guidance with this run's settings
-                g = plan.kwargs["latent_hook"]
-                plan.kwargs["latent_hook"] = LayoutGuidance(
-                    g.module, [plan.layout] * args.k, latent_hw,
-                    GuidanceConfig(steps=g.config.steps, iterations=args.guidance_iterations,
-                                   scale=args.guidance_scale, layers=layers))
-            seeds = [8888 + i for i in range(args.k)]
-            images = pipe.generate([prompt] * args.k, seeds, cfg, **plan.kwargs)
+            results = session.generate(Request(prompt, 8888, args.k, sampling=cfg, spatial=spatial))
+            images = [r.image for r in results]
+            layout = results[0].layout
             verdicts = judge(np.stack([np.asarray(im) for im in images]))
             spec = parse_prompt(prompt)
-            boxes = ([c.boxes[0] for c in plan.layout.concepts] if plan.layout is not None
+            boxes = ([c.boxes[0] for c in layout.concepts] if layout is not None
                      else [(0.1, 0.2, 0.5, 0.8), (0.6, 0.2, 0.95, 0.8)])
             for v in verdicts:
                 n += 1

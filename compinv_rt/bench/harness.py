@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from compinv_rt.bench.memory import PeakMemory
-from compinv_rt.runtime.registry import precision_of
 
 PROMPT = "a red star and a blue circle on grass"
 STOCK = "diffusers"
@@ -96,17 +95,14 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def layout_bias(tokenizer, prompt: str, batch: int, latent_hw: tuple[int, int], strength: float):
-    """A realistic bias: the prompt's first two content tokens get the left / right halves."""
-    ids = tokenizer(prompt).input_ids
-    h, w = latent_hw
-    bias = torch.zeros(batch, 77, h, w)
-    for k, token_pos in enumerate((2, 5)[: max(0, len(ids) - 2)]):
-        inside = torch.full((h, w), -strength)
-        cols = slice(0, w // 2) if k == 0 else slice(w // 2, w)
-        inside[:, cols] = strength
-        bias[:, token_pos] = inside
-    return bias
+def layout_spatial(prompt: str, strength: float, steps: int):
+    """A realistic bias on every step: the prompt's first two objects get the left / right halves."""
+    from compinv_rt.spatial.layouts import SpatialMode, boxes_layout, concept_phrases
+    from compinv_rt.spatial.plan import SpatialConfig
+
+    phrases = concept_phrases(prompt)[:2]
+    halves = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+    return SpatialConfig(SpatialMode.bias, boxes_layout(phrases, halves), strength, str(steps))
 
 
 def _measure(run, device, repeats: int, timer: StepTimer, batch: int):
@@ -144,7 +140,7 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
         pipe.unet.forward = timer
     cells = {}
     for batch in cfg.batch_sizes:
-        on_status(f"{STOCK} {precision_of(model).value}: batch {batch}")
+        on_status(f"{STOCK} {model.precision.value}: batch {batch}")
 
         def run():
             pipe(cfg.prompt, num_images_per_prompt=batch, num_inference_steps=cfg.steps,
@@ -153,7 +149,7 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
 
         cells[batch] = Cell(STOCK, batch, False, cfg.steps,
                             **_measure(run, model.device, cfg.repeats, timer, batch),
-                            precision=precision_of(model).value)
+                            precision=model.precision.value)
     del pipe
     return cells
 
@@ -162,22 +158,21 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
               on_status=lambda msg: None) -> BenchResult:
     from compinv_rt import __version__
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
     from compinv_rt.errors import BackendUnavailable
-    from compinv_rt.runtime.registry import open_backend
+    from compinv_rt.runtime.pipeline import SamplingConfig
+    from compinv_rt.session import GenerationSession, Request
+    from compinv_rt.spatial.plan import SpatialConfig
 
     models = {}  # resolved precision name ("auto" -> fp32 on CPU) -> model; the first is the reference
     for requested in cfg.precisions:
         m = load_model(model_spec, device=device, dtype=requested)
-        models.setdefault(precision_of(m).value, m)
+        models.setdefault(m.precision.value, m)
     model = next(iter(models.values()))
     sampling = SamplingConfig(steps=cfg.steps, guidance=cfg.guidance).resolved(model.files)
-    f = model.files.vae_scale_factor
-    latent_hw = (sampling.height // f, sampling.width // f)
     result = BenchResult(meta={
         "model": str(model.root), "model_hash": model.hash, "label": label,
         "device": str(model.device), "device_name": _device_name(model.device),
-        "dtype": precision_of(model).value, "precisions": list(models),
+        "dtype": model.precision.value, "precisions": list(models),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(), "compinv_rt": __version__,
         "image_size": [sampling.height, sampling.width], "steps": cfg.steps,
@@ -189,7 +184,7 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
     for precision, m in models.items():
         stock[precision] = _stock_cells(str(m.root), m, cfg, on_status)
         result.cells.extend(stock[precision].values())
-    reference = stock[precision_of(model).value]
+    reference = stock[model.precision.value]
     for cells in list(stock.values())[1:]:
         for batch, cell in cells.items():
             cell.step_speedup = reference[batch].step_ms_p50 / cell.step_ms_p50
@@ -200,25 +195,25 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
         if (backend, precision) in unavailable:
             continue
         on_status(f"{backend} {precision}: batch {batch} (opening)")
+        session = GenerationSession(model, backend, engines_root=cfg.engines_root, max_batch=batch,
+                                    on_status=on_status)
         try:
-            unet = open_backend(backend, model, sampling.height, sampling.width, batch,
-                                guidance=cfg.guidance > 1, engines_root=cfg.engines_root,
-                                on_status=on_status)
+            session.unet(sampling.height, sampling.width, cfg.guidance > 1)
         except BackendUnavailable as exc:  # e.g. onnxruntime has no bf16 kernels
             unavailable.add((backend, precision))
             result.meta["skipped"].append(f"{backend} {precision}: {exc}")
             on_status(f"skipped: {exc}")
             continue
-        timer = StepTimer(unet, model.device)
-        pipe = Pipeline(model, timer)
+        timer = session.wrap_unet(sampling.height, sampling.width, cfg.guidance > 1,
+                                  lambda unet: StepTimer(unet, model.device))
         for with_bias in cfg.bias:
             on_status(f"{backend} {precision}: batch {batch}, bias {'on' if with_bias else 'off'}")
-            bias = (layout_bias(model.tokenizer, cfg.prompt, batch, latent_hw, cfg.bias_strength)
-                    if with_bias else None)
+            spatial = (layout_spatial(cfg.prompt, cfg.bias_strength, cfg.steps) if with_bias
+                       else SpatialConfig())
+            tasks = session.tasks(Request(cfg.prompt, 0, batch, sampling=sampling, spatial=spatial))
 
             def run():
-                pipe.generate([cfg.prompt] * batch, list(range(batch)), sampling,
-                              attention_bias=bias, bias_steps=cfg.steps if with_bias else 0)
+                session.run_batch(tasks)
 
             cell = Cell(backend, batch, with_bias, cfg.steps,
                         **_measure(run, model.device, cfg.repeats, timer, batch),

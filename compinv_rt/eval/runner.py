@@ -71,15 +71,12 @@ def run_eval(protocol: Protocol, cfg: EvalConfig, out: str | Path, model: str | 
             done += 1
     progress(done, total, "load model")
 
-    from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.backends import TorchBackend
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
-    from compinv_rt.train.artifact import load_concepts
+    from compinv_rt.runtime.pipeline import SamplingConfig
+    from compinv_rt.session import GenerationSession, SessionOptions
 
-    loaded = load_model(str(files.root), device=device)
-    arts = dict(zip(folders, load_concepts(loaded, list(folders.values()))))
-    pipe = Pipeline(loaded, TorchBackend(loaded.unet))
-    sampling = SamplingConfig(cfg.steps, cfg.guidance).resolved(loaded.files)
+    session = GenerationSession.open(SessionOptions(str(files.root), device, max_batch=cfg.batch))
+    session.load_concepts(folders.values())
+    sampling = SamplingConfig(cfg.steps, cfg.guidance)
     if scorers.clip is not None:
         scorers.photo_features = _photo_features(scorers.clip, protocol, cache, files.default_size)
 
@@ -94,7 +91,7 @@ def run_eval(protocol: Protocol, cfg: EvalConfig, out: str | Path, model: str | 
         cell = _read_cell(path, key)
         if cell is None:
             progress(done, total, f"{method.name}: {prompt.template}")
-            cell = _run_cell(method, prompt, protocol, cfg, loaded, pipe, sampling, arts, scorers)
+            cell = _run_cell(method, prompt, protocol, cfg, session, sampling, folders, scorers)
             cell["key"] = key
             save_png(path.with_suffix(".png"), make_grid(cell.pop("_images")[:STRIP], cols=STRIP))
             atomic_write_json(path, cell)
@@ -150,32 +147,26 @@ def _read_cell(path: Path, key: str) -> dict | None:
     return cell if cell.get("key") == key else None
 
 
-def _layout_text(phrases: list[str]) -> str:
-    from compinv_rt.spatial.layouts import fixed_boxes
-
-    return ";".join(f"{p}=" + ",".join(f"{v:g}" for v in b)
-                    for p, b in zip(phrases, fixed_boxes(len(phrases))))
-
-
-def _run_cell(method, prompt, protocol, cfg, loaded, pipe, sampling, arts, scorers) -> dict:
+def _run_cell(method, prompt, protocol, cfg, session, sampling, folders, scorers) -> dict:
     import torch
 
+    from compinv_rt.session import Request
     from compinv_rt.spatial.heatmaps import prompt_token_labels
-    from compinv_rt.spatial.layouts import concept_phrases, concept_tokens
-    from compinv_rt.spatial.plan import SpatialConfig, plan_spatial
-    from compinv_rt.train.artifact import expand_prompt
+    from compinv_rt.spatial.layouts import boxes_layout, concept_phrases, concept_tokens, fixed_boxes
+    from compinv_rt.spatial.plan import SpatialConfig
 
     t0 = time.time()
     concepts = protocol.by_name
-    used = [arts[n, method.embedding] for n in prompt.concepts]
+    concept_dirs = tuple(str(folders[n, method.embedding]) for n in prompt.concepts)
+    used = session.load_concepts(concept_dirs)
     raw = prompt.render(concepts, "tokens", method.embedding)
-    text = expand_prompt(raw, used)
+    text = session.expand(raw, used)
     phrases = concept_phrases(raw)  # objects in order of mention ("<tok> heart", "blue circle")
     spatial = SpatialConfig.from_options(
         None if method.spatial == "none" else method.spatial,
-        None if method.spatial == "none" else _layout_text(phrases),
+        None if method.spatial == "none" else boxes_layout(phrases, fixed_boxes(len(phrases))),
         cfg.bias_strength, cfg.spatial_steps, save_attention=True, total_steps=cfg.steps)
-    tok = loaded.tokenizer
+    tok = session.model.tokenizer
     ids = tok(text, truncation=True, max_length=tok.model_max_length).input_ids
     content = [p for p, _ in prompt_token_labels(tok, text)]
     concept_pos = [[i for i, t in enumerate(ids) if t in set(a.token_ids)] for a in used]
@@ -183,16 +174,14 @@ def _run_cell(method, prompt, protocol, cfg, loaded, pipe, sampling, arts, score
     others = [p for p in phrases if not any(t in p for t in tokens)]
     other_pos = concept_tokens(tok, text, others) if others else []
     readable = prompt_slots(prompt, concepts) if scorers.judge is not None else None
-    seeds = [cfg.seed + i for i in range(cfg.samples)]
+    request = Request(raw, cfg.seed, cfg.samples, sampling=sampling, concepts=concept_dirs,
+                      spatial=spatial)
     samples, images, layout = [], [], None
-    expand = lambda phrase: expand_prompt(phrase, used)  # noqa: E731
-    for i in range(0, len(seeds), cfg.batch):
-        chunk = seeds[i:i + cfg.batch]
-        plan = plan_spatial(spatial, loaded, pipe.backend, text, len(chunk), sampling,
-                            expand=expand)
-        layout = plan.sidecar(spatial)
-        imgs = pipe.generate([text] * len(chunk), chunk, sampling, **plan.kwargs)
-        maps = plan.recorder.maps()  # (B, T, h, w)
+    tasks = session.tasks(request)
+    for i in range(0, len(tasks), cfg.batch):
+        results = session.run_batch(tasks[i:i + cfg.batch])
+        imgs = [r.image for r in results]
+        layout = results[0].spatial
         judged = scorers.judge(imgs) if readable is not None else [None] * len(imgs)
         clip = (scorers.clip.score(imgs, prompt.render(concepts, "plain"), torch.cat(
             [scorers.photo_features[n] for n in prompt.concepts]))
@@ -201,8 +190,8 @@ def _run_cell(method, prompt, protocol, cfg, loaded, pipe, sampling, arts, score
         if scorers.detector is not None and prompt.detect and \
                 len(scorers.detector.known(prompt.detect)) == len(prompt.detect):
             detr = scorers.detector.coi(imgs, list(prompt.detect))
-        for j, (seed, image) in enumerate(zip(chunk, imgs)):
-            rec = {"seed": seed, **attention_stats(maps[j], content, concept_pos, other_pos),
+        for j, r in enumerate(results):
+            rec = {"seed": r.seed, **attention_stats(r.attention, content, concept_pos, other_pos),
                    **clip[j], "detr_coi": None if detr is None else detr[j]}
             if readable is not None:
                 rec.update(score_image(readable[0], readable[1], judged[j],

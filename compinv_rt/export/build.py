@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from compinv_rt.errors import BackendUnavailable, EngineMismatch
@@ -13,6 +14,23 @@ from compinv_rt.export.manifest import (EngineFormat, EngineRequest, device_tag,
                                         unet_files, verify_engine, write_manifest)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    exporter: str = "legacy"
+    opset: int = 17
+    optimization_level: int = 3
+
+    def for_format(self, fmt: EngineFormat) -> dict:
+        if fmt is EngineFormat.aoti:
+            # Freezing folds the weights into the package as constants and prepacks them for
+            # oneDNN on CPU (2-3x per step at batch 16 in bf16 on AMX, benchmarks/backends.md).
+            return {"freezing": True}
+        opts: dict = {"exporter": self.exporter, "opset": self.opset}
+        if fmt is EngineFormat.tensorrt:
+            opts["optimization_level"] = self.optimization_level
+        return opts
 
 
 def require_tensorrt():

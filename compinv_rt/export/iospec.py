@@ -17,15 +17,44 @@ BATCH_AXIS = "batch"  # the UNet batch: 2 x images with classifier-free guidance
 
 
 class Precision(str, Enum):
+    """Weights and activations precision; `auto` is fp16 on CUDA, fp32 elsewhere (`resolve`)."""
+
+    auto = "auto"
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
 
+    @classmethod
+    def parse(cls, text: "str | Precision", option: str = "--precision") -> "Precision":
+        try:
+            return cls(text)
+        except ValueError:
+            raise ConfigError(f"{option} must be one of {', '.join(p.value for p in cls)}, "
+                              f"got {text!r}") from None
+
+    def resolve(self, device) -> "Precision":
+        if self is not Precision.auto:
+            return self
+        return Precision.fp16 if getattr(device, "type", str(device)).startswith("cuda") else Precision.fp32
+
     @property
     def torch_dtype(self):
-        import torch
+        if self is Precision.auto:
+            raise ConfigError("precision 'auto' has no dtype until it is resolved for a device")
+        return _dtypes()[self]
 
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+    @classmethod
+    def of(cls, dtype) -> "Precision":
+        """The precision of a torch dtype (e.g. a loaded model's)."""
+        return next(p for p, d in _dtypes().items() if d == dtype)
+
+
+def _dtypes() -> dict:
+    """The one precision -> torch dtype table (torch is imported only when it is needed)."""
+    import torch
+
+    return {Precision.fp32: torch.float32, Precision.fp16: torch.float16,
+            Precision.bf16: torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -72,12 +101,14 @@ class UNetIOSpec:
         for name, v in (("height", height), ("width", width)):
             if v <= 0 or v % files.spatial_factor:
                 raise ConfigError(f"--{name} {v} is not a positive multiple of {files.spatial_factor}")
+        if Precision(precision) is Precision.auto:
+            raise ConfigError("an engine's precision is concrete: resolve 'auto' for the device first")
         u = files.unet_config
         dim = u["cross_attention_dim"]
         return cls(
             in_channels=u.get("in_channels", 4),
             out_channels=u.get("out_channels", 4),
-            text_len=77,
+            text_len=files.text_len,
             text_dim=dim[0] if isinstance(dim, (list, tuple)) else dim,
             latent_height=height // files.vae_scale_factor,
             latent_width=width // files.vae_scale_factor,

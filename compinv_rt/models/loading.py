@@ -11,9 +11,17 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from compinv_rt.errors import ConfigError, ModelError
+from compinv_rt.errors import ModelError
+from compinv_rt.export.iospec import Precision
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 # Set before huggingface_hub is imported anywhere: no code path may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,6 +66,12 @@ class ModelFiles:
         size = self.unet_config.get("sample_size", 64)
         size = size[0] if isinstance(size, (list, tuple)) else size
         return int(size) * self.vae_scale_factor
+
+    @cached_property
+    def text_len(self) -> int:
+        """Tokens per prompt (CLIP: 77): the text encoder's positions, which prompts are padded to."""
+        config = _read_json(self.root / "text_encoder" / "config.json")
+        return int(config.get("max_position_embeddings", 77))
 
     @property
     def prediction_type(self) -> str:
@@ -211,13 +225,17 @@ def content_hash(files: list[Path]) -> str:
 class LoadedModel:
     files: ModelFiles
     hash: str
-    tokenizer: object
-    text_encoder: object
-    unet: object
-    vae: object
-    device: object
-    dtype: object
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    device: torch.device
+    dtype: torch.dtype
     extras: dict = field(default_factory=dict)
+
+    @property
+    def precision(self) -> Precision:
+        return Precision.of(self.dtype)
 
     @property
     def root(self) -> Path:
@@ -236,26 +254,12 @@ def pick_device(name: str = "auto"):
     return torch.device(name)
 
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-def check_precision(dtype: str) -> str:
-    if dtype not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
-    return dtype
-
-
-def load_model(spec, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(spec, device: str = "auto", dtype: Precision | str = Precision.auto) -> LoadedModel:
     """dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (fast on CPUs with AMX)."""
-    import torch
-
-    check_precision(dtype)
+    precision = Precision.parse(dtype)
     files = inspect_model_dir(resolve_model_dir(spec))
     dev = pick_device(device)
-    if dtype == "auto":
-        torch_dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    else:
-        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = precision.resolve(dev).torch_dtype
 
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging

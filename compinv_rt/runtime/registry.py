@@ -3,71 +3,65 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compinv_rt.errors import EngineMismatch
-from compinv_rt.export.iospec import Precision, UNetIOSpec, batch_profiles
+from compinv_rt.export.iospec import UNetIOSpec, batch_profiles
 from compinv_rt.export.manifest import EngineFormat, profiles_of, unet_files, verify_engine
 
+if TYPE_CHECKING:
+    from compinv_rt.models.loading import LoadedModel
 
-class BackendName(str, Enum):
-    torch = "torch"
+
+class Backend(str, Enum):
+    torch = "torch"  # eager PyTorch: the only one with gradients and the UNet's internals
     compile = "compile"
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
     aoti = "aoti"
 
+    @property
+    def needs_engine(self) -> bool:
+        """Runs an engine built by `compinv-rt export` (found, built once, or given by --engine)."""
+        return self in _ENGINE_FORMAT
 
-ENGINE_FORMAT = {
-    BackendName.onnxruntime: EngineFormat.onnx,
-    BackendName.tensorrt: EngineFormat.tensorrt,
-    BackendName.aoti: EngineFormat.aoti,
+    @property
+    def engine_format(self) -> EngineFormat:
+        return _ENGINE_FORMAT[self]
+
+    @property
+    def eager(self) -> bool:
+        """Features that need gradients through the UNet or its attention (layout guidance,
+        --save-attention) run only here."""
+        return self is Backend.torch
+
+
+_ENGINE_FORMAT = {
+    Backend.onnxruntime: EngineFormat.onnx,
+    Backend.tensorrt: EngineFormat.tensorrt,
+    Backend.aoti: EngineFormat.aoti,
 }
 
 DEFAULT_ENGINES = Path("engines")
 
 
-@dataclass(frozen=True)
-class ExportOptions:
-    exporter: str = "legacy"
-    opset: int = 17
-    optimization_level: int = 3
-
-    def for_format(self, fmt: EngineFormat) -> dict:
-        if fmt is EngineFormat.aoti:
-            # Freezing folds the weights into the package as constants and prepacks them for
-            # oneDNN on CPU (2-3x per step at batch 16 in bf16 on AMX, benchmarks/backends.md).
-            return {"freezing": True}
-        opts = {"exporter": self.exporter, "opset": self.opset}
-        if fmt is EngineFormat.tensorrt:
-            opts["optimization_level"] = self.optimization_level
-        return opts
-
-
-def precision_of(model) -> Precision:
-    import torch
-
-    return {torch.float32: Precision.fp32, torch.float16: Precision.fp16,
-            torch.bfloat16: Precision.bf16}[model.dtype]
-
-
-def open_backend(name: BackendName | str, model, height: int, width: int, images_per_batch: int,
+def open_backend(name: Backend | str, model: LoadedModel, height: int, width: int, images_per_batch: int,
                  guidance: bool, engine: Path | None = None, engines_root: Path = DEFAULT_ENGINES,
                  on_status=None):
-    name = BackendName(name)
-    if name is BackendName.torch:
+    name = Backend(name)
+    if name is Backend.torch:
         from compinv_rt.runtime.backends import TorchBackend
 
         return TorchBackend(model.unet)
-    if name is BackendName.compile:
+    if name is Backend.compile:
         from compinv_rt.runtime.compiled_backends import CompileBackend
 
         return CompileBackend(model.unet, model.device)
 
-    fmt = ENGINE_FORMAT[name]
-    wanted = UNetIOSpec.for_model(model.files, height, width, precision_of(model))
+    fmt = name.engine_format
+    wanted = UNetIOSpec.for_model(model.files, height, width, model.precision)
     if engine is not None:
         from compinv_rt.models.loading import content_hash
 
@@ -79,7 +73,7 @@ def open_backend(name: BackendName | str, model, height: int, width: int, images
                 f"engine {engine} was built for {spec.latent_height}x{spec.latent_width} latents; "
                 f"this run needs {wanted.latent_height}x{wanted.latent_width} ({height}x{width} images)")
     else:
-        from compinv_rt.export.build import export_engine
+        from compinv_rt.export.build import ExportOptions, export_engine
 
         spec = wanted
         # ONNX Runtime takes any batch; static engines get exactly the bucket this run needs.
@@ -91,11 +85,11 @@ def open_backend(name: BackendName | str, model, height: int, width: int, images
         if on_status:
             on_status(f"{'reusing' if reused else 'built'} engine {engine_dir}")
 
-    if name is BackendName.onnxruntime:
+    if name is Backend.onnxruntime:
         from compinv_rt.runtime.ort_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(engine_dir, spec, model.device)
-    if name is BackendName.aoti:
+    if name is Backend.aoti:
         from compinv_rt.runtime.compiled_backends import AOTIBackend
 
         return AOTIBackend(engine_dir, spec, profiles, model.device)

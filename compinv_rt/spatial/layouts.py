@@ -133,6 +133,16 @@ def parse_layout(text: str | None) -> LayoutSpec:
     return LayoutSpec("explicit", tuple(ConceptRegion(p, tuple(b)) for p, b in boxes.items()))
 
 
+def boxes_layout(phrases, boxes) -> LayoutSpec:
+    """Explicit boxes given in code, one per phrase (a phrase named twice gets both boxes), checked
+    as `--layout`'s are: what `parse_layout` gives for the same text, without the text."""
+    merged: dict[str, list[Box]] = {}
+    for phrase, box in zip(phrases, boxes):
+        merged.setdefault(" ".join(phrase.split()), []).append(check_box(box, f"box for {phrase!r}"))
+    check_concept_count(len(merged))
+    return LayoutSpec("explicit", tuple(ConceptRegion(p, tuple(b)) for p, b in merged.items()))
+
+
 def format_layout(regions) -> str:
     """The `--layout` text for resolved regions (inverse of parse_layout)."""
     return ";".join(f"{r.phrase}=" + ",".join(f"{v:.3g}" for v in b) for r in regions for b in r.boxes)

@@ -1,18 +1,29 @@
-"""Spatial options of `generate` as one config, and turning them into denoise-loop inputs.
+"""Spatial settings of a generation request as one typed config, and turning them into
+denoise-loop inputs.
 
-`SpatialConfig.checked()` validates everything that needs no model (so bad input costs
-milliseconds); `plan_spatial(...)` needs the loaded model's tokenizer and text encoder and gives
-the pipeline what it takes: an `attention_bias` batch, the number of regularized steps, or a
-guidance latent hook.
+`SpatialConfig.from_options()` validates everything that needs no model (so bad input costs
+milliseconds); `LayoutResolver` needs the loaded model's tokenizer and text encoder and resolves a
+prompt's layout (explicit boxes, the layout model's, or the fixed ones); `spatial_inputs()` turns
+one batch's per-image layouts into what `Pipeline.generate` takes (an attention-bias batch, the
+number of biased steps, a guidance latent hook, an attention recorder).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from compinv_rt.errors import ConfigError
 from compinv_rt.spatial.layouts import Layout, LayoutSpec, SpatialMode, parse_layout
+
+if TYPE_CHECKING:
+    import torch
+
+    from compinv_rt.models.loading import LoadedModel
+    from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
+    from compinv_rt.spatial.heatmaps import AttentionRecorder
 
 DEFAULT_STRENGTH = 2.0
 DEFAULT_STEPS = "0.2"  # the reference's 10 of 50 steps
@@ -27,17 +38,22 @@ class SpatialConfig:
     steps: str = DEFAULT_STEPS  # fraction ("0.2") or count ("10") of the steps
     layout_model: Path | None = None
     save_attention: bool = False
+    # Backward guidance's knobs (iterations, scale, layers); None: GuidanceConfig's defaults. Its
+    # `steps` is always `steps` above.
+    guidance: GuidanceConfig | None = None
 
     @staticmethod
-    def from_options(spatial: str | None, layout: str | None, strength: float = DEFAULT_STRENGTH,
+    def from_options(spatial: str | None, layout: str | LayoutSpec | None,
+                     strength: float = DEFAULT_STRENGTH,
                      steps: str = DEFAULT_STEPS, layout_model: Path | None = None,
                      save_attention: bool = False, backend: str = "torch",
                      total_steps: int = 50) -> "SpatialConfig":
         """CLI options -> a checked config. `--spatial` defaults to bias when a layout is given;
         `--layout` defaults to auto when a spatial mode is asked for."""
+        from compinv_rt.runtime.registry import Backend
         from compinv_rt.spatial.bias_maps import check_strength, resolve_steps
 
-        spec = parse_layout(layout)
+        spec = layout if isinstance(layout, LayoutSpec) else parse_layout(layout)
         if spatial is None:
             mode = SpatialMode.none if spec.kind == "none" else SpatialMode.bias
         else:
@@ -51,14 +67,14 @@ class SpatialConfig:
             spec = parse_layout("auto")
         check_strength(strength)
         resolve_steps(steps, total_steps)
-        backend = str(getattr(backend, "value", backend))
-        if mode is SpatialMode.guidance and backend != "torch":
+        backend = Backend(backend)
+        if mode is SpatialMode.guidance and not backend.eager:
             raise ConfigError(f"--spatial guidance needs gradients through the UNet and runs only "
-                              f"with --backend torch (got {backend}); --spatial bias works on "
+                              f"with --backend torch (got {backend.value}); --spatial bias works on "
                               "every backend")
-        if save_attention and backend != "torch":
+        if save_attention and not backend.eager:
             raise ConfigError(f"--save-attention reads the attention inside the UNet and runs only "
-                              f"with --backend torch (got {backend})")
+                              f"with --backend torch (got {backend.value})")
         if layout_model is not None and not Path(layout_model).exists():
             raise ConfigError(f"--layout-model {layout_model} does not exist")
         return SpatialConfig(mode, spec, float(strength), str(steps), layout_model, save_attention)
@@ -68,22 +84,22 @@ class SpatialConfig:
                 "layout_model": None if self.layout_model is None else str(self.layout_model)}
 
 
-@dataclass
-class SpatialPlan:
-    layout: Layout | None
-    kwargs: dict  # for Pipeline.generate: attention_bias, bias_steps, latent_hook
-    steps: int  # regularized steps
-    recorder: object | None = None
-    guidance: object | None = None
+    def regularized_steps(self, total_steps: int) -> int:
+        """Steps that get the bias or the guidance (0 without a spatial mode)."""
+        from compinv_rt.spatial.bias_maps import resolve_steps
 
-    def sidecar(self, config: SpatialConfig) -> dict:
-        d = {**config.as_dict(), "regularized_steps": self.steps,
-             "layout": None if self.layout is None else self.layout.to_json()}
-        if self.guidance is not None:
-            hist = self.guidance.history
-            d["guidance_iterations"] = len(hist)
-            if hist:  # the layout loss L_CA per image at the first and the last inner iteration
-                d["guidance_loss"] = {"first": hist[0]["loss"], "last": hist[-1]["loss"]}
+        return 0 if self.mode is SpatialMode.none else resolve_steps(self.steps, total_steps)
+
+    def sidecar(self, total_steps: int, layout: Layout | None, guidance_history=None,
+                index: int = 0) -> dict:
+        """The `spatial` block of image `index`'s sidecar (guidance losses: that image's own)."""
+        d = {**self.as_dict(), "regularized_steps": self.regularized_steps(total_steps),
+             "layout": None if layout is None else layout.to_json()}
+        if guidance_history is not None:
+            d["guidance_iterations"] = len(guidance_history)
+            if guidance_history:  # the layout loss L_CA at the first and the last inner iteration
+                d["guidance_loss"] = {"first": guidance_history[0]["loss"][index],
+                                      "last": guidance_history[-1]["loss"][index]}
         return d
 
 
@@ -94,53 +110,87 @@ def find_layout_model(config: SpatialConfig, model_root: Path) -> Path | None:
     return default if (default / "layout_model.safetensors").is_file() else None
 
 
-def plan_spatial(config: SpatialConfig, loaded, backend, prompt: str, batch: int, sampling,
-                 on_status=None, expand=None) -> SpatialPlan:
-    """Resolve the layout for `prompt` (already expanded: `expand` is the placeholder expansion
-    that made it, applied to user-given phrases too) and build the pipeline inputs for `batch`
-    images."""
-    from compinv_rt.spatial.bias_maps import bias_batch, resolve_steps
-    from compinv_rt.spatial.layouts import resolve_layout
+class LayoutResolver:
+    """Resolves a prompt's layout for one loaded model; layout models are loaded once per path."""
 
-    f = loaded.files.vae_scale_factor
-    h, w = sampling.height // f, sampling.width // f
-    steps = resolve_steps(config.steps, sampling.steps)
-    predictor = None
-    if config.mode is not SpatialMode.none and config.layout.needs_boxes:
-        path = find_layout_model(config, loaded.root)
-        if path is not None:
+    def __init__(self, loaded: LoadedModel, on_status: Callable[[str], None] | None = None):
+        self.loaded, self.on_status = loaded, on_status
+        self._predictors: dict[Path, object] = {}
+
+    def _predictor(self, path: Path):
+        if path not in self._predictors:
             from compinv_rt.spatial import layout_model
 
             model, meta = layout_model.load(path)
-            predictor = layout_model.LayoutPredictor(model, loaded.tokenizer, loaded.text_encoder)
+            loaded = self.loaded
             fit_on = (meta.get("base_model") or {}).get("hash")
-            if fit_on and fit_on != loaded.hash and on_status:
-                on_status(f"note: layout model {path} was fit on another base model "
-                          f"({meta['base_model'].get('path')}); its boxes may fit this one less well")
-        elif on_status:
-            on_status("no layout model: using the reference's fixed boxes")
-    layout = resolve_layout(config.layout, loaded.tokenizer, prompt, predictor, expand)
-    if config.mode is not SpatialMode.none and on_status:
-        from compinv_rt.spatial.layouts import format_layout
+            if fit_on and fit_on != loaded.hash and self.on_status:
+                self.on_status(f"note: layout model {path} was fit on another base model "
+                               f"({meta['base_model'].get('path')}); its boxes may fit this one less well")
+            self._predictors[path] = layout_model.LayoutPredictor(model, loaded.tokenizer,
+                                                                  loaded.text_encoder)
+        return self._predictors[path]
 
-        on_status(f"layout ({layout.source.value}): {format_layout(layout.concepts)}")
-    plan = SpatialPlan(layout, {}, 0)
-    if config.mode is SpatialMode.bias:
-        plan.steps = steps
-        plan.kwargs = {"attention_bias": bias_batch([layout] * batch, config.strength, h, w),
-                       "bias_steps": steps}
-    elif config.mode is SpatialMode.guidance:
+    def __call__(self, config: SpatialConfig, prompt: str,
+                 expand: Callable[[str], str] | None = None) -> Layout | None:
+        """`prompt` is already expanded; `expand` is the placeholder expansion that made it, applied
+        to user-given phrases too."""
+        from compinv_rt.spatial.layouts import format_layout, resolve_layout
+
+        predictor = None
+        if config.mode is not SpatialMode.none and config.layout.needs_boxes:
+            path = find_layout_model(config, self.loaded.root)
+            if path is not None:
+                predictor = self._predictor(path)
+            elif self.on_status:
+                self.on_status("no layout model: using the reference's fixed boxes")
+        layout = resolve_layout(config.layout, self.loaded.tokenizer, prompt, predictor, expand)
+        if config.mode is not SpatialMode.none and self.on_status:
+            self.on_status(f"layout ({layout.source.value}): {format_layout(layout.concepts)}")
+        return layout
+
+
+@dataclass
+class SpatialInputs:
+    """One batch's spatial inputs to `Pipeline.generate` (all per image, in batch order)."""
+
+    attention_bias: torch.Tensor | None = None  # (B, T, h, w) for the conditional half
+    bias_steps: int = 0
+    latent_hook: LayoutGuidance | None = None
+    attention_recorder: AttentionRecorder | None = None
+
+    def kwargs(self) -> dict:
+        return {"attention_bias": self.attention_bias, "bias_steps": self.bias_steps,
+            "latent_hook": self.latent_hook, "attention_recorder": self.attention_recorder}
+
+
+def spatial_inputs(mode: SpatialMode, steps: int, layouts: list[Layout | None],
+                   strengths: list[float], module, latent_hw: tuple[int, int], text_len: int,
+                   guidance: GuidanceConfig | None = None,
+                   save_attention: bool = False) -> SpatialInputs:
+    """Bias maps (zeros for images without a layout), or one guidance hook over the batch
+    (`module`: the eager BiasedUNet), and an attention recorder when asked for."""
+    import torch
+
+    h, w = latent_hw
+    out = SpatialInputs()
+    if mode is SpatialMode.bias and steps and any(lay is not None for lay in layouts):
+        from compinv_rt.spatial.bias_maps import bias_map
+
+        zeros = torch.zeros((text_len, h, w))
+        out.attention_bias = torch.stack([
+            zeros if lay is None else bias_map(lay, s, h, w, text_len)
+            for lay, s in zip(layouts, strengths)])
+        out.bias_steps = steps
+    elif mode is SpatialMode.guidance:
         from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
 
-        if backend.name != "torch":
-            raise ConfigError(f"--spatial guidance runs only with --backend torch (got {backend.name})")
-        plan.steps = steps
-        plan.guidance = LayoutGuidance(backend.module, [layout] * batch, (h, w),
-                                       GuidanceConfig(steps=steps))
-        plan.kwargs = {"latent_hook": plan.guidance}
-    if config.save_attention:
+        if module is None:
+            raise ConfigError("--spatial guidance runs only with --backend torch")
+        config = dataclasses.replace(guidance or GuidanceConfig(), steps=steps)
+        out.latent_hook = LayoutGuidance(module, layouts, (h, w), config)
+    if save_attention:
         from compinv_rt.spatial.heatmaps import AttentionRecorder
 
-        plan.recorder = AttentionRecorder(batch, h, w)
-        plan.kwargs["attention_recorder"] = plan.recorder
-    return plan
+        out.attention_recorder = AttentionRecorder(len(layouts), h, w)
+    return out

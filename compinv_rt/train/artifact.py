@@ -1,5 +1,5 @@
 """Concept artifacts: the writer (`embeddings.safetensors`, `loss_curve.png`, `artifact.json`) and
-`load_concepts`, which puts trained tokens into a loaded base model.
+the reader (`read_artifact`, `read_embedding_file`); `compinv_rt.concepts` loads them into a model.
 
 `embeddings.safetensors` holds one tensor, key = the token, shape (N, D): the layout diffusers'
 `load_textual_inversion` reads (multi-vector tokens become `tok, tok_1, ...`) and the common
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from compinv_rt.errors import ArtifactError
@@ -128,84 +127,14 @@ def check_base_model(art: dict, folder, model_hash: str) -> None:
             "retrain it on this model")
 
 
-@dataclass(frozen=True)
-class Concept:
-    folder: Path
-    token: str
-    tokens: tuple[str, ...]
-    token_ids: tuple[int, ...]
-    class_word: str
-
-    @property
-    def vectors(self) -> int:
-        return len(self.tokens)
-
-    def expand(self, prompt: str) -> str:
-        from compinv_rt.train.tokens import expand_prompt
-
-        return expand_prompt(prompt, self.token, self.vectors)
+_MOVED = {"Concept", "load_concepts", "expand_prompt", "check_concepts"}
 
 
-def load_concepts(loaded, concept_dirs) -> list[Concept]:
-    """Add each concept's token(s) to the tokenizer and write its rows into the text encoder's
-    table. Refuses a concept trained on another base model, or two concepts with one token."""
-    import torch
+def __getattr__(name: str):
+    """Loading concepts into a model serves generation and moved to compinv_rt.concepts; the old
+    names still resolve here (lazily: compinv_rt.concepts imports this module)."""
+    if name in _MOVED:
+        import compinv_rt.concepts
 
-    from compinv_rt.errors import ConfigError
-    from compinv_rt.train.tokens import add_placeholders
-
-    arts = []
-    for folder in concept_dirs:
-        art = read_artifact(folder)
-        check_base_model(art, folder, loaded.hash)
-        name, emb, _ = read_embedding_file(Path(folder) / EMBEDDINGS)
-        if emb.shape[0] != int(art["vectors"]):
-            raise ArtifactError(f"{folder}: {EMBEDDINGS} has {emb.shape[0]} vectors, "
-                                f"{ARTIFACT} says {art['vectors']}")
-        dim = loaded.text_encoder.get_input_embeddings().weight.shape[1]
-        if emb.shape[1] != dim:
-            raise ArtifactError(f"{folder}: embedding width {emb.shape[1]} != the text encoder's {dim}")
-        arts.append((Path(folder), art, emb))
-    seen = {}
-    for folder, art, _ in arts:
-        key = art["token"].lower()
-        if key in seen:
-            raise ArtifactError(f"concepts {seen[key]} and {folder} use the same token {art['token']!r}")
-        seen[key] = folder
-    out = []
-    for folder, art, emb in arts:
-        try:
-            ids = add_placeholders(loaded.tokenizer, loaded.text_encoder, art["token"], emb.shape[0])
-        except ConfigError as exc:
-            raise ArtifactError(f"concept {folder}: {exc}") from None
-        table = loaded.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            table[ids[0]:ids[-1] + 1] = emb.to(table.device, table.dtype)
-        out.append(Concept(folder, art["token"], tuple(art.get("tokens") or [art["token"]]),
-                           tuple(ids), art.get("class_word", "")))
-        log.info("loaded concept %s (%d vectors) from %s", art["token"], emb.shape[0], folder)
-    return out
-
-
-def expand_prompt(prompt: str, concepts: list[Concept]) -> str:
-    for c in concepts:
-        prompt = c.expand(prompt)
-    return prompt
-
-
-def check_concepts(concept_dirs, files) -> list[dict]:
-    """Cheap pre-flight for `generate --concept`: every folder is a complete concept trained on
-    this base model (`files`: ModelFiles) and no two share a token. No weights are loaded."""
-    from compinv_rt.models.loading import content_hash
-
-    model_hash = content_hash(files.all_files())
-    arts, seen = [], {}
-    for folder in concept_dirs:
-        art = read_artifact(folder)
-        check_base_model(art, folder, model_hash)
-        key = art["token"].lower()
-        if key in seen:
-            raise ArtifactError(f"concepts {seen[key]} and {folder} use the same token {art['token']!r}")
-        seen[key] = folder
-        arts.append(art)
-    return arts
+        return getattr(compinv_rt.concepts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,346 @@
+"""The one orchestration above the denoise loop: requests in, images and sidecars out.
+
+Every caller generates through a `GenerationSession`: `generate` (one prompt), `generate --jobs`
+(compinv_rt.jobs), the Ray workers (compinv_rt.scaleout), `eval` (compinv_rt.eval.runner) and
+`bench`; an online server uses it the same way.
+
+API
+---
+    options = SessionOptions(model=None, device="auto", precision=Precision.auto,
+                             backend=Backend.torch, engine=None, max_batch=8)
+    session = GenerationSession.open(options, on_status=print)   # loads the model once
+
+    request = Request(prompt="a <my-heart> heart and a blue circle", seed=3, n=4,
+                      negative_prompt="", sampling=SamplingConfig(steps=25, guidance=7.5),
+                      concepts=("concepts/heart",),
+                      spatial=SpatialConfig.from_options("bias", "<my-heart> heart=0.1,0.2,0.5,0.8"))
+    session.check(request)            # cheap validation (no weights): raises CompinvError
+    for image in session.run(session.tasks(request)):   # GeneratedImage, in batch order
+        image.image.save(...); json.dump(session.sidecar(image, index=image.index), ...)
+
+* A `Request` is typed and immutable (hashable): prompt, negative prompt, first seed and count
+  (image i uses seed + i), sampling (steps, guidance, sampler, size), concept folders, and the
+  spatial settings (`SpatialConfig`: mode none/bias/guidance, a `LayoutSpec` of explicit boxes
+  (`layouts.boxes_layout`), `auto` or phrases for the layout model, bias strength and steps,
+  guidance knobs, --save-attention).
+* A `Task` is one image of a request: `(request, index)`; its seed is `request.seed + index`. Jobs
+  that resume pass only the missing tasks; a server passes tasks of many clients' requests.
+* `session.batch_key(task)` says which tasks may share one UNet batch: same size, steps, sampler,
+  guidance scale and the same kind of spatial regularization (mode and number of regularized
+  steps; --save-attention). Prompts, negative prompts, seeds, concepts, layouts and bias strengths
+  are per image, so tasks of different requests with equal keys can be packed together, and each
+  image depends only on its own request (its own seed's noise, its own text, its own bias map or
+  guidance loss), whatever else is in the batch.
+* `session.run(tasks, on_error=...)` packs tasks into batches of at most `max_batch` (equal keys,
+  input order kept: `runtime.batching.pack`) and yields `GeneratedImage`s as each batch finishes;
+  `session.run_batch(tasks)` runs one batch of equal keys (a server that does its own packing
+  calls this). A request that fails (bad concept folder, bad layout phrase) is reported once to
+  `on_error(request, exc)` and its other tasks are skipped; without `on_error` the error is raised.
+* Concept folders are loaded into the text encoder once per session (`load_concepts`): prompts
+  without a concept's token are unaffected, so one session serves requests with any concepts.
+* UNet backends are opened once per (height, width, classifier-free guidance) and kept.
+* `session.sidecar(image, **extra)` is the JSON sidecar of one image (enough to regenerate it);
+  callers add their own fields (job id, file name, attention heatmap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from compinv_rt.errors import CompinvError, ConfigError
+from compinv_rt.export.iospec import Precision
+from compinv_rt.runtime.pipeline import SamplingConfig
+from compinv_rt.runtime.registry import DEFAULT_ENGINES, Backend
+from compinv_rt.spatial.layouts import SpatialMode
+from compinv_rt.spatial.plan import SpatialConfig
+
+if TYPE_CHECKING:
+    import torch
+    from PIL.Image import Image
+
+    from compinv_rt.concepts import Concept
+    from compinv_rt.models.loading import LoadedModel
+    from compinv_rt.runtime.denoise import StepCallback
+    from compinv_rt.spatial.guidance import GuidanceConfig
+    from compinv_rt.spatial.layouts import Layout
+
+StatusCallback = Callable[[str], None]
+ErrorCallback = Callable[["Request", CompinvError], None]
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What opens a session; plain values, so it travels to Ray workers as is."""
+
+    model: str | None = None  # diffusers folder (None: the embedded model)
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    backend: Backend = Backend.torch
+    engine: Path | None = None  # an engine folder from `compinv-rt export` (engine backends)
+    engines_root: Path = DEFAULT_ENGINES  # where a missing engine is built once
+    max_batch: int = 8  # images per UNet batch (x2 with classifier-free guidance)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    seed: int = 0
+    n: int = 1
+    negative_prompt: str = ""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    concepts: tuple[str, ...] = ()  # trained concept folders (`compinv-rt train --out`)
+    spatial: SpatialConfig = field(default_factory=SpatialConfig)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One image of a request."""
+
+    request: Request
+    index: int
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed + self.index
+
+
+@dataclass
+class GeneratedImage:
+    task: Task
+    image: Image
+    text: str  # the prompt as encoded (concept tokens expanded)
+    sampling: SamplingConfig  # resolved: the size is filled in
+    concepts: list[Concept]
+    layout: Layout | None
+    spatial: dict  # the sidecar's spatial block
+    backend: str
+    attention: torch.Tensor | None = None  # (T, h, w) mean cross-attention (--save-attention)
+
+    @property
+    def request(self) -> Request:
+        return self.task.request
+
+    @property
+    def index(self) -> int:
+        return self.task.index
+
+    @property
+    def seed(self) -> int:
+        return self.task.seed
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Tasks with equal keys can share one UNet batch."""
+
+    height: int
+    width: int
+    steps: int
+    scheduler: str
+    guidance: float
+    spatial: SpatialMode  # none, bias or guidance (bias with 0 regularized steps: none)
+    regularized_steps: int
+    save_attention: bool
+    guidance_config: GuidanceConfig | None = None  # the guidance knobs (guidance mode only)
+
+
+@dataclass
+class _Prepared:
+    """A request's per-batch work: expanded text and resolved layout (dropped after the batch)."""
+
+    text: str
+    negative: str
+    concepts: list[Concept]
+    layout: Layout | None
+
+
+class GenerationSession:
+    def __init__(self, model: LoadedModel, backend: Backend | str = Backend.torch,
+                 engine: Path | None = None, engines_root: Path = DEFAULT_ENGINES,
+                 max_batch: int = 8, on_status: StatusCallback | None = None):
+        from compinv_rt.spatial.plan import LayoutResolver
+
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.backend = Backend(backend)
+        self.engine, self.engines_root = engine, Path(engines_root)
+        self.max_batch = max_batch
+        self.on_status = on_status
+        self.concepts: dict[str, Concept] = {}  # resolved folder -> loaded concept
+        self._unets: dict[tuple[int, int, bool], object] = {}
+        self._layouts = LayoutResolver(model, on_status)
+
+    @classmethod
+    def open(cls, options: SessionOptions,
+             on_status: StatusCallback | None = None) -> GenerationSession:
+        from compinv_rt.models.loading import load_model
+
+        model = load_model(options.model, device=options.device, dtype=options.precision)
+        return cls(model, options.backend, options.engine, options.engines_root, options.max_batch,
+                   on_status)
+
+    # --- concepts and text ---------------------------------------------------------------
+
+    def load_concepts(self, folders: Iterable[str | Path]) -> list[Concept]:
+        """The concepts of `folders`, in order; each folder's tokens join the text encoder once."""
+        from compinv_rt.concepts import load_concepts
+
+        folders = list(folders)
+        new = [f for f in dict.fromkeys(folders) if _key(f) not in self.concepts]
+        for folder, concept in zip(new, load_concepts(self.model, new)):
+            self.concepts[_key(folder)] = concept
+        return [self.concepts[_key(f)] for f in folders]
+
+    @staticmethod
+    def expand(text: str, concepts: list[Concept]) -> str:
+        """`text` with each concept's token expanded to all its vectors."""
+        from compinv_rt.concepts import expand_prompt
+
+        return expand_prompt(text, concepts)
+
+    # --- requests, tasks, batches --------------------------------------------------------
+
+    def check(self, request: Request) -> SamplingConfig:
+        """Cheap validation against the model (no weights touched); the resolved sampling."""
+        if request.n < 1:
+            raise ConfigError(f"n must be >= 1, got {request.n}")
+        if not request.prompt.strip():
+            raise ConfigError("the prompt is empty")
+        return request.sampling.resolved(self.model.files)
+
+    @staticmethod
+    def tasks(request: Request) -> list[Task]:
+        return [Task(request, i) for i in range(request.n)]
+
+    def batch_key(self, task: Task) -> BatchKey:
+        cfg = self.check(task.request)
+        spatial = task.request.spatial
+        steps = spatial.regularized_steps(cfg.steps)
+        mode = spatial.mode
+        if mode is SpatialMode.bias and steps == 0:
+            mode = SpatialMode.none  # a bias on no step changes nothing
+        return BatchKey(cfg.height, cfg.width, cfg.steps, cfg.scheduler.value, cfg.guidance, mode,
+                        0 if mode is SpatialMode.none else steps, spatial.save_attention,
+                        spatial.guidance if mode is SpatialMode.guidance else None)
+
+    def run(self, tasks: Iterable[Task], on_step: StepCallback | None = None,
+            on_error: ErrorCallback | None = None) -> Iterator[GeneratedImage]:
+        """Pack `tasks` into batches and yield their images as each batch finishes."""
+        from compinv_rt.runtime.batching import pack
+
+        failed: set[int] = set()
+        keyed = []
+        for task in tasks:
+            try:
+                keyed.append((task, self.batch_key(task)))
+            except CompinvError as exc:
+                self._fail(task.request, exc, failed, on_error)
+        for _, entries in pack(keyed, lambda entry: entry[1], self.max_batch):
+            batch = [task for task, _ in entries if id(task.request) not in failed]
+            yield from self.run_batch(batch, on_step, on_error, failed)
+
+    def run_batch(self, tasks: list[Task], on_step: StepCallback | None = None,
+                  on_error: ErrorCallback | None = None,
+                  failed: set[int] | None = None) -> list[GeneratedImage]:
+        """One UNet batch of tasks with equal `batch_key`s."""
+        from compinv_rt.runtime.pipeline import Pipeline
+        from compinv_rt.spatial.plan import spatial_inputs
+
+        failed = set() if failed is None else failed
+        prepared: dict[int, _Prepared] = {}
+        batch = []
+        for task in tasks:
+            req = task.request
+            if id(req) in failed:
+                continue
+            try:
+                if id(req) not in prepared:
+                    prepared[id(req)] = self._prepare(req)
+            except CompinvError as exc:
+                self._fail(req, exc, failed, on_error)
+                continue
+            batch.append(task)
+        if not batch:
+            return []
+        key = self.batch_key(batch[0])
+        if any(self.batch_key(t) != key for t in batch[1:]):
+            raise ConfigError("run_batch needs tasks with equal batch keys (see batch_key)")
+        cfg = self.check(batch[0].request)
+        preps = [prepared[id(t.request)] for t in batch]
+        pipe = Pipeline(self.model, self.unet(cfg.height, cfg.width, cfg.guidance > 1.0))
+        f = self.model.files.vae_scale_factor
+        module = pipe.torch_module("--spatial guidance") if key.spatial is SpatialMode.guidance else None
+        inputs = spatial_inputs(key.spatial, key.regularized_steps, [p.layout for p in preps],
+                                [t.request.spatial.strength for t in batch], module,
+                                (cfg.height // f, cfg.width // f), self.model.files.text_len,
+                                key.guidance_config, key.save_attention)
+        images = pipe.generate([p.text for p in preps], [t.seed for t in batch], cfg,
+                               negative_prompts=[p.negative for p in preps], on_step=on_step,
+                               **inputs.kwargs())
+        maps = inputs.attention_recorder.maps() if inputs.attention_recorder is not None else None
+        history = inputs.latent_hook.history if inputs.latent_hook is not None else None
+        return [GeneratedImage(
+            task, image, prep.text, cfg, prep.concepts, prep.layout,
+            task.request.spatial.sidecar(cfg.steps, prep.layout, history, j), pipe.backend.name,
+            None if maps is None else maps[j])
+            for j, (task, prep, image) in enumerate(zip(batch, preps, images))]
+
+    def generate(self, request: Request, on_step: StepCallback | None = None) -> list[GeneratedImage]:
+        """All images of one request (errors raised)."""
+        return list(self.run(self.tasks(request), on_step))
+
+    def sidecar(self, result: GeneratedImage, **extra) -> dict:
+        """The JSON sidecar of one image: enough to regenerate it exactly."""
+        from compinv_rt.outputs import image_metadata
+
+        req = result.request
+        concepts = [{"folder": str(c.folder), "token": c.token, "vectors": c.vectors}
+                    for c in result.concepts]
+        return image_metadata(req.prompt, req.negative_prompt, result.seed,
+                              result.sampling.as_dict(), self.model, result.backend,
+                              concepts=concepts, spatial=result.spatial, **extra)
+
+    # --- backends ------------------------------------------------------------------------
+
+    def unet(self, height: int, width: int, guidance: bool):
+        """The backend for one image size, opened once (engines: found, verified or built)."""
+        from compinv_rt.runtime.registry import open_backend
+
+        key = (height, width, guidance)
+        if key not in self._unets:
+            self._unets[key] = open_backend(
+                self.backend, self.model, height, width, self.max_batch, guidance=guidance,
+                engine=self.engine, engines_root=self.engines_root, on_status=self.on_status)
+        return self._unets[key]
+
+    def wrap_unet(self, height: int, width: int, guidance: bool, wrap: Callable):
+        """Replace the backend for this size by `wrap(backend)` (e.g. a timer); returns it."""
+        key = (height, width, guidance)
+        self._unets[key] = wrap(self.unet(height, width, guidance))
+        return self._unets[key]
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _prepare(self, request: Request) -> _Prepared:
+        concepts = self.load_concepts(request.concepts)
+        text = self.expand(request.prompt, concepts)
+        negative = self.expand(request.negative_prompt, concepts)
+        layout = self._layouts(request.spatial, text, lambda phrase: self.expand(phrase, concepts))
+        return _Prepared(text, negative, concepts, layout)
+
+    @staticmethod
+    def _fail(request: Request, exc: CompinvError, failed: set[int],
+              on_error: ErrorCallback | None) -> None:
+        if on_error is None:
+            raise exc
+        if id(request) not in failed:
+            failed.add(id(request))
+            on_error(request, exc)
+
+
+def _key(folder: str | Path) -> str:
+    return str(Path(folder).resolve())
