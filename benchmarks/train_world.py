@@ -85,7 +85,8 @@ def main() -> None:
 
     from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
     from compinv_rt.outputs import make_grid, save_png
-    from compinv_rt.train.analysis import analyze, shapes_world_vocabulary, vocabulary_ids
+    from compinv_rt.train.analysis import analyze, vocabulary_ids
+    from compinv_rt.world.model import shapes_world_vocabulary
     from compinv_rt.train.artifact import read_embedding_file
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept

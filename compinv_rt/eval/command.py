@@ -20,7 +20,9 @@ def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector
                              train_steps=train_steps, si_anchor_weight=si_anchor_weight,
                              si_anchors=si_anchors)
     files = inspect_model_dir(resolve_model_dir(model))
-    world = (files.root / "shapes_world.json").is_file()
+    from compinv_rt.world.model import DOMAIN
+
+    world = files.metadata.get("domain") == DOMAIN  # the judge and world templates apply
     protocol = build_protocol(quick, concepts, prompts, world=world)
     for name, path in (("--clip", clip), ("--detector", detector)):
         if path is not None and not Path(path).is_dir():

@@ -51,7 +51,9 @@ def run_eval(protocol: Protocol, cfg: EvalConfig, out: str | Path, model: str | 
     out = Path(out)
     cache = Path(cache) if cache is not None else out / "cache"
     files = inspect_model_dir(resolve_model_dir(model))
-    world = (files.root / "shapes_world.json").is_file()
+    from compinv_rt.world.model import DOMAIN
+
+    world = files.metadata.get("domain") == DOMAIN  # the judge and world templates apply
     model_hash = content_hash(files.all_files())
     scorers = _load_scorers(protocol, clip, detector, cfg, status)  # fail fast, before training
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +198,7 @@ def _run_cell(method, prompt, protocol, cfg, session, sampling, folders, scorers
             if readable is not None:
                 rec.update(score_image(readable[0], readable[1], judged[j],
                                        scorers.judge.config.size))
-                rec["judgement"] = judged[j].to_json()
+                rec["judgement"] = judged[j].to_json()  # type: ignore[union-attr]
             samples.append(rec)
         images += imgs
     return {"method": method.name, "prompt": prompt.to_json(), "text": text,
@@ -207,7 +209,7 @@ def _run_cell(method, prompt, protocol, cfg, session, sampling, folders, scorers
 def _embedding_analysis(folders) -> dict:
     from compinv_rt.train.artifact import read_artifact
 
-    out = {}
+    out: dict[str, dict] = {}
     for (name, emb), folder in folders.items():
         art = read_artifact(folder)
         a = art["analysis"]
@@ -232,7 +234,7 @@ def _summarize(protocol, cfg, files, model_hash, folders, reused, cells, scorers
 
     methods = {}
     for m in protocol.methods:
-        rows = {"pretrained": [], "inverted": []}
+        rows: dict[str, list] = {"pretrained": [], "inverted": []}
         per_concept: dict = {}
         for p in protocol.prompts:
             samples = cells[m.name, p.id]["samples"]

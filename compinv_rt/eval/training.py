@@ -28,8 +28,8 @@ def concept_photos(concept: Concept, cache: Path, size: int) -> Path:
     spec = f"{concept.shape},{concept.colour},{concept.pattern},{concept.background},{size}"
     d = cache / "photos" / f"{concept.name}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
     if not (d / "concept.json").is_file():  # concept.json is written last
-        make_photos(d, concept.shape, concept.colour, concept.pattern or "plain",
-                    concept.background, count=8, seed=1, size=size)
+        make_photos(d, str(concept.shape), str(concept.colour), concept.pattern or "plain",
+                    str(concept.background), count=8, seed=1, size=size)
     return d
 
 
@@ -82,12 +82,10 @@ def ensure_trained(concept: Concept, embedding: str, cfg: EvalConfig, model_root
         return folder, True
     status(f"training {concept.token(embedding)} ({tc.steps} steps, anchor weight "
            f"{tc.anchor_weight}) -> {folder}")
-    from compinv_rt.train.analysis import shapes_world_vocabulary
-
     plan = prepare(tc, photos, str(model_root))
+    # the embedding analysis uses the model's own vocabulary (its metadata) when it has one
     train_concept(plan, folder, resume=True, device=device,
-                  on_step=on_step, on_status=lambda m: log.info(m),
-                  analysis_words=shapes_world_vocabulary() if world else None)
+                  on_step=on_step, on_status=lambda m: log.info(m))
     return folder, False
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from compinv_rt.errors import ConfigError
 from compinv_rt.export.iospec import INPUTS, OUTPUTS, UNetIOSpec
 from compinv_rt.export.manifest import read_manifest
+from compinv_rt.export.onnx_export import EXTERNAL_DATA_FILE, ONNX_FILE
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
@@ -62,9 +63,9 @@ def write_triton_repository(engine_dirs: list[Path], repo: Path, name: str = "un
         if len(manifests) != 1:
             raise ConfigError("pass one ONNX engine (it runs on every GPU)")
         src = manifests[0][0]
-        shutil.copy2(src / "unet.onnx", version / "model.onnx")
-        if (src / "unet.onnx.data").exists():
-            shutil.copy2(src / "unet.onnx.data", version / "unet.onnx.data")
+        shutil.copy2(src / ONNX_FILE, version / "model.onnx")
+        if (src / EXTERNAL_DATA_FILE).exists():  # the graph refers to its data by this name
+            shutil.copy2(src / EXTERNAL_DATA_FILE, version / EXTERNAL_DATA_FILE)
         text = config_pbtxt(name, "onnxruntime_onnx", spec, max_batch)
     else:
         cc_files = {}

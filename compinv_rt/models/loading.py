@@ -35,6 +35,10 @@ WEIGHT_STEMS = {
     "text_encoder": "model",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# compinv-rt's own metadata of a model folder (optional; not part of the model's content hash):
+# {"vocabulary": [words its text encoder was trained on], "domain": "<what its images show>"}.
+# Whoever builds a model writes it (the shapes world does); the core reads it generically.
+METADATA_FILE = "compinv_rt.json"
 _CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json",
                  "text_encoder/config.json", "scheduler/scheduler_config.json")
 
@@ -72,6 +76,19 @@ class ModelFiles:
         """Tokens per prompt (CLIP: 77): the text encoder's positions, which prompts are padded to."""
         config = _read_json(self.root / "text_encoder" / "config.json")
         return int(config.get("max_position_embeddings", 77))
+
+    @cached_property
+    def metadata(self) -> dict:
+        """The folder's compinv-rt metadata (METADATA_FILE), {} when it has none."""
+        path = self.root / METADATA_FILE
+        return _read_json(path) if path.is_file() else {}
+
+    @property
+    def vocabulary(self) -> list[str] | None:
+        """The words the text encoder was trained on, if the model says (a model trained from
+        scratch on a small world leaves the other rows of its table untrained)."""
+        words = self.metadata.get("vocabulary")
+        return list(words) if words else None
 
     @property
     def prediction_type(self) -> str:

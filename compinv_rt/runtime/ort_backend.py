@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the exported unet.onnx, with IO binding straight to torch tensors."""
+"""ONNX Runtime backend: the exported ONNX UNet, with IO binding straight to torch tensors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from compinv_rt.errors import BackendUnavailable
 from compinv_rt.export.iospec import INPUTS, OUTPUTS, UNetIOSpec
-
+from compinv_rt.export.onnx_export import ONNX_FILE
 
 
 class OnnxRuntimeBackend:
@@ -18,9 +18,7 @@ class OnnxRuntimeBackend:
         import numpy as np
         import onnxruntime as ort
 
-        import onnxruntime
-
-        onnxruntime.set_default_logger_severity(3)  # errors only: its graph warnings are noise
+        ort.set_default_logger_severity(3)  # errors only: its graph warnings are noise
         self.spec, self.device = spec, device
         if spec.precision.value == "bf16":
             raise BackendUnavailable("the onnxruntime backend runs fp32 or fp16 engines, not bf16")
@@ -30,14 +28,14 @@ class OnnxRuntimeBackend:
                 raise BackendUnavailable(
                     f"onnxruntime here has no CUDA provider (has {', '.join(available)}); "
                     "install onnxruntime-gpu or use --device cpu")
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+            providers: list = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
         else:
             providers = ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Same thread budget as torch (OMP_NUM_THREADS / torch.set_num_threads), one knob for all.
         opts.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(str(Path(engine_dir) / "unet.onnx"), opts,
+        self.session = ort.InferenceSession(str(Path(engine_dir) / ONNX_FILE), opts,
                                             providers=providers)
         self._np_types = {torch.float32: np.float32, torch.float16: np.float16}
         self._zero_bias: torch.Tensor | None = None

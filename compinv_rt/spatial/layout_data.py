@@ -1,61 +1,17 @@
-"""Where layouts to learn from come from: the shapes world's ground truth, or the base model's own
-cross-attention on generated "A and B" images (no external data; works for any base model)."""
+"""Layouts learned from the base model's own cross-attention on generated "A and B" images (no
+external data; works for any base model). Ground-truth layouts of the shapes world come from
+`compinv_rt.world.layouts`."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
 
-import torch
-
 from compinv_rt.errors import ConfigError
 from compinv_rt.spatial.layout_model import LayoutExample
 
-HELDOUT_SEED0 = 50_000_000  # held-out scenes are drawn from seeds far from the training seeds
 
-
-def _article(phrase: str) -> str:
-    return phrase.split(" ", 1)[1] if phrase.startswith(("a ", "an ")) else phrase
-
-
-def world_examples(n: int, split: str = "train", seed: int = 0,
-                   positions: bool = False) -> list[LayoutExample]:
-    """`n` shapes-world scenes as layout records: caption, one phrase per object (its words
-    without the article, e.g. "dotted red star"), its ground-truth box normalized to [0, 1].
-
-    split "train": scenes the world allows for training; "heldout": scenes it holds out (unseen
-    colour-shape pairs, pairings or backgrounds), from a disjoint seed range.
-
-    The world's captions never say where objects are (scenes place them at random), which caps
-    any caption-only predictor. `positions=True` rewrites each caption to state every object's
-    horizontal position from the ground truth ("a red star at the left and a blue circle at the
-    right on grass"), to measure what the model learns when the text does carry layout."""
-    from compinv_rt.world.scenes import BG_PHRASES, is_train_scene, object_phrase, sample_scene
-
-    if split not in ("train", "heldout"):
-        raise ConfigError(f"--split must be train or heldout, got {split!r}")
-    out = []
-    s = seed if split == "train" else HELDOUT_SEED0 + seed
-    while len(out) < n:
-        scene, _ = sample_scene(s, split="train" if split == "train" else "any")
-        s += 1
-        if split == "heldout" and is_train_scene(scene.background, [o.pair for o in scene.objects]):
-            continue
-        size = scene.size
-        phrases = tuple(_article(object_phrase(o, scene.mention_size)) for o in scene.objects)
-        boxes = tuple(tuple(v / size for v in o.box) for o in scene.objects)
-        caption = scene.caption
-        if positions:
-            where = {"left": "at the left", "centre": "in the middle", "right": "at the right"}
-            parts = [f"{object_phrase(o, scene.mention_size)} {where[o.position(size)]}"
-                     for o in scene.objects]
-            objs = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-            caption = f"{objs} {BG_PHRASES[scene.background][0]}"
-        out.append(LayoutExample(caption, phrases, boxes))
-    return out
-
-
-def pair_prompts(words: list[str], templates: list[str]) -> list[tuple[str, tuple[str, str]]]:
+def pair_prompts(words: list[str], templates: list[str]) -> list[tuple[str, tuple[str, ...]]]:
     """All ordered pairs of different words in every template ("{a}", "{b}" placeholders)."""
     if len(words) < 2:
         raise ConfigError("--words needs at least two comma-separated words or phrases")
@@ -95,12 +51,3 @@ def attention_examples(loaded, prompts: list[tuple[str, tuple[str, ...]]], image
         if on_progress:
             on_progress(min(start + batch, len(flat)), len(flat))
     return out
-
-
-def split_holdout(examples: list, fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
-    """Split by prompt (all images of a prompt on one side) into (train, held-out)."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = sorted({e.prompt for e in examples})
-    perm = torch.randperm(len(prompts), generator=g).tolist()
-    held = {prompts[i] for i in perm[:max(1, int(round(fraction * len(prompts))))]}
-    return [e for e in examples if e.prompt not in held], [e for e in examples if e.prompt in held]

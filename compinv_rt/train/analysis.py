@@ -1,7 +1,7 @@
 """Where a learned embedding sits relative to the real vocabulary (the paper's OOD analysis).
 
 For each vector: its norm and norm percentile within a vocabulary (by default every whole real
-word; for a model trained on a small world, pass that world's words), the nearest real word and
+word; for a model trained on a small world, its metadata's vocabulary), the nearest real word and
 the distance to it, and the distance to the anchor target and to each anchor word. For scale, the
 typical nearest-neighbour distance between vocabulary words is reported too.
 """
@@ -11,26 +11,6 @@ from __future__ import annotations
 import torch
 
 from compinv_rt.train.anchors import real_word_ids, word_of
-
-
-def shapes_world_vocabulary() -> list[str]:
-    """The words of the shapes world's captions: the trained vocabulary of the embedded model (a
-    text encoder trained from scratch, whose other 49k rows are untrained)."""
-    import re
-
-    from compinv_rt.world import scenes as S
-
-    words = set(S.COLOURS) | set(S.SHAPES) | set(S.SIZES) | set(S.POSITIONS) | {"dotted", "striped"}
-    for text in list(S.TEMPLATES) + [p for ps in S.BG_PHRASES.values() for p in ps]:
-        words |= set(re.findall(r"[a-z]+", text.replace("{objs}", "").replace("{bg}", "")))
-    return sorted(words | {"a", "an", "and"})
-
-
-def default_vocabulary(model_root) -> list[str] | None:
-    """None (every real word), or the shapes world's words for a shapes-world model folder."""
-    from pathlib import Path
-
-    return shapes_world_vocabulary() if (Path(model_root) / "shapes_world.json").is_file() else None
 
 
 def vocabulary_ids(tokenizer, words: list[str] | None = None) -> list[int]:

@@ -19,12 +19,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from compinv_rt.errors import ConfigError, OutputError
 from compinv_rt.train.config import RESUME_KEYS, TrainConfig
+
+if TYPE_CHECKING:
+    from compinv_rt.models.loading import ModelFiles
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class Plan:
     """What `prepare` validated."""
 
     config: TrainConfig
-    files: object  # ModelFiles
+    files: ModelFiles
     tokenizer: object
     image_files: list[Path]
     images: list
@@ -216,10 +219,9 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     from compinv_rt.models.loading import content_hash, load_model
     from compinv_rt.train import anchors as A
     from compinv_rt.train import tokens as T
-    from compinv_rt.train.analysis import analyze, default_vocabulary, vocabulary_ids
-    from compinv_rt.train.artifact import SCHEMA_VERSION, FORMAT, write_artifacts
-    from compinv_rt.train.data import (DEFAULT_TEMPLATES, build_prompts, encode_variants,
-                                       images_hash, make_variants)
+    from compinv_rt.train.analysis import analyze, vocabulary_ids
+    from compinv_rt.train.artifact import FORMAT, SCHEMA_VERSION, write_artifacts
+    from compinv_rt.train.data import DEFAULT_TEMPLATES, build_prompts, encode_variants, images_hash, make_variants
     from compinv_rt.train.losses import diffusion_target, masked_mse
 
     cfg = plan.config
@@ -316,7 +318,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     reports = A.report(tok, anchor_ids, target)
     with torch.no_grad():
         tgt = target().detach()
-    vocab = vocabulary_ids(tok, analysis_words or default_vocabulary(plan.files.root))
+    vocab = vocabulary_ids(tok, analysis_words or plan.files.vocabulary)
     analysis = analyze(table0, tok, vectors, tgt, anchor_ids, vocab, seed=cfg.seed)
     seconds = time.perf_counter() - t_start
     tokens = T.placeholder_tokens(cfg.token, cfg.vectors)

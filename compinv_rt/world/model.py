@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from compinv_rt.models.loading import METADATA_FILE
 from compinv_rt.models.tokenizer import VOCAB_SIZE
+from compinv_rt.world import scenes as S
+
+DOMAIN = "shapes-world"  # models.loading.METADATA_FILE "domain" of the models built here
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class ArchConfig:
     @staticmethod
     def from_json(d: dict) -> "ArchConfig":
         fields = ArchConfig.__dataclass_fields__
-        return ArchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields})
+        kw: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+        return ArchConfig(**kw)
 
 
 TINY_ARCH = ArchConfig(
@@ -142,6 +148,7 @@ def export_model(vae, unet, text_encoder, out_dir: str | Path, fp16: bool = True
     cfg_path.write_text(json.dumps(cfg, indent=2))
     if info is not None:
         (tmp / "shapes_world.json").write_text(json.dumps(info, indent=2))
+    (tmp / METADATA_FILE).write_text(json.dumps(model_metadata(), indent=2) + "\n")
     old = out.with_name(out.name + ".old")
     if out.exists():
         if old.exists():
@@ -155,3 +162,17 @@ def export_model(vae, unet, text_encoder, out_dir: str | Path, fp16: bool = True
 
 def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "embedded" / "shapes_sd"
+
+
+def shapes_world_vocabulary() -> list[str]:
+    """The words of the shapes world's captions: the trained vocabulary of the embedded model (a
+    text encoder trained from scratch, whose other 49k rows are untrained)."""
+    words = set(S.COLOURS) | set(S.SHAPES) | set(S.SIZES) | set(S.POSITIONS) | {"dotted", "striped"}
+    for text in list(S.TEMPLATES) + [p for ps in S.BG_PHRASES.values() for p in ps]:
+        words |= set(re.findall(r"[a-z]+", text.replace("{objs}", "").replace("{bg}", "")))
+    return sorted(words | {"a", "an", "and"})
+
+
+def model_metadata() -> dict:
+    """What a shapes-world model tells the core about itself (models.loading.METADATA_FILE)."""
+    return {"domain": DOMAIN, "vocabulary": shapes_world_vocabulary()}
