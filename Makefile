@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 # open_clip ships the real CLIP BPE vocabulary. --no-deps: its deps would replace the CPU torch.
 OPEN_CLIP := open-clip-torch==3.3.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-quick lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+# The fast subset for the edit-test loop (<= 60 s on 2 cores): everything not marked slow.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not slow"
+
+# ruff (lint + import order; never `ruff format`) and mypy, configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check compinv_rt
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

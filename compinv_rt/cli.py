@@ -112,13 +112,12 @@ def generate(
     spatial_config = SpatialConfig.from_options(
         None if spatial is None else spatial.value, layout, bias_strength, bias_steps, layout_model,
         save_attention, backend.value, config.steps)
-    if out is None:
-        import time
+    import time
 
-        out = Path("outputs") / time.strftime("%Y%m%d-%H%M%S")
+    folder = Path(out) if out is not None else Path("outputs") / time.strftime("%Y%m%d-%H%M%S")
     from compinv_rt.outputs import check_writable_dir
 
-    check_writable_dir(out)
+    check_writable_dir(folder)
 
     from compinv_rt.generation import generate_to_folder
     from compinv_rt.session import GenerationSession, Request, SessionOptions
@@ -131,11 +130,11 @@ def generate(
                       tuple(str(c) for c in concept or ()), spatial_config)
     bar = progress(config.steps, "denoising")
     try:
-        result = generate_to_folder(session, request, out,
+        result = generate_to_folder(session, request, folder,
                                     on_step=lambda done, total: bar.update(done - bar.n))
     finally:
         bar.close()
-    typer.echo(f"wrote {len(result.images)} images + JSON sidecars to {out}/")
+    typer.echo(f"wrote {len(result.images)} images + JSON sidecars to {folder}/")
     if result.attention:
         typer.echo(f"attention heatmaps: {result.attention[0]}" + (" ..." if len(result.attention) > 1 else ""))
     typer.echo(f"grid: {result.grid}")
@@ -162,9 +161,7 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
     sink = open_sink(out).prepare()
     summary = JobsSummary(problems=list(problems))
     items = pending_items(jobs, out, files, resume, summary, exists=sink.exists)
-    from compinv_rt.jobs import concept_folders
-
-    from compinv_rt.jobs import JobsConfig
+    from compinv_rt.jobs import JobsConfig, concept_folders
     from compinv_rt.session import SessionOptions
 
     config = JobsConfig(SessionOptions(str(files.root), device, precision, backend, engine,
@@ -222,44 +219,43 @@ def export(
     force: bool = typer.Option(False, "--force", help="Rebuild even if a matching engine exists."),
 ):
     """Build the UNet engine (with its attention_bias input) into OUT/<format>-<key>/."""
-    from compinv_rt.export.build import export_engine
+    from compinv_rt.export.build import ExportOptions, export_engine
     from compinv_rt.export.iospec import UNetIOSpec, batch_profiles
     from compinv_rt.export.onnx_export import check_opset
     from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
     from compinv_rt.outputs import check_writable_dir
-    from compinv_rt.export.build import ExportOptions
 
     profiles = batch_profiles(_int_list(batch_sizes, "--batch-sizes"), dynamic)
     target = format
     if target is ExportTarget.triton:
         from compinv_rt.export.build import tensorrt_usable
 
-        format = EngineFormat.tensorrt if tensorrt_usable(device) else EngineFormat.onnx
+        fmt = EngineFormat.tensorrt if tensorrt_usable(device) else EngineFormat.onnx
     else:
-        format = EngineFormat(target.value)
-    if format is not EngineFormat.aoti:
+        fmt = EngineFormat(target.value)
+    if fmt is not EngineFormat.aoti:
         check_opset(exporter, opset)
     files = inspect_model_dir(resolve_model_dir(model))
     from compinv_rt.models.loading import pick_device
 
     spec = UNetIOSpec.for_model(files, height or files.default_size, width or files.default_size,
                                 precision.resolve(pick_device(device)))
-    if format is EngineFormat.tensorrt:
+    if fmt is EngineFormat.tensorrt:
         from compinv_rt.export.build import require_tensorrt
 
         require_tensorrt()
     check_writable_dir(out)
     loaded = load_model(str(files.root), device=device)
-    options = ExportOptions(exporter.value, opset, optimization_level).for_format(format)
-    engine_dir, reused = export_engine(format, loaded, spec, profiles, out, options, force=force,
+    options = ExportOptions(exporter.value, opset, optimization_level).for_format(fmt)
+    engine_dir, reused = export_engine(fmt, loaded, spec, profiles, out, options, force=force,
                                        on_status=lambda msg: typer.echo(msg, err=True))
-    typer.echo(f"{'reused' if reused else 'built'} {format.value} engine: {engine_dir}")
+    typer.echo(f"{'reused' if reused else 'built'} {fmt.value} engine: {engine_dir}")
     if target is ExportTarget.triton:
         from compinv_rt.export.triton import write_triton_repository
 
         model_dir = write_triton_repository([engine_dir], out / "triton")
         typer.echo(f"Triton model repository: {model_dir.parent} (model '{model_dir.name}', "
-                   f"{format.value}); the denoising-loop model is described in docs/scale-out.md")
+                   f"{fmt.value}); the denoising-loop model is described in docs/scale-out.md")
 
 
 @app.command()
@@ -270,7 +266,8 @@ def train(
     class_word: str = typer.Option(..., help="The concept's class, e.g. heart: prompts read '<tok> heart'."),
     out: Path = typer.Option(..., help="Output folder: embeddings, artifact.json, checkpoints, loss curve."),
     model: Optional[str] = typer.Option(None, help="Local diffusers SD 1.x/2.x folder (default: embedded)."),
-    init_word: Optional[str] = typer.Option(None, help="Single-token word the vectors start from (default: the class word)."),
+    init_word: Optional[str] = typer.Option(
+        None, help="Single-token word the vectors start from (default: the class word)."),
     anchors: Optional[str] = typer.Option(
         None, help="WORD[,WORD...] or auto:K (the K nearest real words of the init word). Default: the class word."),
     anchor_weight: float = typer.Option(0.95, help="Anchor-loss weight (0 = plain textual inversion)."),
@@ -466,8 +463,8 @@ def layout_world_data(
     if n < 1:
         raise ConfigError(f"-n must be >= 1, got {n}")
     check_writable_dir(out.parent)
-    from compinv_rt.spatial.layout_data import world_examples
     from compinv_rt.spatial.layout_model import write_jsonl
+    from compinv_rt.world.layouts import world_examples
 
     write_jsonl(out, world_examples(n, split, seed, positions))
     typer.echo(f"wrote {n} {split} layouts to {out}")
@@ -515,7 +512,7 @@ def layout_fit(
     if data is not None:
         examples = layout_model.read_jsonl(data)
     else:
-        phrases = [w.strip() for w in words.split(",") if w.strip()]
+        phrases = [w.strip() for w in (words or "").split(",") if w.strip()]
         prompts = layout_data.pair_prompts(phrases, template)
     check_writable_dir(out)
     loaded = load_model(str(files.root), device=device)

@@ -56,7 +56,7 @@ def load_concepts(loaded: LoadedModel, concept_dirs) -> list[Concept]:
         if emb.shape[1] != dim:
             raise ArtifactError(f"{folder}: embedding width {emb.shape[1]} != the text encoder's {dim}")
         arts.append((Path(folder), art, emb))
-    seen = {}
+    seen: dict[str, Path] = {}
     for folder, art, _ in arts:
         key = art["token"].lower()
         if key in seen:
@@ -89,7 +89,8 @@ def check_concepts(concept_dirs, files) -> list[dict]:
     from compinv_rt.models.loading import content_hash
 
     model_hash = content_hash(files.all_files())
-    arts, seen = [], {}
+    arts: list[dict] = []
+    seen: dict[str, str | Path] = {}
     for folder in concept_dirs:
         art = artifact.read_artifact(folder)
         artifact.check_base_model(art, folder, model_hash)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 from dataclasses import asdict
+from pathlib import Path
 
 from compinv_rt.errors import CompinvError, ConfigError
 from compinv_rt.jobs import Item, Job, JobsConfig, JobsSummary
@@ -64,7 +65,7 @@ def run_on_ray(items: list[Item], sink_uri: str, config: JobsConfig, summary: Jo
     # Workers may run elsewhere: absolute paths.
     options = dataclasses.replace(
         options, model=os.path.abspath(options.model) if options.model else None,
-        engine=None if options.engine is None else os.path.abspath(options.engine))
+        engine=None if options.engine is None else Path(options.engine).absolute())
     config = dataclasses.replace(config, options=options)
     local = address is None
     ray.init(address=address, num_cpus=max(workers, os.cpu_count() or 1) if local else None,
@@ -96,7 +97,7 @@ def run_on_ray(items: list[Item], sink_uri: str, config: JobsConfig, summary: Jo
                         seen_problems.add(p)
                         summary.problems.append(p)
         except Exception as exc:  # a worker's CompinvError arrives wrapped by Ray: unwrap it
-            cause = exc
+            cause: BaseException | None = exc
             while cause is not None and not isinstance(cause, CompinvError):
                 cause = getattr(cause, "cause", None) or cause.__cause__
             if cause is not None:

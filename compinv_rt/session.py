@@ -54,6 +54,7 @@ from compinv_rt.errors import CompinvError, ConfigError
 from compinv_rt.export.iospec import Precision
 from compinv_rt.runtime.pipeline import SamplingConfig
 from compinv_rt.runtime.registry import DEFAULT_ENGINES, Backend
+from compinv_rt.runtime.schedulers import SchedulerName
 from compinv_rt.spatial.layouts import SpatialMode
 from compinv_rt.spatial.plan import SpatialConfig
 
@@ -223,7 +224,7 @@ class GenerationSession:
         mode = spatial.mode
         if mode is SpatialMode.bias and steps == 0:
             mode = SpatialMode.none  # a bias on no step changes nothing
-        return BatchKey(cfg.height, cfg.width, cfg.steps, cfg.scheduler.value, cfg.guidance, mode,
+        return BatchKey(*cfg.size, cfg.steps, SchedulerName(cfg.scheduler).value, cfg.guidance, mode,
                         0 if mode is SpatialMode.none else steps, spatial.save_attention,
                         spatial.guidance if mode is SpatialMode.guidance else None)
 
@@ -271,12 +272,13 @@ class GenerationSession:
             raise ConfigError("run_batch needs tasks with equal batch keys (see batch_key)")
         cfg = self.check(batch[0].request)
         preps = [prepared[id(t.request)] for t in batch]
-        pipe = Pipeline(self.model, self.unet(cfg.height, cfg.width, cfg.guidance > 1.0))
+        height, width = cfg.size
+        pipe = Pipeline(self.model, self.unet(height, width, cfg.guidance > 1.0))
         f = self.model.files.vae_scale_factor
         module = pipe.torch_module("--spatial guidance") if key.spatial is SpatialMode.guidance else None
         inputs = spatial_inputs(key.spatial, key.regularized_steps, [p.layout for p in preps],
                                 [t.request.spatial.strength for t in batch], module,
-                                (cfg.height // f, cfg.width // f), self.model.files.text_len,
+                                (height // f, width // f), self.model.files.text_len,
                                 key.guidance_config, key.save_attention)
         images = pipe.generate([p.text for p in preps], [t.seed for t in batch], cfg,
                                negative_prompts=[p.negative for p in preps], on_step=on_step,

@@ -142,7 +142,7 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
     for batch in cfg.batch_sizes:
         on_status(f"{STOCK} {model.precision.value}: batch {batch}")
 
-        def run():
+        def run(pipe=pipe, batch=batch):
             pipe(cfg.prompt, num_images_per_prompt=batch, num_inference_steps=cfg.steps,
                  guidance_scale=cfg.guidance,
                  generator=[torch.Generator().manual_seed(s) for s in range(batch)])
@@ -157,13 +157,14 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
 def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", label: str = "",
               on_status=lambda msg: None) -> BenchResult:
     from compinv_rt import __version__
-    from compinv_rt.models.loading import load_model
     from compinv_rt.errors import BackendUnavailable
+    from compinv_rt.models.loading import LoadedModel, load_model
     from compinv_rt.runtime.pipeline import SamplingConfig
     from compinv_rt.session import GenerationSession, Request
     from compinv_rt.spatial.plan import SpatialConfig
 
-    models = {}  # resolved precision name ("auto" -> fp32 on CPU) -> model; the first is the reference
+    # resolved precision name ("auto" -> fp32 on CPU) -> model; the first is the reference
+    models: dict[str, LoadedModel] = {}
     for requested in cfg.precisions:
         m = load_model(model_spec, device=device, dtype=requested)
         models.setdefault(m.precision.value, m)
@@ -189,22 +190,23 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
         for batch, cell in cells.items():
             cell.step_speedup = reference[batch].step_ms_p50 / cell.step_ms_p50
             cell.e2e_speedup = reference[batch].e2e_s / cell.e2e_s
-    cells = ((p, m, b, n) for p, m in models.items() for b in cfg.backends for n in cfg.batch_sizes)
+    grid = ((p, m, b, n) for p, m in models.items() for b in cfg.backends for n in cfg.batch_sizes)
     unavailable = set()
-    for precision, model, backend, batch in cells:
+    height, width = sampling.size
+    for precision, model, backend, batch in grid:
         if (backend, precision) in unavailable:
             continue
         on_status(f"{backend} {precision}: batch {batch} (opening)")
         session = GenerationSession(model, backend, engines_root=cfg.engines_root, max_batch=batch,
                                     on_status=on_status)
         try:
-            session.unet(sampling.height, sampling.width, cfg.guidance > 1)
+            session.unet(height, width, cfg.guidance > 1)
         except BackendUnavailable as exc:  # e.g. onnxruntime has no bf16 kernels
             unavailable.add((backend, precision))
             result.meta["skipped"].append(f"{backend} {precision}: {exc}")
             on_status(f"skipped: {exc}")
             continue
-        timer = session.wrap_unet(sampling.height, sampling.width, cfg.guidance > 1,
+        timer = session.wrap_unet(height, width, cfg.guidance > 1,
                                   lambda unet: StepTimer(unet, model.device))
         for with_bias in cfg.bias:
             on_status(f"{backend} {precision}: batch {batch}, bias {'on' if with_bias else 'off'}")

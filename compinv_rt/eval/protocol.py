@@ -76,16 +76,16 @@ class Concept:
         if spec == "attributes":
             if not self.is_world:
                 return None  # a user concept has no known attribute words
-            pat = [] if self.pattern in (None, "plain") else [self.pattern]
-            return ",".join([self.class_word, self.colour, *pat])
+            pat = [] if self.pattern in (None, "plain") else [str(self.pattern)]
+            return ",".join([self.class_word, str(self.colour), *pat])
         return spec
 
     def words(self) -> str:
         """The concept in world words (what the judge should find)."""
         if not self.is_world:
             return self.class_word
-        pat = [] if self.pattern in (None, "plain") else [self.pattern]
-        return " ".join(pat + [self.colour, self.shape])
+        pat = [] if self.pattern in (None, "plain") else [str(self.pattern)]
+        return " ".join(pat + [str(self.colour), str(self.shape)])
 
     def token(self, embedding: str) -> str:
         return f"<{self.name}-{embedding}>"
@@ -162,7 +162,7 @@ class EvalConfig:
 
     @staticmethod
     def preset(quick: bool, **overrides) -> "EvalConfig":
-        base = (dict(quick=True, samples=8, train_steps=250) if quick else {})
+        base: dict = (dict(quick=True, samples=8, train_steps=250) if quick else {})
         base.update({k: v for k, v in overrides.items() if v is not None})
         return EvalConfig(**base)
 

@@ -78,7 +78,7 @@ def markdown(results: dict) -> str:
              f"{'on' if cfg['augment'] else 'off'}). Run time {results['seconds'] / 60:.1f} min.", "",
              "| method | " + " | ".join(c[1] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
-    for name, m in methods.items():
+    for m in methods.values():
         lines.append(f"| {m['label']} | " + " | ".join(_fmt(k, m[kind].get(k)) for k, _, kind in cols)
                      + " |")
     if "ti" in methods:
@@ -106,7 +106,7 @@ def markdown(results: dict) -> str:
               "| concept | method | CoI | identity | prompt accuracy | region | attn share |",
               "|---|---|---|---|---|---|---|"]
     for c in results["protocol"]["concepts"]:
-        for name, m in methods.items():
+        for m in methods.values():
             pc = m["per_concept"].get(c["name"], {})
             lines.append(f"| {c['name']} | {m['label']} | " + " | ".join(
                 _fmt(k, pc.get(k)) for k in ("coi", "identity", "accuracy", "region",
@@ -139,7 +139,7 @@ def bar_plot(results: dict, path: Path) -> Path:
     methods = results["methods"]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols)), 3.6))
     width = 0.8 / max(1, len(methods))
-    for i, (name, m) in enumerate(methods.items()):
+    for i, m in enumerate(methods.values()):
         vals = [100 * (m[kind].get(k) or 0) for k, _, kind in cols]
         ax.bar([j + i * width for j in range(len(cols))], vals, width, label=m["label"])
     ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(cols))])

@@ -10,8 +10,15 @@ from pathlib import Path
 
 from compinv_rt.errors import BackendUnavailable, EngineMismatch
 from compinv_rt.export.iospec import BatchProfile, UNetIOSpec
-from compinv_rt.export.manifest import (EngineFormat, EngineRequest, device_tag, tool_versions,
-                                        unet_files, verify_engine, write_manifest)
+from compinv_rt.export.manifest import (
+    EngineFormat,
+    EngineRequest,
+    device_tag,
+    tool_versions,
+    unet_files,
+    verify_engine,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 

@@ -85,8 +85,8 @@ def export_onnx(unet, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
 
 def fold_constants(model):
     """Constant folding with polygraphy (onnx-graphsurgeon + ONNX Runtime under the hood)."""
-    from polygraphy.backend.onnx import fold_constants as pg_fold
     import onnxruntime
+    from polygraphy.backend.onnx import fold_constants as pg_fold
 
     onnxruntime.set_default_logger_severity(3)  # errors only: its graph warnings are noise
     from polygraphy.logger import G_LOGGER

@@ -48,8 +48,7 @@ def trt_build_settings(spec: UNetIOSpec, profiles: list[BatchProfile], optimizat
 
 def build_tensorrt_engine(onnx_path: Path, settings: TrtBuildSettings, out_dir: Path) -> str:
     """Parse the ONNX file, build one plan with one profile per bucket, save it. Needs TensorRT."""
-    from polygraphy.backend.trt import (CreateConfig, Profile, engine_bytes_from_network,
-                                        network_from_onnx_path)
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
 
     from compinv_rt.errors import ExportError
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ class Components:
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
-    scheduler: object
+    scheduler: Any  # a diffusers scheduler
 
 
 def tiny_components(seed: int = 0, prediction_type: str = "epsilon", hidden: int = 64) -> Components:
@@ -110,7 +111,7 @@ def save_model(components: Components, out_dir: str | Path) -> Path:
 
 
 # Architecture-true configurations of real checkpoints, for latency benchmarks without weights.
-SD_ARCHS = {
+SD_ARCHS: dict[str, dict[str, Any]] = {
     "sd15": dict(
         unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,

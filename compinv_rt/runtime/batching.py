@@ -25,11 +25,11 @@ def pack(items: list, key, max_batch: int) -> Iterator[tuple[object, list]]:
     keeping the input order within each group (so a resumed run packs the same way)."""
     if max_batch < 1:
         raise ValueError("max_batch must be >= 1")
-    order = {}
+    order: dict = {}
     for it in items:
         order.setdefault(key(it), len(order))
     ordered = sorted(items, key=lambda it: order[key(it)])  # stable: file order within a group
-    for k, group in groupby(ordered, key=key):
-        group = list(group)
+    for k, grouped in groupby(ordered, key=key):
+        group = list(grouped)
         for start in range(0, len(group), max_batch):
             yield k, group[start:start + max_batch]

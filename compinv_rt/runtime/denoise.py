@@ -34,7 +34,7 @@ def denoise(
     batch = latents.shape[0]
     if uncond is not None:
         context = torch.cat([uncond, cond])  # (2B, 77, D)
-        if torch.is_tensor(guidance):
+        if isinstance(guidance, torch.Tensor):
             guidance = guidance.to(latents).view(batch, 1, 1, 1)
     else:
         context = cond

@@ -18,7 +18,7 @@ from compinv_rt.runtime.schedulers import SchedulerName, make_scheduler
 class SamplingConfig:
     steps: int = 25
     guidance: float = 7.5
-    scheduler: SchedulerName = SchedulerName.ddim
+    scheduler: SchedulerName | str = SchedulerName.ddim
     height: int | None = None  # None: the model's native size
     width: int | None = None
 
@@ -38,6 +38,13 @@ class SamplingConfig:
                     f"VAE x{files.vae_scale_factor} times the UNet's down-sampling)"
                 )
         return SamplingConfig(self.steps, self.guidance, SchedulerName(self.scheduler), h, w)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of a resolved config."""
+        if self.height is None or self.width is None:
+            raise ConfigError("the sampling config is not resolved for a model yet (.resolved())")
+        return self.height, self.width
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -99,14 +106,15 @@ class Pipeline:
         scheduler = make_scheduler(cfg.scheduler, files.scheduler_config)
         scheduler.set_timesteps(cfg.steps, device=m.device)
         f = files.vae_scale_factor
-        shape = (m.unet.config.in_channels, cfg.height // f, cfg.width // f)
+        height, width = cfg.size
+        shape = (m.unet.config.in_channels, height // f, width // f)
         latents = initial_noise(seeds, shape).to(m.device, m.dtype) * scheduler.init_noise_sigma
         cond = self.encode_prompts(prompts)
         use_cfg = cfg.guidance > 1.0
         uncond = self.encode_prompts(negative_prompts or [""] * len(prompts)) if use_cfg else None
         if attention_bias is not None:
             attention_bias = attention_bias.to(m.device, m.dtype)
-        recording = contextlib.nullcontext()
+        recording: contextlib.AbstractContextManager = contextlib.nullcontext()
         if attention_recorder is not None:
             from compinv_rt.spatial.capture import capturing
 
@@ -122,4 +130,4 @@ class Pipeline:
         if self.backend.name != "torch":
             raise ConfigError(f"{feature} needs the UNet's internals and runs only with --backend "
                               f"torch (got {self.backend.name})")
-        return self.backend.module
+        return self.backend.module  # type: ignore[union-attr]  # the torch backend has one

@@ -80,7 +80,7 @@ def _colormap(v: np.ndarray) -> np.ndarray:
 
 
 def heatmap_grid(image, maps: torch.Tensor, labels: list[tuple[int, str]], tile: int = 128,
-                 boxes: dict[int, list] | None = None):
+                 boxes: dict | None = None):
     """The image followed by one heatmap tile per token, on one shared scale (so the token that
     dominates is the brightest), each titled with the token and its share of the attention.
     `boxes`: token position -> normalized layout boxes drawn on its tile."""
@@ -96,14 +96,14 @@ def heatmap_grid(image, maps: torch.Tensor, labels: list[tuple[int, str]], tile:
     grid = Image.new("RGB", (cols * (tile + 4), rows * (tile + title + 4)), "white")
     draw = ImageDraw.Draw(grid)
     base = np.asarray(image.convert("L").resize((tile, tile)), dtype=np.float32)[..., None]
-    tiles = [("image", image.convert("RGB").resize((tile, tile)), None)]
+    tiles: list[tuple] = [("image", image.convert("RGB").resize((tile, tile)), None)]
     for k, ((pos, text), share) in enumerate(zip(labels, shares)):
         m = F.interpolate(sel[k][None, None], size=(tile, tile), mode="bilinear",
                           align_corners=False)[0, 0]
         heat = _colormap((m / scale).numpy())
         blend = (0.35 * base + 0.65 * heat).clip(0, 255).astype(np.uint8)
         tiles.append((f"{text} {100 * share:.0f}%", Image.fromarray(blend), pos))
-    for k, (text, im, pos) in enumerate(tiles):
+    for k, (text, im, _) in enumerate(tiles):
         r, c = divmod(k, cols)
         x, y = c * (tile + 4) + 2, r * (tile + title + 4) + 2
         draw.text((x, y), text[:22], fill="black")

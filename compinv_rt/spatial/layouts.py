@@ -175,7 +175,7 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special, truncation=False).input_ids
 
 
-def token_positions(tokenizer, prompt: str, phrase: str, taken: set[int] = frozenset()) -> list[int]:
+def token_positions(tokenizer, prompt: str, phrase: str, taken: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """Positions (BOS = 0) of every token of `phrase` in the tokenized prompt.
 
     The phrase is tokenized exactly like the prompt, so multi-token phrases and multi-vector

@@ -145,7 +145,7 @@ class LayoutResolver:
             elif self.on_status:
                 self.on_status("no layout model: using the reference's fixed boxes")
         layout = resolve_layout(config.layout, self.loaded.tokenizer, prompt, predictor, expand)
-        if config.mode is not SpatialMode.none and self.on_status:
+        if layout is not None and config.mode is not SpatialMode.none and self.on_status:
             self.on_status(f"layout ({layout.source.value}): {format_layout(layout.concepts)}")
         return layout
 

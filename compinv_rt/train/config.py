@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from compinv_rt.errors import ConfigError
 
@@ -90,7 +91,7 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
-def parse_anchor_spec(spec: str | None) -> tuple[str, object]:
+def parse_anchor_spec(spec: str | None) -> tuple[str, Any]:
     """-> ("default", None) | ("auto", K) | ("words", [w, ...]). Raises ConfigError."""
     if spec is None or not spec.strip():
         return "default", None

@@ -12,10 +12,14 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compinv_rt.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +208,8 @@ class PromptTable:
 
 
 def build_prompts(tokenizer, templates, placeholder_text: str, class_word: str) -> PromptTable:
-    prompts, rows = [], {}
+    prompts: list[str] = []
+    rows: dict[int, list[int]] = {}
     for g, phrases in GROUP_PHRASES.items():
         rows[g] = []
         for t in templates:

@@ -85,11 +85,12 @@ def train(
             raise ConfigError(f"{name} must be >= 1, got {v}")
     cfg = RecipeConfig(
         run_dir=str(run_dir), arch=TINY_ARCH if tiny else ArchConfig(), seed=seed, threads=threads, procs=procs,
-        vae_steps=vae_steps, vae_lr=vae_lr, unet_steps=unet_steps, unet_batch=min(unet_batch, 4) if tiny else unet_batch,
+        vae_steps=vae_steps, vae_lr=vae_lr, unet_steps=unet_steps,
+        unet_batch=min(unet_batch, 4) if tiny else unet_batch,
         unet_lr=unet_lr,
         cache_scenes=cache_scenes, gate_threshold=gate_threshold, ckpt_every=ckpt_every,
         snapshot_every=snapshot_every,
-        **(dict(vae_scenes=64, vae_batch=4, gate_scenes=16) if tiny else {}),
+        **({"vae_scenes": 64, "vae_batch": 4, "gate_scenes": 16} if tiny else {}),  # type: ignore[arg-type]
     )
     bars: dict = {}
 
@@ -121,7 +122,8 @@ def train(
 @user_errors
 def score(
     model: Optional[Path] = typer.Option(None, help="Diffusers model folder (default: embedded)."),
-    prompts: Optional[Path] = typer.Option(None, help="Prompt file, one per line, optional 'kind<TAB>prompt' (default: held-out prompts)."),
+    prompts: Optional[Path] = typer.Option(
+        None, help="Prompt file, one per line, optional 'kind<TAB>prompt' (default: held-out prompts)."),
     kinds: str = typer.Option("single,two,novel", help="Held-out prompt kinds when --prompts is not given."),
     prompts_per_kind: int = typer.Option(25, help="Held-out prompts per kind."),
     k: int = typer.Option(5, "-k", help="Images per prompt."),

@@ -267,7 +267,8 @@ def train_judge(
     gen = torch.Generator().manual_seed(config.seed)
     wc = WorldConfig(size=config.size)
     t0 = time.time()
-    scenes, images = sample_batch(range(config.seed * 10_000_000, config.seed * 10_000_000 + config.train_scenes), "any", wc)
+    first = config.seed * 10_000_000
+    scenes, images = sample_batch(range(first, first + config.train_scenes), "any", wc)
     log.info("generated %d scenes in %.1fs", len(scenes), time.time() - t0)
     obj, cls, box, bg = (torch.from_numpy(a) for a in _targets(scenes, config.size))
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)

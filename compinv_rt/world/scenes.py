@@ -496,6 +496,7 @@ def heldout_prompts(kind: str, n: int, seed: int = 0) -> list[str]:
     Prompts use the plain template "a {colour} {shape}[ and a ...] {bg phrase}".
     """
     rng = np.random.default_rng(seed)
+    pool: list
     if kind == "single":
         pool = [(p, bg) for p in train_pairs() for bg in BACKGROUNDS if is_heldout_combo(p, bg)]
         pool = [[(p,), bg] for p, bg in pool]
