@@ -41,6 +41,8 @@ API
 * UNet backends are opened once per (height, width, classifier-free guidance) and kept.
 * `session.sidecar(image, **extra)` is the JSON sidecar of one image (enough to regenerate it);
   callers add their own fields (job id, file name, attention heatmap).
+* A session is not thread-safe (loading a concept writes the text encoder's table): run its
+  batches from one thread; scale out with one session per process (the Ray workers do).
 """
 
 from __future__ import annotations
@@ -191,8 +193,11 @@ class GenerationSession:
         from compinv_rt.concepts import load_concepts
 
         folders = list(folders)
-        new = [f for f in dict.fromkeys(folders) if _key(f) not in self.concepts]
-        for folder, concept in zip(new, load_concepts(self.model, new)):
+        new: dict[str, str | Path] = {}  # one folder named two ways is loaded once
+        for f in folders:
+            if _key(f) not in self.concepts:
+                new.setdefault(_key(f), f)
+        for folder, concept in zip(new.values(), load_concepts(self.model, list(new.values()))):
             self.concepts[_key(folder)] = concept
         return [self.concepts[_key(f)] for f in folders]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from compinv_rt.cli import app
@@ -11,6 +12,7 @@ from compinv_rt.cli import app
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_bench_writes_json_table_and_plot(tiny_model, tmp_path):
     out = tmp_path / "res"
     res = runner.invoke(app, ["bench", "--model", str(tiny_model), "--backends", "torch,onnxruntime",
@@ -40,6 +42,7 @@ def test_bench_rejects_unknown_backend(tiny_model, tmp_path):
     assert res.exit_code == 1 and "openvino" in res.stderr
 
 
+@pytest.mark.slow
 def test_bench_precisions_have_their_own_stock_baseline(tiny_model, tmp_path):
     out = tmp_path / "res"
     res = runner.invoke(app, ["bench", "--model", str(tiny_model), "--backends", "torch,onnxruntime",

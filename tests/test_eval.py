@@ -303,6 +303,7 @@ def tiny_detr(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_clip_conversion_matches_the_source_model(tiny_clip):
     from PIL import Image
 
@@ -361,6 +362,7 @@ def e2e(tiny_model, tiny_clip, tiny_detr, tmp_path_factory):
             "concepts": concepts, "prompts": prompts}
 
 
+@pytest.mark.slow
 def test_e2e_outputs(e2e):
     out = e2e["out"]
     r = json.loads((out / "eval.json").read_text())
@@ -392,6 +394,7 @@ def test_e2e_outputs(e2e):
     assert all(v == [5, 6] for v in seeds.values())
 
 
+@pytest.mark.slow
 def test_rerun_reuses_training_and_cells_and_resumes(e2e, monkeypatch):
     from compinv_rt.eval import runner as R
 
@@ -417,6 +420,7 @@ def test_rerun_reuses_training_and_cells_and_resumes(e2e, monkeypatch):
         [{k: s[k] for k in keys} for s in before["samples"]]  # deterministic: same numbers again
 
 
+@pytest.mark.slow
 def test_killed_run_continues(e2e, monkeypatch, tmp_path):
     """A run that dies mid-way keeps its finished cells; the next run does only the rest."""
     from compinv_rt.eval import runner as R
@@ -443,6 +447,7 @@ def test_killed_run_continues(e2e, monkeypatch, tmp_path):
     assert len(calls) == 15 and (out / "eval.json").is_file()
 
 
+@pytest.mark.slow
 def test_cache_key_changes_with_the_config(e2e, tiny_model):
     from compinv_rt.eval.training import ensure_trained
     from compinv_rt.models.loading import content_hash, inspect_model_dir

@@ -102,6 +102,7 @@ def onnx_engine(tiny_model, tmp_path_factory):
     return engine
 
 
+@pytest.mark.slow
 def test_onnx_export_writes_checked_graph_and_manifest(onnx_engine, tiny_model):
     import onnx
 
@@ -118,6 +119,7 @@ def test_onnx_export_writes_checked_graph_and_manifest(onnx_engine, tiny_model):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
+@pytest.mark.slow
 def test_cross_attention_keeps_tensorrt_fusable_pattern(onnx_engine):
     """Mul(scale) on Q and K -> MatMul -> Add(bias) -> Softmax -> MatMul, for every cross-attention."""
     import onnx
@@ -156,6 +158,7 @@ def _ancestors(name, producer, depth=12):
     return seen
 
 
+@pytest.mark.slow
 def test_export_reuses_matching_engine_and_refuses_corrupt_one(tiny_model, tmp_path):
     args = ["export", "--format", "onnx", "--model", str(tiny_model), "--out", str(tmp_path),
             "--batch-sizes", "2"]
@@ -173,6 +176,7 @@ def test_export_reuses_matching_engine_and_refuses_corrupt_one(tiny_model, tmp_p
     assert runner.invoke(app, args).exit_code == 0
 
 
+@pytest.mark.slow
 def test_engine_key_ignores_model_path(tiny_model, tmp_path):
     copy = tmp_path / "elsewhere"
     shutil.copytree(tiny_model, copy)
@@ -188,6 +192,7 @@ def _gen(model, out, *extra):
     return res
 
 
+@pytest.mark.slow
 def test_edited_manifest_is_refused(onnx_engine, tiny_model, tmp_path):
     engine = tmp_path / "engine"
     shutil.copytree(onnx_engine, engine)
@@ -198,6 +203,7 @@ def test_edited_manifest_is_refused(onnx_engine, tiny_model, tmp_path):
     assert res.exit_code == 1 and "edited" in res.stderr
 
 
+@pytest.mark.slow
 def test_engine_of_another_model_is_refused(onnx_engine, tmp_path):
     from compinv_rt.models.architectures import save_model, tiny_components
 
@@ -207,6 +213,7 @@ def test_engine_of_another_model_is_refused(onnx_engine, tmp_path):
     assert "\n" not in res.stderr.strip()
 
 
+@pytest.mark.slow
 def test_shape_outside_engine_profile_is_refused(onnx_engine, tiny_model, tmp_path):
     res = _gen(tiny_model, tmp_path / "o", "--backend", "onnxruntime", "--engine", str(onnx_engine),
                "--height", "64")
@@ -227,6 +234,7 @@ def test_unknown_format_and_missing_tensorrt(tiny_model, tmp_path):
         assert res.exit_code == 1 and "TensorRT is not installed" in res.stderr
 
 
+@pytest.mark.slow
 def test_dynamo_exporter_needs_opset_18(tiny_model, tmp_path):
     res = runner.invoke(app, ["export", "--format", "onnx", "--exporter", "dynamo", "--opset", "17",
                               "--model", str(tiny_model), "--out", str(tmp_path)])
@@ -259,6 +267,7 @@ def _bias():
 # on the tiny model to keep the suite's compile time down (its kernels are the same Inductor's).
 @pytest.mark.parametrize("backend,which", [("onnxruntime", "embedded"), ("aoti", "embedded"),
                                            ("compile", "tiny_model")])
+@pytest.mark.slow
 def test_backend_parity_with_torch(backend, which, request, tmp_path):
     """Final images of every backend match eager PyTorch within 2/255, with and without a bias
     (the bias must also really change the images)."""
@@ -297,6 +306,7 @@ def test_tensorrt_engine_matches_torch(tiny_model, tmp_path):
     assert np.abs(got - ref).max() <= 4  # fp32 engine built with TF32 allowed
 
 
+@pytest.mark.slow
 def test_triton_repository_from_onnx_engine(onnx_engine, tmp_path):
     from compinv_rt.export.triton import write_triton_repository
 
@@ -312,6 +322,7 @@ def test_triton_repository_from_onnx_engine(onnx_engine, tmp_path):
     assert (model_dir / "1" / "model.onnx").read_bytes() == (onnx_engine / "unet.onnx").read_bytes()
 
 
+@pytest.mark.slow
 def test_triton_repository_maps_plans_to_compute_capabilities(onnx_engine, tmp_path):
     """TensorRT plans of one model for two GPUs -> cc_model_filenames (plans are opaque bytes here)."""
     from compinv_rt.export.triton import write_triton_repository

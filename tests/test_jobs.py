@@ -101,6 +101,7 @@ def test_bad_lines_do_not_stop_the_rest_but_set_the_exit_code(tiny_model, tmp_pa
     assert again.exit_code == 1 and "--resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_loses_and_duplicates_nothing(tiny_model, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     _write_jobs(jobs, 16)
@@ -131,6 +132,7 @@ def test_resume_after_kill_9_loses_and_duplicates_nothing(tiny_model, tmp_path):
         assert np.array_equal(_pixels(out / f"j{i:02d}_000.png"), _pixels(clean / f"j{i:02d}_000.png"))
 
 
+@pytest.mark.slow
 def test_per_job_layout_biases_that_job_only(tiny_model, tmp_path):
     """A job's layout becomes its rows of attention_bias: its image changes, its batch-mates do
     not, it equals `generate --layout ... --spatial bias`, and a bad layout fails only its job."""
@@ -160,6 +162,7 @@ def test_per_job_layout_biases_that_job_only(tiny_model, tmp_path):
     assert np.abs(_pixels(tmp_path / "p" / "a-red-star-on-grass_3.png") - plain).max() <= 1
 
 
+@pytest.mark.slow
 def test_per_job_concepts_equal_generate_with_concept(tiny_model, trained, tmp_path):
     """A job naming a trained concept uses its token; a job without it is unaffected."""
     jobs = tmp_path / "jobs.jsonl"

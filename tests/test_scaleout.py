@@ -18,7 +18,7 @@ from compinv_rt.cli import app
 runner = CliRunner()
 # One xdist worker runs these one after another: each starts its own local Ray, and the kill test
 # must only ever see its own Ray workers.
-pytestmark = pytest.mark.xdist_group("ray")
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]
 
 
 def _pixels(path):

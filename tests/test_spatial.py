@@ -325,6 +325,7 @@ def _synthetic(words, boxes):
             for a in words for b in words if a != b]
 
 
+@pytest.mark.slow
 def test_layout_model_learns_boxes_from_concept_tokens_and_round_trips(loaded, tmp_path):
     from compinv_rt.spatial import layout_model as lm
 
@@ -408,6 +409,7 @@ def test_generate_guidance_and_layout_model(tiny_model, tmp_path):
     assert [c["phrase"] for c in sp["layout"]["concepts"]] == ["star", "circle"]
 
 
+@pytest.mark.slow
 def test_layout_fit_from_attention(tiny_model, tmp_path):
     res = runner.invoke(app, ["layout", "fit", "--from-attention", "--words", "cat,dog",
                               "--images-per-prompt", "1", "--steps", "2", "--epochs", "2",
@@ -450,6 +452,7 @@ def test_bad_spatial_input_is_one_clear_line(tiny_model, tmp_path, extra, messag
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_layout_phrase_with_a_multi_vector_concept_biases_every_vector(tiny_model, tmp_path):
     """`--concept` expands a placeholder into all its vectors; a layout phrase naming the
     placeholder covers every vector (and --layout auto finds them in the expanded prompt)."""

@@ -31,6 +31,7 @@ def _table(text_encoder) -> torch.Tensor:
 # embedding rows, vectors, artifacts
 
 
+@pytest.mark.slow
 def test_only_placeholder_rows_change_and_every_vector_trains(trained, tiny_model):
     from compinv_rt.models.loading import load_model
     from compinv_rt.train.artifact import read_embedding_file
@@ -74,6 +75,7 @@ def test_placeholder_embedding_gradient_reaches_only_the_vectors(tiny_model):
     assert torch.equal(after[ids[0]:], wrapper.vectors.detach())
 
 
+@pytest.mark.slow
 def test_artifact_json_and_files(trained):
     from compinv_rt.train.artifact import file_sha256
 
@@ -94,6 +96,7 @@ def test_artifact_json_and_files(trained):
         "step-0000002.safetensors", "step-0000004.safetensors"]
 
 
+@pytest.mark.slow
 def test_stock_diffusers_loads_the_embeddings(trained, tiny_model, stock_pipeline_cls):
     """load_textual_inversion reads our file; the common single-file reading (one tensor, (N, D))
     works too; and the text encoder then sees exactly what our load_concepts gives."""
@@ -123,6 +126,7 @@ def test_stock_diffusers_loads_the_embeddings(trained, tiny_model, stock_pipelin
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_generate_with_concept_matches_stock_diffusers(trained, tiny_model, tmp_path,
                                                        stock_pipeline_cls):
     prompt = f"a {TOKEN} heart on grass"
@@ -145,6 +149,7 @@ def test_generate_with_concept_matches_stock_diffusers(trained, tiny_model, tmp_
     assert np.abs(a - np.asarray(ref, dtype=np.int16)).max() <= 1
 
 
+@pytest.mark.slow
 def test_concept_from_another_base_model_is_refused(trained, tiny_vpred_model, tmp_path):
     from compinv_rt.errors import ArtifactError
     from compinv_rt.models.loading import load_model
@@ -237,6 +242,7 @@ def test_k_anchors_are_a_sparse_nonnegative_combination():
     assert [r.carries_weight for r in rep] == [True, False, True, False]
 
 
+@pytest.mark.slow
 def test_anchor_term_reaches_the_vectors_in_the_loop(tiny_model, photos, tmp_path):
     """Weight 0 is plain TI; a huge anchor weight pins the vector near the anchor. (0.95 with the
     reference normalization is a gentle pull: over a few steps it is close to plain TI.)"""
@@ -270,6 +276,7 @@ def test_auto_k_picks_the_nearest_real_words(tiny_model):
     assert int((cos > kth + 1e-6).sum()) == 3  # exactly the three others are nearer than the 4th
 
 
+@pytest.mark.slow
 def test_semantic_inversion_with_auto_anchors_on_v_prediction(tiny_vpred_model, photos, tmp_path):
     out = tmp_path / "c"
     res = runner.invoke(app, ["train", "--images", str(photos), "--token", "<zz-heart>",
@@ -344,6 +351,7 @@ def test_non_empty_out_needs_resume(tiny_model, photos, tmp_path):
     assert res.exit_code == 1 and "--resume" in res.stderr
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(trained, photos, tmp_path):
     import shutil
 
@@ -362,6 +370,7 @@ def test_resume_refuses_a_different_config(trained, photos, tmp_path):
 # resume after kill -9
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_repeats_the_uninterrupted_run(tiny_model, photos, tmp_path):
     from compinv_rt.train.artifact import read_embedding_file
 

@@ -133,6 +133,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_recipe_smoke_and_resume(tiny_run):
     from compinv_rt.world.recipe import RecipeConfig, _load_tensors, list_snapshots
 
@@ -151,6 +152,7 @@ def test_recipe_smoke_and_resume(tiny_run):
     assert (tiny_run / "snapshots" / "step000006.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_exported_model_loads_in_stock_pipeline_and_scores(tiny_run, tmp_path):
     from compinv_rt.world.score import ScoreConfig, load_pipeline, score
 
@@ -182,6 +184,7 @@ def test_check_requires_every_stated_attribute():
     assert not check(spec, Judgement("grass", (d_star,)))["exact"]
 
 
+@pytest.mark.slow
 def test_data_parallel_resume_matches_the_recipe(tiny_run):
     """Two data-parallel processes (gloo) continue the tiny run and write one checkpoint."""
     from compinv_rt.world.recipe import RecipeConfig, _load_tensors, train_unet_parallel
