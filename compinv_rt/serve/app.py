@@ -189,6 +189,7 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
             left.cancel()
         if gathered not in done:
             gathered.cancel()
+            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
             for f in futures:  # queued items are dropped; a batch of only these stops early
                 f.cancel()
             metrics.cancelled.inc(len(futures))

@@ -1,0 +1,221 @@
+"""`compinv-rt serve`: HTTP behaviour with a scripted engine (fast), and the real engine on the
+tiny model (same seed = same image as `generate`, concept uploads)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from compinv_rt.serve.app import create_app
+from compinv_rt.serve.batcher import Cancelled
+from compinv_rt.serve.run import ServerThread
+from compinv_rt.serve.settings import ServeSettings
+
+TOKEN = "t" * 24
+
+
+class ScriptedEngine:
+    """Items are (prompt, seed); a batch can be held until `release` is set, `boom` prompts
+    raise, and a held batch whose clients all left stops (as the real engine does per step)."""
+
+    def __init__(self, hold: bool = False):
+        self.batches: list[list] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.stopped_early = threading.Event()
+        if not hold:
+            self.release.set()
+
+    def describe(self):
+        return {"model": {"path": "scripted", "hash": "0" * 64}, "backend": "scripted"}
+
+    def plan(self, req):
+        return [(req.prompt, req.seed + i) for i in range(req.n)], (req.steps,)
+
+    def run(self, items, should_stop):
+        self.batches.append(list(items))
+        self.started.set()
+        while not self.release.wait(0.01):
+            if should_stop():
+                self.stopped_early.set()
+                raise Cancelled()
+        if any(p == "boom" for p, _ in items):
+            raise RuntimeError("the UNet exploded")
+        return [(b"\x89PNG", {"prompt": p, "seed": s}, len(items)) for p, s in items]
+
+    def list_concepts(self):
+        return []
+
+    def add_concept(self, name, files):
+        raise ValueError("scripted engine")
+
+    def remove_concept(self, name):
+        raise KeyError(name)
+
+
+def _server(engine, **settings):
+    return ServerThread(create_app(engine, ServeSettings(**settings)))
+
+
+def _post_in_thread(url, body, results, key, timeout=30.0, headers=None):
+    def go():
+        try:
+            results[key] = httpx.post(url, json=body, timeout=timeout, headers=headers)
+        except httpx.HTTPError as exc:
+            results[key] = exc
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+
+def _wait(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def _depth(srv):
+    return srv.app.state.batcher.depth
+
+
+def test_schema_errors_are_400_with_one_message():
+    with _server(ScriptedEngine()) as srv:
+        url = f"{srv.url}/v1/generate"
+        cases = [
+            ({"prompt": "a cat", "promt": "x"}, "promt: unknown field"),
+            ({"prompt": "a cat", "steps": "25"}, "steps: Input should be a valid integer"),
+            ({"prompt": "a cat", "n": 99}, "n: Input should be less than or equal to 4"),
+            ({"prompt": "a cat", "steps": 1000}, "steps: Input should be less than or equal to 100"),
+            ({"prompt": "a cat", "concepts": ["../../etc"]}, "invalid concept name '../../etc'"),
+            ({"prompt": "a cat", "concepts": ["a/b"]}, "not a path"),
+            ({"prompt": "   "}, "prompt: String should match pattern"),
+            ({"prompt": "a cat", "n": True}, "n: Input should be a valid integer"),
+            ({}, "prompt: Field required"),
+            ({"prompt": "a cat", "n": 2, "response": "png"}, "response=png returns one image"),
+        ]
+        for body, message in cases:
+            r = httpx.post(url, json=body)
+            assert r.status_code == 400, (body, r.text)
+            assert set(r.json()) == {"error"} and message in r.json()["error"], (body, r.text)
+        r = httpx.post(url, content=b"{oops", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+        r = httpx.get(f"{srv.url}/openapi.json")
+        schema = r.json()["components"]["schemas"]["GenerateRequest"]
+        assert schema["properties"]["n"]["maximum"] == 4 and schema["additionalProperties"] is False
+
+
+def test_compatible_requests_share_a_batch_and_others_do_not():
+    engine = ScriptedEngine(hold=True)
+    with _server(engine, max_batch=4, max_wait_ms=50) as srv:
+        url, results = f"{srv.url}/v1/generate", {}
+        first = _post_in_thread(url, {"prompt": "warm-up", "steps": 5}, results, "w")
+        engine.started.wait(10)  # the worker is busy: the next requests queue up together
+        threads = [_post_in_thread(url, {"prompt": f"p{i}", "seed": i, "steps": 5}, results, i)
+                   for i in range(3)]
+        threads.append(_post_in_thread(url, {"prompt": "other", "steps": 7}, results, "other"))
+        _wait(lambda: _depth(srv) == 4)
+        engine.release.set()
+        for t in [first, *threads]:
+            t.join(30)
+    sizes = sorted(len(b) for b in engine.batches)
+    assert sizes == [1, 1, 3], engine.batches  # warm-up; p0-p2 together; 'other' (7 steps) alone
+    assert all(results[i].json()["batch_sizes"] == [3] for i in range(3))
+    assert results[1].json()["images"][0]["sidecar"] == {"prompt": "p1", "seed": 1}
+
+
+def test_full_queue_answers_503_with_retry_after():
+    engine = ScriptedEngine(hold=True)
+    with _server(engine, max_batch=1, queue_size=2, max_wait_ms=0) as srv:
+        url, results = f"{srv.url}/v1/generate", {}
+        running = _post_in_thread(url, {"prompt": "a"}, results, "running")
+        engine.started.wait(10)
+        queued = _post_in_thread(url, {"prompt": "b", "n": 2}, results, "queued")
+        _wait(lambda: _depth(srv) == 2)
+        r = httpx.post(url, json={"prompt": "c"})
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert "queue is full" in r.json()["error"]
+        engine.release.set()
+        running.join(30)
+        queued.join(30)
+        assert results["running"].status_code == 200 and results["queued"].status_code == 200
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert "compinv_rejected_total 1.0" in metrics
+
+
+def test_client_disconnect_cancels_queued_and_running_work():
+    engine = ScriptedEngine(hold=True)
+    with _server(engine, max_batch=1, max_wait_ms=0) as srv:
+        url, results = f"{srv.url}/v1/generate", {}
+        # The running batch's only client leaves: the engine is told to stop between steps.
+        t1 = _post_in_thread(url, {"prompt": "running"}, results, 1, timeout=1.5)
+        engine.started.wait(10)
+        # A queued request whose client leaves (before the running one's) never reaches the engine.
+        t2 = _post_in_thread(url, {"prompt": "queued"}, results, 2, timeout=0.3)
+        t2.join(10)
+        t1.join(10)
+        assert isinstance(results[1], httpx.TimeoutException)
+        assert engine.stopped_early.wait(10), "the abandoned running batch was not stopped"
+        engine.release.set()
+        r = httpx.post(url, json={"prompt": "after"}, timeout=30)
+        assert r.status_code == 200
+        assert [b[0][0] for b in engine.batches] == ["running", "after"]  # 'queued' never ran
+        assert "compinv_cancelled_images_total 2.0" in httpx.get(f"{srv.url}/metrics").text
+
+
+def test_request_timeout_is_504():
+    engine = ScriptedEngine(hold=True)
+    with _server(engine, timeout_s=0.3) as srv:
+        r = httpx.post(f"{srv.url}/v1/generate", json={"prompt": "slow"}, timeout=30)
+        engine.release.set()
+    assert r.status_code == 504 and "timeout" in r.json()["error"]
+
+
+def test_failing_batch_fails_its_requests_with_500_not_the_server():
+    with _server(ScriptedEngine()) as srv:
+        r = httpx.post(f"{srv.url}/v1/generate", json={"prompt": "boom"})
+        assert r.status_code == 500 and "the UNet exploded" in r.json()["error"]
+        r = httpx.post(f"{srv.url}/v1/generate", json={"prompt": "fine"})
+        assert r.status_code == 200
+        assert "compinv_batch_errors_total 1.0" in httpx.get(f"{srv.url}/metrics").text
+
+
+def test_graceful_shutdown_finishes_in_flight_requests():
+    engine = ScriptedEngine(hold=True)
+    srv = _server(engine).start()
+    results = {}
+    t = _post_in_thread(f"{srv.url}/v1/generate", {"prompt": "in flight"}, results, "r")
+    engine.started.wait(10)
+    url = srv.url
+    srv.server.should_exit = True  # what SIGTERM does
+    time.sleep(0.3)
+    engine.release.set()
+    t.join(30)
+    srv.thread.join(30)
+    assert results["r"].status_code == 200
+    assert not srv.thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=2)
+
+
+def test_token_required_off_localhost():
+    from compinv_rt.errors import ConfigError
+
+    for host in ("0.0.0.0", "192.168.1.20", "::"):
+        with pytest.raises(ConfigError, match="without a token"):
+            ServeSettings(host=host).checked()
+    ServeSettings(host="0.0.0.0", token=TOKEN).checked()
+    ServeSettings(host="127.0.0.1").checked()
+    ServeSettings(host="localhost").checked()
+    with _server(ScriptedEngine(), token=TOKEN) as srv:
+        url = f"{srv.url}/v1/generate"
+        assert httpx.post(url, json={"prompt": "a"}).status_code == 401
+        assert httpx.post(url, json={"prompt": "a"},
+                          headers={"Authorization": "Bearer wrong-token-wrong-token"}).status_code == 401
+        ok = httpx.post(url, json={"prompt": "a"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{srv.url}/metrics").status_code == 401
+        assert httpx.get(f"{srv.url}/health").status_code == 200  # liveness needs no token
