@@ -210,6 +210,12 @@ def test_token_required_off_localhost():
     ServeSettings(host="0.0.0.0", token=TOKEN).checked()
     ServeSettings(host="127.0.0.1").checked()
     ServeSettings(host="localhost").checked()
+    from typer.testing import CliRunner
+
+    from compinv_rt.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--model", "/nonexistent"])
+    assert res.exit_code == 1 and "refusing to listen on 0.0.0.0 without a token" in res.stderr
     with _server(ScriptedEngine(), token=TOKEN) as srv:
         url = f"{srv.url}/v1/generate"
         assert httpx.post(url, json={"prompt": "a"}).status_code == 401
@@ -219,3 +225,158 @@ def test_token_required_off_localhost():
         assert ok.status_code == 200
         assert httpx.get(f"{srv.url}/metrics").status_code == 401
         assert httpx.get(f"{srv.url}/health").status_code == 200  # liveness needs no token
+
+
+# --- the real engine on the tiny model ------------------------------------------------------
+
+def _pixels_png(data: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture
+def served(tiny_model, trained, tmp_path):
+    """A real engine on the tiny model with the trained concept served as 'heart'."""
+    import shutil
+
+    from compinv_rt.serve.engine import SessionEngine
+    from compinv_rt.session import GenerationSession, SessionOptions
+
+    concepts = tmp_path / "concepts"
+    shutil.copytree(trained.out, concepts / "heart")
+    session = GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu", max_batch=3))
+    return SessionEngine(session, concepts)
+
+
+def _post_all(url, bodies):
+    results = {}
+    threads = [_post_in_thread(url, b, results, i, timeout=120) for i, b in enumerate(bodies)]
+    for t in threads:
+        t.join(150)
+    return [results[i] for i in range(len(bodies))]
+
+
+def test_same_seed_gives_the_same_image_as_generate_whatever_the_batch(served, tiny_model, tmp_path):
+    import base64
+
+    from typer.testing import CliRunner
+
+    from compinv_rt.cli import app
+
+    heart = "photo of a <my-heart> heart on grass"
+    bodies = [
+        {"prompt": "a red star on grass", "seed": 7, "steps": 4},
+        {"prompt": heart, "seed": 2, "steps": 4, "concepts": ["heart"], "negative_prompt": "blue"},
+        {"prompt": "a blue circle", "seed": 11, "steps": 4, "n": 1},
+    ]
+    # max-wait is long: the batch leaves when it is full, so all three share one UNet batch.
+    with ServerThread(create_app(served, ServeSettings(max_batch=3, max_wait_ms=5000))) as srv:
+        responses = _post_all(f"{srv.url}/v1/generate", bodies)
+        png = httpx.post(f"{srv.url}/v1/generate", timeout=120, json={
+            "prompt": "a red star on grass", "seed": 7, "steps": 4, "response": "png"})
+    for r in responses:
+        assert r.status_code == 200, r.text
+        assert r.json()["batch_sizes"] == [3]
+    runner = CliRunner()
+    concept = str(served.concepts_dir / "heart")
+    for body, r in zip(bodies, responses):
+        out = tmp_path / f"gen{body['seed']}"
+        args = ["generate", body["prompt"], "--model", str(tiny_model), "--out", str(out), "-n", "1",
+                "--seed", str(body["seed"]), "--steps", "4", "--device", "cpu",
+                "--negative-prompt", body.get("negative_prompt", "")]
+        if body.get("concepts"):
+            args += ["--concept", concept]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        ref = next(p for p in out.glob(f"*_{body['seed']}.png"))
+        got = r.json()["images"][0]
+        assert abs(_pixels_png(base64.b64decode(got["png_base64"])) -
+                   _pixels_png(ref.read_bytes())).max() <= 1
+        want = __import__("json").loads(ref.with_suffix(".json").read_text())
+        for k in ("prompt", "negative_prompt", "seed", "model", "settings", "concepts", "image"):
+            assert got["sidecar"][k] == want[k], k
+    # response=png: the bytes of the same image, batched alone this time; sidecar in a header
+    assert png.headers["content-type"] == "image/png"
+    assert abs(_pixels_png(png.content) -
+               _pixels_png(base64.b64decode(responses[0].json()["images"][0]["png_base64"]))).max() <= 1
+    assert __import__("json").loads(png.headers["X-Compinv-Sidecar"])["seed"] == 7
+
+
+def test_unknown_concepts_and_bad_layouts_are_400(served):
+    with ServerThread(create_app(served, ServeSettings(max_wait_ms=0))) as srv:
+        url = f"{srv.url}/v1/generate"
+        for body, message in [
+            ({"prompt": "a cat", "concepts": ["nope"]}, "unknown concept 'nope'"),
+            ({"prompt": "a star", "layout": "star=0.1,0.1"}, "star"),
+            ({"prompt": "a star", "layout": "star=0.5,0.5,0.1,0.1"}, "star"),
+            ({"prompt": "a star", "layout": "moon=0.1,0.1,0.5,0.5", "steps": 2}, "moon"),
+            ({"prompt": "a star", "height": 100}, "multiple of"),
+        ]:
+            r = httpx.post(url, json=body, timeout=60)
+            assert r.status_code == 400 and message in r.json()["error"], (body, r.text)
+
+
+def test_bad_uploads_are_refused_and_the_concept_list_is_unchanged(served, trained, tmp_path):
+    import json
+
+    emb = (trained.out / "embeddings.safetensors").read_bytes()
+    art = json.loads((trained.out / "artifact.json").read_text())
+    other_model = {**art, "base_model": {**art["base_model"], "hash": "f" * 64}}
+    flipped = bytearray(emb)
+    flipped[-3] ^= 0xFF
+
+    def files(e, a):
+        return {"embeddings": ("embeddings.safetensors", bytes(e)),
+                "artifact": ("artifact.json", a if isinstance(a, bytes) else json.dumps(a).encode())}
+
+    settings = ServeSettings(max_wait_ms=0, upload_max_bytes=len(emb) + 4096)
+    with ServerThread(create_app(served, settings)) as srv:
+        base = f"{srv.url}/v1/concepts"
+        before = httpx.get(base).json()
+        assert [c["name"] for c in before["concepts"]] == ["heart"]
+        cases = [
+            ("h2", files(flipped, art), 400, "does not match the hash"),
+            ("h2", files(emb, other_model), 400, "another base model"),
+            ("h2", files(emb, b"{not json"), 400, "not valid JSON"),
+            ("h2", files(b"not safetensors", {**art, "files": {}}), 400, "corrupt embedding"),
+            ("h2", {"embeddings": ("e", emb)}, 400, "lacks the file 'artifact'"),
+            ("h2", files(emb + b"\0" * 8192, art), 413, "limit"),
+            ("..x", files(emb, art), 400, "invalid concept name"),
+            ("%2E%2E%2Fx", files(emb, art), 404, "Not Found"),  # a slash never reaches the name
+            ("heart", files(emb, art), 409, "already served"),
+            ("h2", files(emb, art), 400, "already"),  # same token as 'heart'
+        ]
+        for name, upload, code, message in cases:
+            r = httpx.put(f"{base}/{name}", files=upload)
+            assert r.status_code == code and message in r.json()["error"], (name, r.text)
+            assert httpx.get(base).json() == before
+        assert sorted(p.name for p in served.concepts_dir.iterdir()) == ["heart"]  # no leftovers
+        # Removing it: gone from the list, the folder and requests; its token rows are zeroed.
+        assert httpx.delete(f"{base}/heart").status_code == 204
+        assert httpx.get(base).json() == {"concepts": []}
+        assert httpx.delete(f"{base}/heart").status_code == 404
+        r = httpx.post(f"{srv.url}/v1/generate", json={"prompt": "a <my-heart>", "concepts": ["heart"]})
+        assert r.status_code == 400 and "unknown concept" in r.json()["error"]
+
+
+def test_an_uploaded_concept_is_live_without_restart(tiny_model, trained, tmp_path):
+    from compinv_rt.serve.engine import SessionEngine
+    from compinv_rt.session import GenerationSession, SessionOptions
+
+    session = GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu"))
+    engine = SessionEngine(session, tmp_path / "concepts")
+    with ServerThread(create_app(engine, ServeSettings(max_wait_ms=0))) as srv:
+        body = {"prompt": "photo of a <my-heart> heart", "seed": 1, "steps": 3, "concepts": ["mine"]}
+        assert httpx.post(f"{srv.url}/v1/generate", json=body, timeout=60).status_code == 400
+        r = httpx.put(f"{srv.url}/v1/concepts/mine", files={
+            "embeddings": ("e", (trained.out / "embeddings.safetensors").read_bytes()),
+            "artifact": ("a", (trained.out / "artifact.json").read_bytes())})
+        assert r.status_code == 201 and r.json()["token"] == "<my-heart>", r.text
+        r = httpx.post(f"{srv.url}/v1/generate", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["images"][0]["sidecar"]["concepts"][0]["token"] == "<my-heart>"
+        assert "compinv_concepts 1.0" in httpx.get(f"{srv.url}/metrics").text

@@ -13,18 +13,20 @@ import json
 import logging
 import secrets
 import time
-from typing import Protocol
+from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compinv_rt.errors import CompinvError
 from compinv_rt.serve import schemas
 from compinv_rt.serve.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
+from compinv_rt.serve.engine import ConceptExists
 from compinv_rt.serve.metrics import ServeMetrics
 from compinv_rt.serve.settings import ServeSettings
 
@@ -41,14 +43,11 @@ UPLOAD_FILES = ("embeddings", "artifact")  # multipart fields of a concept uploa
 class ServeEngine(Protocol):
     def describe(self) -> dict: ...  # {"model": {...}, "backend": str}
     def plan(self, request) -> tuple[list, object]: ...  # (items, batch key); CompinvError = 400
-    def run(self, items: list, should_stop) -> list: ...  # per item (png bytes, sidecar, batch size)
+    # per item (png bytes, sidecar, batch size) or the CompinvError that failed its request
+    def run(self, items: list, should_stop) -> list: ...
     def list_concepts(self) -> list[dict]: ...
     def add_concept(self, name: str, files: dict[str, bytes]) -> dict: ...  # CompinvError = 400
     def remove_concept(self, name: str) -> None: ...  # KeyError = 404
-
-
-class ConceptExists(Exception):
-    pass
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -200,6 +199,8 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
             results = gathered.result()
         except BatchFailed as exc:
             return 500, _error(500, f"generation failed: {exc}")
+        except CompinvError as exc:  # found only when its batch ran (a layout phrase, say)
+            return 400, _error(400, str(exc))
         if body.response == "png":
             png, sidecar, _ = results[0]
             return 200, Response(png, media_type="image/png",
@@ -216,7 +217,8 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
     async def list_concepts():
         return {"concepts": engine.list_concepts()}
 
-    name_param = Path(pattern=schemas.CONCEPT_NAME, description="The concept's name on this server.")
+    ConceptPath = Annotated[str, Path(description="The concept's name on this server."),
+                            AfterValidator(schemas.check_concept_name)]
 
     @app.put("/v1/concepts/{name}", dependencies=auth, response_model=schemas.ConceptInfo,
              status_code=201, tags=["concepts"],
@@ -227,7 +229,7 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
                                     "description": "embeddings.safetensors of `compinv-rt train`"},
                      "artifact": {"type": "string", "format": "binary",
                                   "description": "its artifact.json"}}}}}}})
-    async def add_concept(request: Request, name: str = name_param):
+    async def add_concept(request: Request, name: ConceptPath):
         """Add a trained concept (validated against the served model's hash); live at once."""
         body = await _read_capped(request, settings.upload_max_bytes)
         files = await _parse_upload(request, body)
@@ -242,7 +244,7 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
 
     @app.delete("/v1/concepts/{name}", dependencies=auth, status_code=204, tags=["concepts"],
                 responses={404: {"model": schemas.ErrorBody}})
-    async def remove_concept(name: str = name_param):
+    async def remove_concept(name: ConceptPath):
         try:
             await run_in_threadpool(engine.remove_concept, name)
         except KeyError:

@@ -165,7 +165,11 @@ class Batcher:
                     f.set_exception(BatchFailed(error))
         else:
             for f, r in zip(futures, results):
-                if not f.done():
+                if f.done():
+                    continue
+                if isinstance(r, BaseException):  # this item's request was bad, not the batch
+                    f.set_exception(r)
+                else:
                     f.set_result(r)
         seconds = time.monotonic() - started
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds

@@ -1,0 +1,72 @@
+"""`compinv-rt serve`: the Typer command (registered in compinv_rt.cli). Standard library and typer
+only at import time, so `compinv-rt --help` stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from compinv_rt.cli_support import user_errors
+from compinv_rt.runtime.registry import Backend
+
+
+@user_errors
+def serve(
+    model: Optional[str] = typer.Option(None, help="Local diffusers SD 1.x/2.x folder (default: embedded)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    backend: Backend = typer.Option(Backend.torch, help="UNet backend."),
+    engine: Optional[Path] = typer.Option(
+        None, help="Engine folder from `compinv-rt export` (default: find or build one in engines/)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; a non-loopback one needs a token."),
+    port: int = typer.Option(8000, help="TCP port."),
+    token: Optional[str] = typer.Option(
+        None, envvar="COMPINV_TOKEN", help="Bearer token every request must carry (except /health)."),
+    token_file: Optional[Path] = typer.Option(None, help="File holding the token (not in `ps`)."),
+    concepts_dir: Path = typer.Option(
+        Path("concepts"), help="Served concepts: one trained concept folder per name; uploads land here."),
+    max_batch: int = typer.Option(8, help="Images per UNet batch (x2 with guidance)."),
+    max_wait_ms: float = typer.Option(20.0, help="How long a batch's first image waits for company."),
+    queue_size: int = typer.Option(64, help="Images waiting at most; beyond, 503 with Retry-After."),
+    timeout: float = typer.Option(120.0, help="Per-request limit in seconds, queueing included (504)."),
+    max_images: int = typer.Option(4, help="Largest n per request."),
+    max_steps: int = typer.Option(100, help="Largest steps per request."),
+    max_size: int = typer.Option(1024, help="Largest height/width per request."),
+    upload_max_bytes: int = typer.Option(16 << 20, help="Largest concept upload, bytes."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+):
+    """Serve generation over HTTP: dynamic batching across requests, live concept uploads,
+    Prometheus metrics; the API is at /docs and /openapi.json."""
+    from compinv_rt.export.iospec import Precision
+    from compinv_rt.serve.settings import Limits, ServeSettings, read_token
+
+    # Everything cheap first: a refused bind or a bad limit costs no model load.
+    settings = ServeSettings(
+        host=host, port=port, token=read_token(token, token_file), max_batch=max_batch,
+        max_wait_ms=max_wait_ms, queue_size=queue_size, timeout_s=timeout,
+        upload_max_bytes=upload_max_bytes, concepts_dir=concepts_dir,
+        limits=Limits(max_images=max_images, max_steps=max_steps, max_size=max_size)).checked()
+    options = _session_options(model, device, Precision.parse(precision), backend, engine, max_batch)
+
+    from compinv_rt.serve.app import create_app
+    from compinv_rt.serve.engine import SessionEngine
+    from compinv_rt.serve.run import serve_forever
+    from compinv_rt.session import GenerationSession
+
+    status = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    session = GenerationSession.open(options, on_status=status)
+    engine = SessionEngine(session, concepts_dir)
+    engine.warm_up(status)
+    status(f"serving {len(engine.list_concepts())} concept(s) from {concepts_dir}/ on "
+           f"http://{host}:{port} (API: /docs){'' if settings.token else ', no token'}")
+    serve_forever(create_app(engine, settings), host, port, log_level)
+
+
+def _session_options(model, device, precision, backend, engine, max_batch):
+    from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
+    from compinv_rt.session import SessionOptions
+
+    files = inspect_model_dir(resolve_model_dir(model))
+    return SessionOptions(str(files.root), device, precision, backend, engine, max_batch=max_batch)
