@@ -380,3 +380,34 @@ def test_an_uploaded_concept_is_live_without_restart(tiny_model, trained, tmp_pa
         assert r.status_code == 200, r.text
         assert r.json()["images"][0]["sidecar"]["concepts"][0]["token"] == "<my-heart>"
         assert "compinv_concepts 1.0" in httpx.get(f"{srv.url}/metrics").text
+
+
+@pytest.mark.parametrize("batch_seconds, first", [(100.0, "A"), (0.0, "B")])
+def test_batcher_prefers_full_batches_but_never_starves_a_key(batch_seconds, first):
+    """After a busy batch: B1 (oldest), A1, A2 wait. Normally the larger group (A) goes first;
+    once B1 has waited more than a few batch times, B goes first."""
+    import asyncio
+
+    from compinv_rt.serve.batcher import Batcher
+
+    gate, ran = threading.Event(), []
+
+    def run(items, should_stop):
+        ran.append([k for k, _ in items])
+        gate.wait(10)
+        return list(items)
+
+    async def scenario():
+        b = Batcher(run, max_batch=3, max_wait_s=0.0, capacity=10)
+        b.start()
+        busy = b.submit([("X", 0)], "X")
+        await asyncio.sleep(0.05)
+        futures = b.submit([("B", 1)], "B") + b.submit([("A", 1), ("A", 2)], "A")
+        b._batch_seconds = batch_seconds  # the X batch's 0.3 s moves it by 20 %: 80 s or 0.06 s
+        await asyncio.sleep(0.3)
+        gate.set()
+        await asyncio.gather(*busy, *futures)
+        await b.close()
+
+    asyncio.run(scenario())
+    assert ran[0] == ["X"] and ran[1][0] == first and sorted(map(len, ran[1:])) == [1, 2]

@@ -1,9 +1,9 @@
 """Dynamic batching: requests wait a few milliseconds so that compatible ones share a UNet batch.
 
 The batcher knows nothing about diffusion: it queues opaque items with a batch key, forms batches
-of at most `max_batch` items of one key (the oldest waiting item's key first, so nothing starves),
-and runs each batch with `run(items, should_stop)` on one worker thread (the engine is not
-thread-safe and one batch at a time keeps the accelerator full). Results and errors go back to
+of at most `max_batch` items of one key (the most common key first, for full batches, but never
+past an item that has waited too long), and runs each batch with `run(items, should_stop)` on one
+worker thread (the engine is not thread-safe and one batch at a time keeps the device full). Results and errors go back to
 each item's future; a failing batch fails only its own items.
 """
 
@@ -18,6 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
+
+# An item that has waited this many (mean) batch run times beyond max_wait is served next.
+STARVATION_BATCHES = 2
 
 
 class QueueFull(Exception):
@@ -110,19 +113,32 @@ class Batcher:
             self._on_depth(len(self._queue))
 
     def _ready(self) -> list[Pending] | None:
-        """The next batch if it is full or its oldest item has waited max_wait, else None."""
+        """The next batch, or None to keep waiting. A full batch of any key goes at once;
+        otherwise, once the oldest item has waited max_wait, the key with the most waiting items
+        goes (fuller batches, more images/s) unless the oldest item has waited several batch
+        times already: then its key goes first, so a rare key never starves."""
         self._drop_abandoned()
         if not self._queue:
             return None
-        key = self._queue[0].key
-        same = [p for p in self._queue if p.key == key][: self.max_batch]
-        waited = time.monotonic() - self._queue[0].enqueued
-        if len(same) < self.max_batch and waited < self.max_wait_s and not self._closing:
+        groups: dict = {}
+        for p in self._queue:
+            groups.setdefault(p.key, []).append(p)
+        full = [g for g in groups.values() if len(g) >= self.max_batch]
+        oldest = self._queue[0]
+        waited = time.monotonic() - oldest.enqueued
+        if full:
+            chosen = full[0]
+        elif waited < self.max_wait_s and not self._closing:
             return None
-        taken = set(map(id, same))
+        elif waited > self.max_wait_s + STARVATION_BATCHES * self._batch_seconds:
+            chosen = groups[oldest.key]
+        else:
+            chosen = max(groups.values(), key=len)  # ties: the older key (dicts keep order)
+        batch = chosen[: self.max_batch]
+        taken = set(map(id, batch))
         self._queue = deque(p for p in self._queue if id(p) not in taken)
         self._on_depth(len(self._queue))
-        return same
+        return batch
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
