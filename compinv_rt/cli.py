@@ -571,6 +571,10 @@ from compinv_rt.world.cli import world_app  # noqa: E402  (typer-only module: --
 
 app.add_typer(world_app, name="world")
 
+from compinv_rt.serve.command import serve as _serve  # noqa: E402  (typer-only module)
+
+app.command("serve")(_serve)
+
 
 def main() -> None:
     app()
