@@ -2,7 +2,7 @@
 
 In one run, on one backend and one request mix (plain prompts, a trained concept, explicit
 layouts; seeds differ):
-  offline   `generate --jobs` images/s (marginal: two job-file sizes, so start-up cancels out)
+  offline   `generate --jobs` images/s in steady state (from the sidecars' write times)
   for the server at --max-batch B and at --max-batch 1:
     single      latency of one request at a time (the unloaded latency)
     saturation  closed loop, 2 x max-batch clients: images/s and mean UNet batch size
@@ -81,30 +81,34 @@ def make_concept(work: Path, model: str | None) -> Path:
 
 # --- offline ----------------------------------------------------------------------------------
 
-def offline_jobs(work: Path, n: int, steps: int, max_batch: int, backend: str, model) -> dict:
-    """Marginal images/s of `generate --jobs`: (2n - n) images / (t(2n) - t(n))."""
+def offline_jobs(work: Path, n: int, steps: int, max_batch: int, backend: str, model,
+                 tag: str = "") -> dict:
+    """Steady-state images/s of `generate --jobs` on the same mix: sidecars are written as each
+    image finishes, so (images after the first batch) / (last sidecar - end of the first batch)
+    leaves out start-up and warm-up, as the server's numbers do."""
     concept = work / "concepts" / "heart"
-    walls = {}
-    for count in (n, 2 * n):
-        jobs = work / f"jobs{count}.jsonl"
-        lines = []
-        for i in range(count):
-            body = mix(i, steps)
-            job = {"id": f"j{i:05d}", "prompt": body["prompt"], "seed": body["seed"], "steps": steps}
-            if "concepts" in body:
-                job["concepts"] = [str(concept)]
-            if "layout" in body:
-                job["layout"] = body["layout"]
-            lines.append(json.dumps(job))
-        jobs.write_text("\n".join(lines) + "\n")
-        args = [*CLI, "generate", "--jobs", str(jobs), "--out", str(work / f"offline{count}"),
-                "--max-batch", str(max_batch), "--backend", backend, "--device", "cpu"]
-        t0 = time.perf_counter()
-        subprocess.run(args + (["--model", model] if model else []), check=True, timeout=3600,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        walls[count] = time.perf_counter() - t0
-    return {"images": 2 * n, "wall_s": walls,
-            "images_per_s": n / max(1e-9, walls[2 * n] - walls[n])}
+    lines = []
+    for i in range(n):
+        body = mix(i, steps)
+        job = {"id": f"j{i:05d}", "prompt": body["prompt"], "seed": body["seed"], "steps": steps}
+        if "concepts" in body:
+            job["concepts"] = [str(concept)]
+        if "layout" in body:
+            job["layout"] = body["layout"]
+        lines.append(json.dumps(job))
+    jobs = work / f"jobs{tag}.jsonl"
+    jobs.write_text("\n".join(lines) + "\n")
+    out = work / f"offline{tag}"
+    args = [*CLI, "generate", "--jobs", str(jobs), "--out", str(out), "--max-batch", str(max_batch),
+            "--backend", backend, "--device", "cpu"]
+    t0 = time.perf_counter()
+    subprocess.run(args + (["--model", model] if model else []), check=True, timeout=3600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    done = sorted(p.stat().st_mtime for p in out.glob("*.json"))
+    k = min(max_batch, len(done) - 1)
+    return {"images": len(done), "wall_s": wall,
+            "images_per_s": (len(done) - k) / max(1e-9, done[-1] - done[k - 1])}
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -147,6 +151,8 @@ class Server:
         return vals.get("compinv_batch_size_sum", 0.0), vals.get("compinv_batch_size_count", 0.0)
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(120)
@@ -223,35 +229,62 @@ async def open_loop(url: str, rate: float, duration: float, steps: int, start: i
         return _summary(results, time.perf_counter() - t0)
 
 
-def measure_server(work, args, max_batch: int, rates: list[float], soak_s: float = 0.0) -> dict:
-    srv = Server(work, max_batch, args.max_wait_ms, args.backend, args.model, args.queue_size)
-    out = {"max_batch": max_batch}
+def saturation(srv: Server, clients: int, count: int, args, start: int) -> dict:
+    """Closed loop with `clients` clients (enough to keep the queue full): images/s and the mean
+    UNet batch size the server formed meanwhile."""
+    b0 = srv.batch_counts()
+    res = asyncio.run(closed_loop(f"{srv.url}/v1/generate", clients, count, args.max_phase_s,
+                                  args.steps, start))
+    b1 = srv.batch_counts()
+    res["mean_batch"] = (b1[0] - b0[0]) / max(1.0, b1[1] - b0[1])
+    return res
+
+
+def run_all(work: Path, args, rates: list[float]) -> dict:
+    """Both servers run side by side (only one is busy at a time); the throughput comparisons
+    are interleaved in rounds (offline, batched server, --max-batch 1 server), so a change in the
+    machine's load hits all three alike; ratios are taken per round and as medians."""
+    import statistics
+
+    srv = Server(work, args.max_batch, args.max_wait_ms, args.backend, args.model, args.queue_size)
+    one = Server(work, 1, args.max_wait_ms, args.backend, args.model, args.queue_size)
+    out = {"max_batch": args.max_batch, "rounds": []}
     try:
-        srv.wait_ready()
-        url = f"{srv.url}/v1/generate"
-        asyncio.run(closed_loop(url, 2, 8, 300, args.steps, 0))  # warm-up: every batch shape
-        single = asyncio.run(closed_loop(url, 1, args.single, 300, args.steps, 100))
-        out["single"] = single
-        b0 = srv.batch_counts()
-        sat = asyncio.run(closed_loop(url, 2 * max_batch, args.saturation, args.max_phase_s,
-                                      args.steps, 1000))
-        b1 = srv.batch_counts()
-        sat["mean_batch"] = (b1[0] - b0[0]) / max(1.0, b1[1] - b0[1])
-        out["saturation"] = sat
+        for s in (srv, one):
+            s.wait_ready()
+            asyncio.run(closed_loop(f"{s.url}/v1/generate", 2, 8, 300, args.steps, 0))  # warm-up
+        out["single"] = asyncio.run(closed_loop(f"{srv.url}/v1/generate", 1, args.single, 300,
+                                                args.steps, 100))
+        out["single_b1"] = asyncio.run(closed_loop(f"{one.url}/v1/generate", 1, args.single, 300,
+                                                   args.steps, 100))
+        for r in range(args.rounds):
+            rnd = {}
+            if not args.skip_offline:
+                rnd["offline"] = offline_jobs(work, args.offline_jobs, args.steps, args.max_batch,
+                                              args.backend, args.model, tag=str(r))
+            rnd["batched"] = saturation(srv, 3 * args.max_batch, args.saturation, args, 1000)
+            rnd["batch1"] = saturation(one, 4, max(8, args.saturation // 3), args, 1000)
+            out["rounds"].append(rnd)
+            print(f"  round {r}: " + ", ".join(f"{k} {v['images_per_s']:.2f}/s" for k, v in rnd.items()),
+                  file=sys.stderr)
+        one.stop()
+        sat = statistics.median(r["batched"]["images_per_s"] for r in out["rounds"])
+        out["saturation_images_per_s"] = sat
         out["open_loop"] = []
         for f in rates:
-            rate = f * sat["images_per_s"]
             b0 = srv.batch_counts()
-            res = asyncio.run(open_loop(url, rate, args.open_s, args.steps, 10_000, seed=int(f * 100)))
+            res = asyncio.run(open_loop(f"{srv.url}/v1/generate", f * sat, args.open_s, args.steps,
+                                        10_000, seed=int(f * 100)))
             b1 = srv.batch_counts()
-            res.update(fraction=f, offered_per_s=rate,
+            res.update(fraction=f, offered_per_s=f * sat,
                        mean_batch=(b1[0] - b0[0]) / max(1.0, b1[1] - b0[1]))
             out["open_loop"].append(res)
-            print(f"  b{max_batch} open loop {f:.0%}: {res}", file=sys.stderr)
-        if soak_s > 0:
-            out["soak"] = soak(srv, url, 0.8 * sat["images_per_s"], soak_s, args.steps)
+            print(f"  open loop {f:.0%}: {res}", file=sys.stderr)
+        if args.soak_seconds > 0:
+            out["soak"] = soak(srv, f"{srv.url}/v1/generate", 0.8 * sat, args.soak_seconds, args.steps)
     finally:
         srv.stop()
+        one.stop()
     return out
 
 
@@ -283,14 +316,15 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=20)
     p.add_argument("--queue-size", type=int, default=256)
-    p.add_argument("--offline-jobs", type=int, default=48, help="n: the runs make n and 2n images")
+    p.add_argument("--offline-jobs", type=int, default=64, help="images of an offline run")
     p.add_argument("--single", type=int, default=8, help="requests of the single-request phase")
-    p.add_argument("--saturation", type=int, default=96, help="requests of the saturation phase")
+    p.add_argument("--saturation", type=int, default=64, help="requests of a saturation phase")
     p.add_argument("--max-phase-s", type=float, default=240, help="time bound of a closed-loop phase")
-    p.add_argument("--rates", default="0.25,0.5,0.8", help="fractions of the saturation rate")
+    p.add_argument("--rates", default="0.1,0.25,0.5,0.8", help="fractions of the saturation rate")
     p.add_argument("--open-s", type=float, default=60, help="seconds of each open-loop rate")
     p.add_argument("--soak-seconds", type=float, default=0)
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved throughput rounds")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
     args = p.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
@@ -301,12 +335,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         work = Path(tmp)
         make_concept(work, args.model)
-        if not args.skip_offline:
-            result["offline"] = offline_jobs(work, args.offline_jobs, args.steps, args.max_batch,
-                                             args.backend, args.model)
-            print(f"offline: {result['offline']}", file=sys.stderr)
-        result["batched"] = measure_server(work, args, args.max_batch, rates, args.soak_seconds)
-        result["batch1"] = measure_server(work, args, 1, [])
+        result["server"] = run_all(work, args, rates)
     result["load_avg_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serve_load_{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -316,39 +345,51 @@ def main() -> None:
 
 
 def report(r: dict) -> str:
-    b, one = r["batched"], r["batch1"]
+    import statistics
+
+    srv = r["server"]
+    b = srv["max_batch"]
     rows = ["| run | requests | ok | errors | images/s | mean batch | p50 s | p95 s | p99 s |",
             "|---|---|---|---|---|---|---|---|---|"]
 
     def row(name, s):
-        rows.append(f"| {name} | {s['requests']} | {s['ok']} | {sum(s['errors'].values())} | "
-                    f"{s['images_per_s']:.2f} | {s.get('mean_batch', float('nan')):.2f} | "
-                    f"{s['p50_s']:.2f} | {s['p95_s']:.2f} | {s['p99_s']:.2f} |")
+        rows.append(f"| {name} | {s.get('requests', '')} | {s.get('ok', '')} | "
+                    f"{sum(s.get('errors', {}).values())} | {s['images_per_s']:.2f} | "
+                    f"{s.get('mean_batch', float('nan')):.2f} | {s.get('p50_s', float('nan')):.2f} | "
+                    f"{s.get('p95_s', float('nan')):.2f} | {s.get('p99_s', float('nan')):.2f} |")
 
-    row(f"max-batch {b['max_batch']}: single request", b["single"])
-    row(f"max-batch {b['max_batch']}: saturation (closed loop)", b["saturation"])
-    for o in b["open_loop"]:
-        row(f"max-batch {b['max_batch']}: open loop {o['fraction']:.0%} ({o['offered_per_s']:.2f}/s)", o)
-    row("max-batch 1: single request", one["single"])
-    row("max-batch 1: saturation (closed loop)", one["saturation"])
+    row(f"server max-batch {b}: single request at a time", srv["single"])
+    row("server max-batch 1: single request at a time", srv["single_b1"])
+    for i, rnd in enumerate(srv["rounds"]):
+        if "offline" in rnd:
+            row(f"round {i}: offline `--jobs` max-batch {b} (steady state)", rnd["offline"])
+        row(f"round {i}: server max-batch {b}, saturation ({3 * b} clients)", rnd["batched"])
+        row(f"round {i}: server max-batch 1, saturation (4 clients)", rnd["batch1"])
+    for o in srv["open_loop"]:
+        row(f"open loop {o['fraction']:.0%} of saturation ({o['offered_per_s']:.2f} req/s)", o)
+    if "soak" in srv:
+        row(f"soak {float(r['args']['soak_seconds']):.0f} s at 80 % ({srv['soak']['rate']:.2f} req/s)",
+            srv["soak"])
     lines = ["\n".join(rows), ""]
-    sat = b["saturation"]["images_per_s"]
-    if "offline" in r:
-        off = r["offline"]["images_per_s"]
-        lines.append(f"- offline `--jobs` (max-batch {b['max_batch']}): {off:.2f} images/s; "
-                     f"server at saturation = {100 * sat / off:.0f} % of it (target >= 90 %)")
-    lines.append(f"- server max-batch {b['max_batch']} vs max-batch 1 at saturation: "
-                 f"{sat / one['saturation']['images_per_s']:.2f}x (target >= 1.5x)")
-    single = b["single"]["p50_s"]
-    for o in b["open_loop"]:
-        lines.append(f"- open loop {o['fraction']:.0%}: p99 / single-request latency = "
-                     f"{o['p99_s'] / single:.2f} (target <= 1.5)")
-    if "soak" in b:
-        s = b["soak"]
-        lines.append(f"- soak {r['args']['soak_seconds']} s at {s['rate']:.2f} req/s: "
-                     f"{s['ok']}/{s['requests']} ok, errors {s['errors']}, RSS "
-                     f"{s['rss_start_mb']:.0f} -> {s['rss_end_mb']:.0f} MB (max "
-                     f"{s['rss_max_mb']:.0f}, {s['growth_pct']:+.1f} %)")
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    rounds = srv["rounds"]
+    if all("offline" in x for x in rounds):
+        ratio = [x["batched"]["images_per_s"] / x["offline"]["images_per_s"] for x in rounds]
+        lines.append(f"- server saturation / offline `--jobs`, per round: "
+                     f"{', '.join(f'{100 * v:.0f} %' for v in ratio)}; median {100 * med(ratio):.0f} % "
+                     "(target >= 90 %)")
+    ratio = [x["batched"]["images_per_s"] / x["batch1"]["images_per_s"] for x in rounds]
+    lines.append(f"- server max-batch {b} / max-batch 1 at saturation, per round: "
+                 f"{', '.join(f'{v:.2f}x' for v in ratio)}; median {med(ratio):.2f}x (target >= 1.5x)")
+    single = srv["single"]["p50_s"]
+    for o in srv["open_loop"]:
+        lines.append(f"- open loop {o['fraction']:.0%}: p99 {o['p99_s']:.2f} s / single-request "
+                     f"p50 {single:.2f} s = {o['p99_s'] / single:.2f} (target <= 1.5)")
+    if "soak" in srv:
+        s = srv["soak"]
+        lines.append(f"- soak: {s['ok']}/{s['requests']} ok, errors {s['errors'] or 'none'}; server RSS "
+                     f"{s['rss_start_mb']:.0f} -> {s['rss_end_mb']:.0f} MB (max {s['rss_max_mb']:.0f}, "
+                     f"{s['growth_pct']:+.1f} %)")
     lines.append(f"- CPU: {r['cpu']}; OMP_NUM_THREADS={r['threads']}; load average "
                  f"{r['load_avg_start'][0]:.1f} at start, {r['load_avg_end'][0]:.1f} at end")
     return "\n".join(lines)

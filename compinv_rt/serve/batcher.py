@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 # An item that has waited this many (mean) batch run times beyond max_wait is served next.
-STARVATION_BATCHES = 2
+STARVATION_BATCHES = 4
 
 
 class QueueFull(Exception):
