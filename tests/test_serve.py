@@ -382,14 +382,16 @@ def test_an_uploaded_concept_is_live_without_restart(tiny_model, trained, tmp_pa
         assert "compinv_concepts 1.0" in httpx.get(f"{srv.url}/metrics").text
 
 
-@pytest.mark.parametrize("batch_seconds, first", [(100.0, "A"), (0.0, "B")])
-def test_batcher_prefers_full_batches_but_never_starves_a_key(batch_seconds, first):
+@pytest.mark.parametrize("starvation_batches, first", [(1000, "A"), (0, "B")])
+def test_batcher_prefers_full_batches_but_never_starves_a_key(starvation_batches, first, monkeypatch):
     """After a busy batch: B1 (oldest), A1, A2 wait. Normally the larger group (A) goes first;
-    once B1 has waited more than a few batch times, B goes first."""
+    once B1 has waited more than STARVATION_BATCHES batch times, B goes first."""
     import asyncio
 
+    from compinv_rt.serve import batcher
     from compinv_rt.serve.batcher import Batcher
 
+    monkeypatch.setattr(batcher, "STARVATION_BATCHES", starvation_batches)
     gate, ran = threading.Event(), []
 
     def run(items, should_stop):
@@ -403,8 +405,7 @@ def test_batcher_prefers_full_batches_but_never_starves_a_key(batch_seconds, fir
         busy = b.submit([("X", 0)], "X")
         await asyncio.sleep(0.05)
         futures = b.submit([("B", 1)], "B") + b.submit([("A", 1), ("A", 2)], "A")
-        b._batch_seconds = batch_seconds  # the X batch's 0.3 s moves it by 20 %: 80 s or 0.06 s
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.1)
         gate.set()
         await asyncio.gather(*busy, *futures)
         await b.close()
