@@ -133,7 +133,7 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
     async def health():
         """Liveness and readiness; needs no token."""
         info = engine.describe()
-        return {"status": "stopping" if batcher._closing else "ok", "model": info["model"],
+        return {"status": "stopping" if batcher.closing else "ok", "model": info["model"],
                 "backend": info["backend"], "queue_depth": batcher.depth,
                 "max_batch": settings.max_batch}
 

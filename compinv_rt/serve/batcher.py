@@ -89,6 +89,10 @@ class Batcher:
 
     # -- submitting ------------------------------------------------------------------------
     @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
     def depth(self) -> int:
         return len(self._queue)
 
