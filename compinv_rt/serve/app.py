@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable, Sequence
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
@@ -44,7 +45,7 @@ class ServeEngine(Protocol):
     def describe(self) -> dict: ...  # {"model": {...}, "backend": str}
     def plan(self, request) -> tuple[list, object]: ...  # (items, batch key); CompinvError = 400
     # per item (png bytes, sidecar, batch size) or the CompinvError that failed its request
-    def run(self, items: list, should_stop) -> list: ...
+    def run(self, items: Sequence, should_stop: Callable[[], bool]) -> list: ...
     def list_concepts(self) -> list[dict]: ...
     def add_concept(self, name: str, files: dict[str, bytes]) -> dict: ...  # CompinvError = 400
     def remove_concept(self, name: str) -> None: ...  # KeyError = 404

@@ -3,8 +3,8 @@
 The batcher knows nothing about diffusion: it queues opaque items with a batch key, forms batches
 of at most `max_batch` items of one key (the most common key first, for full batches, but never
 past an item that has waited too long), and runs each batch with `run(items, should_stop)` on one
-worker thread (the engine is not thread-safe and one batch at a time keeps the device full). Results and errors go back to
-each item's future; a failing batch fails only its own items.
+worker thread (the engine is not thread-safe and one batch at a time keeps the device full).
+Results and errors go back to each item's future; a failing batch fails only its own items.
 """
 
 from __future__ import annotations

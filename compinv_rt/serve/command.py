@@ -57,11 +57,11 @@ def serve(
 
     status = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     session = GenerationSession.open(options, on_status=status)
-    engine = SessionEngine(session, concepts_dir)
-    engine.warm_up(status)
-    status(f"serving {len(engine.list_concepts())} concept(s) from {concepts_dir}/ on "
+    served = SessionEngine(session, concepts_dir)
+    served.warm_up(status)
+    status(f"serving {len(served.list_concepts())} concept(s) from {concepts_dir}/ on "
            f"http://{host}:{port} (API: /docs){'' if settings.token else ', no token'}")
-    serve_forever(create_app(engine, settings), host, port, log_level)
+    serve_forever(create_app(served, settings), host, port, log_level)
 
 
 def _session_options(model, device, precision, backend, engine, max_batch):

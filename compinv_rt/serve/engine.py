@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from compinv_rt.errors import ArtifactError, CompinvError, ConfigError
@@ -77,7 +77,7 @@ class SessionEngine:
         tasks = self.session.tasks(request)
         return tasks, self.session.batch_key(tasks[0])
 
-    def run(self, tasks: list, should_stop: Callable[[], bool]) -> list:
+    def run(self, tasks: Sequence, should_stop: Callable[[], bool]) -> list:
         """One UNet batch -> per task (PNG bytes, sidecar, batch size), or the CompinvError that
         failed its request (a layout phrase missing from its prompt, say: a 400)."""
         from compinv_rt.outputs import slug
@@ -94,7 +94,7 @@ class SessionEngine:
         with self._lock:
             images = self.session.run_batch(tasks, on_step=on_step, on_error=on_error)
         made = {id(img.task): img for img in images}
-        out = []
+        out: list[tuple[bytes, dict, int] | CompinvError] = []
         for task in tasks:
             if id(task.request) in errors:
                 out.append(errors[id(task.request)])

@@ -8,7 +8,7 @@ with one message. The request model is built per server so that its limits appea
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
@@ -49,14 +49,16 @@ def generate_request_model(limits: Limits) -> type[BaseModel]:
     """GenerateRequest with this server's limits in its schema."""
     size = Annotated[int, Field(ge=8, le=limits.max_size, description=(
         "Pixels; a multiple of the model's factor. Default: the model's native size."))]
-    fields = {
+    fields: dict[str, Any] = {
         "prompt": (Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars,
                                         pattern=r"\S")], ...),
         "negative_prompt": (Annotated[str, Field(max_length=limits.max_prompt_chars)], ""),
-        "n": (Annotated[int, Field(ge=1, le=limits.max_images, description="Images; image i uses seed + i.")], 1),
+        "n": (Annotated[int, Field(ge=1, le=limits.max_images,
+                                   description="Images; image i uses seed + i.")], 1),
         "seed": (Annotated[int, Field(ge=0, lt=2**63)], 0),
         "steps": (Annotated[int, Field(ge=1, le=limits.max_steps)], 25),
-        "guidance": (Annotated[float, Field(ge=0, le=50, description="Classifier-free guidance scale (<= 1 disables it).")], 7.5),
+        "guidance": (Annotated[float, Field(ge=0, le=50, description=(
+            "Classifier-free guidance scale (<= 1 disables it)."))], 7.5),
         "height": (size | None, None),
         "width": (size | None, None),
         "scheduler": (Scheduler, "ddim"),
