@@ -260,6 +260,7 @@ def _post_all(url, bodies):
     return [results[i] for i in range(len(bodies))]
 
 
+@pytest.mark.slow  # trains the concept fixture
 def test_same_seed_gives_the_same_image_as_generate_whatever_the_batch(served, tiny_model, tmp_path):
     import base64
 
@@ -306,6 +307,7 @@ def test_same_seed_gives_the_same_image_as_generate_whatever_the_batch(served, t
     assert __import__("json").loads(png.headers["X-Compinv-Sidecar"])["seed"] == 7
 
 
+@pytest.mark.slow  # trains the concept fixture
 def test_unknown_concepts_and_bad_layouts_are_400(served):
     with ServerThread(create_app(served, ServeSettings(max_wait_ms=0))) as srv:
         url = f"{srv.url}/v1/generate"
@@ -320,6 +322,7 @@ def test_unknown_concepts_and_bad_layouts_are_400(served):
             assert r.status_code == 400 and message in r.json()["error"], (body, r.text)
 
 
+@pytest.mark.slow  # trains the concept fixture
 def test_bad_uploads_are_refused_and_the_concept_list_is_unchanged(served, trained, tmp_path):
     import json
 
@@ -363,6 +366,7 @@ def test_bad_uploads_are_refused_and_the_concept_list_is_unchanged(served, train
         assert r.status_code == 400 and "unknown concept" in r.json()["error"]
 
 
+@pytest.mark.slow  # trains the concept fixture
 def test_an_uploaded_concept_is_live_without_restart(tiny_model, trained, tmp_path):
     from compinv_rt.serve.engine import SessionEngine
     from compinv_rt.session import GenerationSession, SessionOptions
