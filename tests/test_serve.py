@@ -416,3 +416,30 @@ def test_batcher_prefers_full_batches_but_never_starves_a_key(starvation_batches
 
     asyncio.run(scenario())
     assert ran[0] == ["X"] and ran[1][0] == first and sorted(map(len, ran[1:])) == [1, 2]
+
+
+@pytest.mark.slow  # starts a local Ray cluster
+def test_ray_serve_replicas_serve_the_same_app(tiny_model, tmp_path):
+    import ray
+    from ray import serve
+
+    from compinv_rt.serve.ray_serve import run_ray_serve
+    from compinv_rt.serve.run import free_port
+    from compinv_rt.session import SessionOptions
+
+    port = free_port()
+    settings = ServeSettings(port=port, max_wait_ms=0, concepts_dir=tmp_path / "concepts")
+    options = SessionOptions(model=str(tiny_model), device="cpu", max_batch=2,
+                             engines_root=tmp_path / "engines")
+    try:
+        run_ray_serve(options, settings, replicas=1, cpus_per_replica=0.5, blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health", timeout=60).json()["status"] == "ok"
+        r = httpx.post(f"{url}/v1/generate", json={"prompt": "a red star", "steps": 2, "seed": 3},
+                       timeout=120)
+        assert r.status_code == 200 and r.json()["images"][0]["sidecar"]["seed"] == 3
+        r = httpx.post(f"{url}/v1/generate", json={"prompt": "a red star", "n": 99}, timeout=60)
+        assert r.status_code == 400 and "n:" in r.json()["error"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -36,6 +36,12 @@ def serve(
     max_size: int = typer.Option(1024, help="Largest height/width per request."),
     upload_max_bytes: int = typer.Option(16 << 20, help="Largest concept upload, bytes."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    ray_serve: bool = typer.Option(
+        False, "--ray-serve", help="Run on Ray Serve: --replicas copies, one per device, each with "
+        "its own session and batcher, behind Ray's HTTP proxy on --host/--port."),
+    replicas: int = typer.Option(1, help="--ray-serve: number of replicas."),
+    gpus_per_replica: float = typer.Option(0, help="--ray-serve: GPUs per replica (0 on CPU)."),
+    ray_address: Optional[str] = typer.Option(None, help="--ray-serve: cluster address (default: start a local Ray)."),
 ):
     """Serve generation over HTTP: dynamic batching across requests, live concept uploads,
     Prometheus metrics; the API is at /docs and /openapi.json."""
@@ -49,6 +55,15 @@ def serve(
         upload_max_bytes=upload_max_bytes, concepts_dir=concepts_dir,
         limits=Limits(max_images=max_images, max_steps=max_steps, max_size=max_size)).checked()
     options = _session_options(model, device, Precision.parse(precision), backend, engine, max_batch)
+    if ray_serve:
+        from compinv_rt.errors import ConfigError
+
+        if replicas < 1:
+            raise ConfigError(f"--replicas must be >= 1, got {replicas}")
+        from compinv_rt.serve.ray_serve import run_ray_serve
+
+        typer.echo(f"Ray Serve: {replicas} replica(s) on http://{host}:{port}", err=True)
+        return run_ray_serve(options, settings, replicas, gpus_per_replica, address=ray_address)
 
     from compinv_rt.serve.app import create_app
     from compinv_rt.serve.engine import SessionEngine

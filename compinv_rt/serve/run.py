@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -21,6 +22,12 @@ def serve_forever(app, host: str, port: int, log_level: str = "info") -> None:
     import uvicorn
 
     uvicorn.Server(uvicorn_config(app, host, port, log_level)).run()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class ServerThread:
