@@ -52,12 +52,18 @@ def generate(
         "twice gets two boxes; 'phrase;phrase' = boxes from the layout model). Default: auto when "
         "--spatial is set."),
     spatial: Optional[SpatialMode] = typer.Option(
-        None, help="Layout regularization: bias (attention-logit bias, every backend) or guidance "
-        "(backward latent guidance, --backend torch only). Default: bias when --layout is given."),
-    bias_strength: float = typer.Option(2.0, help="Bias s: +s inside a concept's region, -s outside."),
-    bias_steps: str = typer.Option(
-        "0.2", help="Steps that get the bias or guidance: a fraction (0.2; 1.0 = all) or a "
-        "count (10)."),
+        None, help="Layout regularization: bias (attention-logit bias, every backend), adaptive "
+        "(the bias in units of each layer's logit spread, every backend) or guidance (backward "
+        "latent guidance, --backend torch only). Default: bias when --layout is given."),
+    bias_strength: Optional[float] = typer.Option(
+        None, help="Bias s: +s inside a concept's region, -s outside; in logits for bias (default "
+        "2), in units of each layer's logit spread for adaptive (default 3)."),
+    bias_decay: Optional[float] = typer.Option(
+        None, help="--spatial adaptive: the bias weight falls as (t / t_first) ** decay with the "
+        "noise level (default 4; 0 = constant over the biased steps)."),
+    bias_steps: Optional[str] = typer.Option(
+        None, help="Steps that get the bias or guidance: a fraction (0.2; 1.0 = all) or a "
+        "count (10). Default 0.2 (adaptive: 0.4)."),
     layout_model: Optional[Path] = typer.Option(
         None, help="Layout model folder from `compinv-rt layout fit` for --layout auto "
         "(default: <model>/layout/ if present, else fixed boxes)."),
@@ -85,13 +91,16 @@ def generate(
     if jobs is not None:
         if prompt is not None:
             raise ConfigError("pass either a PROMPT or --jobs FILE, not both")
-        if layout is not None or spatial is not None or save_attention or concept:
-            raise ConfigError("--layout, --spatial, --concept and --save-attention apply to one "
-                              "PROMPT; with --jobs give each line its own 'layout' and 'concepts'")
+        if (layout is not None or spatial is not None or save_attention or concept
+                or bias_decay is not None):
+            raise ConfigError("--layout, --spatial, --bias-decay, --concept and --save-attention "
+                              "apply to one PROMPT; with --jobs give each line its own 'layout' "
+                              "and 'concepts'")
         ray_opts = dict(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         return _generate_jobs(jobs, out, model, device, backend, engine, scheduler, max_batch,
                               resume, seed, steps, guidance, ray_opts if ray else None,
-                              bias_strength=bias_strength, bias_steps=bias_steps,
+                              bias_strength=2.0 if bias_strength is None else bias_strength,
+                              bias_steps="0.2" if bias_steps is None else bias_steps,
                               precision=precision)
     # Everything cheap is validated before any weights are loaded or files are written.
     if prompt is None:
@@ -111,7 +120,7 @@ def generate(
 
     spatial_config = SpatialConfig.from_options(
         None if spatial is None else spatial.value, layout, bias_strength, bias_steps, layout_model,
-        save_attention, backend.value, config.steps)
+        save_attention, backend.value, config.steps, decay=bias_decay)
     import time
 
     folder = Path(out) if out is not None else Path("outputs") / time.strftime("%Y%m%d-%H%M%S")

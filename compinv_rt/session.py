@@ -144,10 +144,11 @@ class BatchKey:
     steps: int
     scheduler: str
     guidance: float
-    spatial: SpatialMode  # none, bias or guidance (bias with 0 regularized steps: none)
+    spatial: SpatialMode  # none, bias, adaptive or guidance (a bias on 0 steps: none)
     regularized_steps: int
     save_attention: bool
     guidance_config: GuidanceConfig | None = None  # the guidance knobs (guidance mode only)
+    bias_decay: float | None = None  # the adaptive bias's gain schedule (adaptive mode only)
 
 
 @dataclass
@@ -227,11 +228,12 @@ class GenerationSession:
         spatial = task.request.spatial
         steps = spatial.regularized_steps(cfg.steps)
         mode = spatial.mode
-        if mode is SpatialMode.bias and steps == 0:
+        if mode in (SpatialMode.bias, SpatialMode.adaptive) and steps == 0:
             mode = SpatialMode.none  # a bias on no step changes nothing
         return BatchKey(*cfg.size, cfg.steps, SchedulerName(cfg.scheduler).value, cfg.guidance, mode,
                         0 if mode is SpatialMode.none else steps, spatial.save_attention,
-                        spatial.guidance if mode is SpatialMode.guidance else None)
+                        spatial.guidance if mode is SpatialMode.guidance else None,
+                        spatial.decay if mode is SpatialMode.adaptive else None)
 
     def run(self, tasks: Iterable[Task], on_step: StepCallback | None = None,
             on_error: ErrorCallback | None = None) -> Iterator[GeneratedImage]:
@@ -284,7 +286,7 @@ class GenerationSession:
         inputs = spatial_inputs(key.spatial, key.regularized_steps, [p.layout for p in preps],
                                 [t.request.spatial.strength for t in batch], module,
                                 (height // f, width // f), self.model.files.text_len,
-                                key.guidance_config, key.save_attention)
+                                key.guidance_config, key.save_attention, key.bias_decay)
         images = pipe.generate([p.text for p in preps], [t.seed for t in batch], cfg,
                                negative_prompts=[p.negative for p in preps], on_step=on_step,
                                **inputs.kwargs())

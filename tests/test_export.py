@@ -23,8 +23,11 @@ def test_io_spec_shapes_and_axes():
     assert s["sample"] == (6, 4, 16, 16) and s["timestep"] == (6,)
     assert s["encoder_hidden_states"] == (6, 77, 64) and s["attention_bias"] == (6, 77, 16, 16)
     assert s["noise_pred"] == (6, 4, 16, 16)
+    assert s["bias_gain"] == (6, 2)
     assert set(SPEC.dynamic_axes()) == {"sample", "timestep", "encoder_hidden_states",
-                                        "attention_bias", "noise_pred"}
+                                        "attention_bias", "bias_gain", "noise_pred"}
+    assert SPEC.default_input("bias_gain", 3).tolist() == [[1.0, 0.0]] * 3  # the fixed bias
+    assert not SPEC.default_input("attention_bias", 3).any()
     assert SPEC.dtype("timestep") == torch.float32
     assert UNetIOSpec(4, 4, 77, 64, 8, 8, Precision.fp16).dtype("sample") == torch.float16
     assert UNetIOSpec.from_dict(SPEC.to_dict()) == SPEC
@@ -109,13 +112,14 @@ def test_onnx_export_writes_checked_graph_and_manifest(onnx_engine, tiny_model):
     onnx.checker.check_model(str(onnx_engine / "unet.onnx"))
     m = json.loads((onnx_engine / "manifest.json").read_text())
     assert m["format"] == "onnx" and m["io"]["inputs"] == ["sample", "timestep",
-                                                           "encoder_hidden_states", "attention_bias"]
+                                                           "encoder_hidden_states", "attention_bias",
+                                                           "bias_gain"]
     # --batch-sizes 1,2,4 with guidance: static UNet buckets 2, 4 and 8
     assert m["profiles"] == [{"min": b, "opt": b, "max": b} for b in (2, 4, 8)]
     assert set(m["artifacts"]) == {"unet.onnx"} and m["versions"]["onnx"] == onnx.__version__
     model = onnx.load(str(onnx_engine / "unet.onnx"))
     assert [i.name for i in model.graph.input] == ["sample", "timestep", "encoder_hidden_states",
-                                                    "attention_bias"]
+                                                    "attention_bias", "bias_gain"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
@@ -244,7 +248,7 @@ def test_dynamo_exporter_needs_opset_18(tiny_model, tmp_path):
 # --- parity of backends on final images -----------------------------------------------------
 
 
-def _images(model, backend, bias, engine_root):
+def _images(model, backend, bias, engine_root, bias_gain=None):
     from compinv_rt.models.loading import load_model
     from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
     from compinv_rt.runtime.registry import open_backend
@@ -254,7 +258,8 @@ def _images(model, backend, bias, engine_root):
     unet = open_backend(backend, m, sampling.height, sampling.width, 2, guidance=True,
                         engines_root=engine_root)
     imgs = Pipeline(m, unet).generate(["a dotted red star and a blue circle on grass"] * 2, [3, 4],
-                                      sampling, attention_bias=bias, bias_steps=3)
+                                      sampling, attention_bias=bias, bias_steps=3,
+                                      bias_gain=bias_gain)
     return np.stack([np.asarray(i, dtype=np.int16) for i in imgs])
 
 
@@ -288,12 +293,58 @@ def test_zero_bias_is_bit_identical_to_stock_unet(tiny_model):
 
     stock = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval()
     ours = BiasedUNet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval())
-    x, t, e, _ = SPEC.example_inputs(4)
+    x, t, e = SPEC.example_inputs(4)[:3]
     with torch.no_grad():
         ref = stock(x, t, encoder_hidden_states=e).sample
         assert torch.equal(ours(x, t, e, torch.zeros(4, 77, 16, 16)), ref)
         assert torch.equal(ours(x, t, e, None), ref)
         assert not torch.equal(ours(x, t, e, torch.full((4, 77, 16, 16), 4.0) * (torch.rand(4, 77, 16, 16) > 0.5)), ref)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+def test_adaptive_bias_parity_with_torch(backend, tiny_model, tmp_path):
+    """The adaptive bias (spread computed inside the graph, a per-step gain schedule fed as the
+    bias_gain input) gives the same images on engines as eager PyTorch, and other images than
+    the fixed bias."""
+    from compinv_rt.spatial.bias_maps import BiasSchedule
+
+    schedule = BiasSchedule(2.0)
+    ref_fixed = _images(str(tiny_model), "torch", _bias(), tmp_path)
+    ref = _images(str(tiny_model), "torch", _bias(), tmp_path, schedule)
+    assert np.abs(ref - ref_fixed).max() > 10
+    got = _images(str(tiny_model), backend, _bias(), tmp_path, schedule)
+    assert np.abs(got - ref).max() <= 2
+
+
+def test_zero_bias_with_adaptive_gain_is_bit_identical_to_stock_unet(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    from compinv_rt.spatial.attention import BiasedUNet
+
+    stock = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval()
+    ours = BiasedUNet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval())
+    x, t, e = SPEC.example_inputs(4)[:3]
+    zero = torch.zeros(4, 77, 16, 16)
+    with torch.no_grad():
+        ref = stock(x, t, encoder_hidden_states=e).sample
+        for gain in ([0.0, 3.0], [1.0, 0.0], [0.5, 100.0]):
+            assert torch.equal(ours(x, t, e, zero, torch.tensor([gain] * 4)), ref), gain
+        bias = torch.full((4, 77, 16, 16), 4.0) * (torch.rand(4, 77, 16, 16) > 0.5)
+        assert not torch.equal(ours(x, t, e, bias, torch.tensor([[0.0, 3.0]] * 4)), ref)
+
+
+def test_engine_of_an_older_contract_is_refused_clearly(onnx_engine, tiny_model, tmp_path):
+    """An engine exported before bias_gain existed: one line that says to re-export, not
+    'edited' or a shape error."""
+    engine = tmp_path / "engine"
+    shutil.copytree(onnx_engine, engine)
+    m = json.loads((engine / "manifest.json").read_text())
+    m["io"]["inputs"] = ["sample", "timestep", "encoder_hidden_states", "attention_bias"]
+    (engine / "manifest.json").write_text(json.dumps(m))
+    res = _gen(tiny_model, tmp_path / "o", "--backend", "onnxruntime", "--engine", str(engine))
+    err = res.stderr.strip()
+    assert res.exit_code == 1 and "another UNet contract" in err and "re-export" in err, err
+    assert "bias_gain" in err and "\n" not in err
 
 
 @pytest.mark.tensorrt

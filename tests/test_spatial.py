@@ -472,3 +472,154 @@ def test_layout_phrase_with_a_multi_vector_concept_biases_every_vector(tiny_mode
         assert res.exit_code == 0, res.output
         sp = json.loads(next((tmp_path / out).glob("*_3.json")).read_text())["spatial"]
         assert [c["tokens"] for c in sp["layout"]["concepts"]] == [[2, 3, 4], [7, 8]]
+
+
+# --- adaptive bias: the map in units of each layer's logit spread, scheduled over the noise ----
+
+
+def test_logit_spread_is_the_std_of_the_logits_over_keys():
+    from compinv_rt.spatial.attention import logit_spread
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 64, 16, generator=g), torch.randn(2, 4, 77, 16, generator=g) * 3
+    ref = (q @ k.transpose(-1, -2) / 4).std(-1, unbiased=False, keepdim=True)  # d = 16
+    torch.testing.assert_close(logit_spread(q, k), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_adaptive_processor_adds_the_bias_times_the_layers_spread(loaded):
+    """gain [0, g]: softmax(QK^T/sqrt(d) + g * std_keys(QK^T/sqrt(d)) * bias) V, per head and
+    query; [1, 0] is the fixed bias; [a, b] is their sum."""
+    from compinv_rt.spatial.attention import BiasAttnProcessor
+
+    _, attn = _cross_layer(loaded.unet)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, attn.to_q.in_features, generator=g)
+    ctx = torch.randn(2, 77, 64, generator=g)
+    bias = torch.randn(2, 77, 16, 16, generator=g)
+    n, d = attn.heads, attn.to_q.out_features // attn.heads
+
+    def explicit(fixed, adaptive):
+        q = attn.to_q(x).view(2, -1, n, d).transpose(1, 2)
+        k = attn.to_k(ctx).view(2, -1, n, d).transpose(1, 2)
+        v = attn.to_v(ctx).view(2, -1, n, d).transpose(1, 2)
+        logits = q @ k.transpose(-1, -2) / d ** 0.5
+        b = bias.flatten(2).transpose(1, 2)[:, None]  # (2, 1, 256, 77): this layer is 16x16
+        logits = logits + b * (fixed + adaptive * logits.std(-1, unbiased=False, keepdim=True))
+        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, -1, n * d)
+        return attn.to_out[0](out)
+
+    with torch.no_grad():
+        for fixed, adaptive in ((0.0, 1.5), (1.0, 0.0), (0.5, 2.0)):
+            gain = torch.tensor([[fixed, adaptive]] * 2)
+            got = BiasAttnProcessor()(attn, x, ctx, attention_bias=bias, bias_gain=gain)
+            torch.testing.assert_close(got, explicit(fixed, adaptive), rtol=1e-4, atol=1e-5)
+        fixed_only = BiasAttnProcessor()(attn, x, ctx, attention_bias=bias)
+        assert torch.equal(fixed_only, BiasAttnProcessor()(
+            attn, x, ctx, attention_bias=bias, bias_gain=torch.tensor([[1.0, 0.0]] * 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adaptive_bias_is_finite_in_half_precision(tokenizer, loaded, dtype):
+    """The strongest map times a huge gain saturates at the finite floor, never -inf or NaN."""
+    import copy
+
+    from compinv_rt.spatial.attention import BIAS_LIMIT, BiasedUNet, adaptive_bias, bias_for_layer
+
+    layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
+    bias = bias_map(layout, MAX_STRENGTH, 16, 16, dtype=dtype)[None]
+    gain = torch.tensor([[1.0, 1000.0]], dtype=dtype)
+    q, k = torch.randn(1, 2, 16, 8, dtype=dtype) * 50, torch.randn(1, 2, 77, 8, dtype=dtype) * 50
+    eff = adaptive_bias(bias_for_layer(bias, 16), gain, q, k)
+    assert eff.dtype == dtype and torch.isfinite(eff).all()
+    assert eff.min().item() == -BIAS_LIMIT and eff.max().item() == BIAS_LIMIT
+    others = [p for p in range(77) if p not in (2, 3, 6, 7)]  # tokens without a region stay 0
+    assert (eff[..., others] == 0).all()
+    unet = BiasedUNet(copy.deepcopy(loaded.unet).to(dtype))
+    with torch.no_grad():
+        out = unet(torch.randn(1, 4, 16, 16, dtype=dtype), torch.tensor([500]),
+                   torch.randn(1, 77, 64, dtype=dtype), bias, gain)
+    assert torch.isfinite(out).all()
+
+
+def test_bias_schedule_over_the_noise_level():
+    from compinv_rt.spatial.bias_maps import BiasSchedule
+
+    assert BiasSchedule()(0.3).tolist() == [0.0, 1.0]
+    torch.testing.assert_close(BiasSchedule(2.0)(0.5), torch.tensor([0.0, 0.25]))
+    assert BiasSchedule(2.0)(1.0).tolist() == [0.0, 1.0]
+
+
+def test_denoise_feeds_one_gain_per_biased_step():
+    from diffusers import DDIMScheduler
+
+    from compinv_rt.runtime.denoise import denoise
+    from compinv_rt.spatial.bias_maps import BiasSchedule
+
+    seen = []
+
+    def fake_unet(sample, t, context, bias=None, gain=None):
+        seen.append((float(t[0]), bias is not None, None if gain is None else gain.clone()))
+        return torch.zeros_like(sample)
+
+    sched = DDIMScheduler()
+    sched.set_timesteps(6)
+    denoise(fake_unet, sched, torch.randn(2, 4, 4, 4), torch.randn(2, 77, 8), torch.randn(2, 77, 8),
+            7.5, attention_bias=torch.ones(2, 77, 4, 4), bias_steps=3, bias_gain=BiasSchedule(2.0))
+    t0 = seen[0][0]
+    assert [b for _, b, _ in seen] == [True] * 3 + [False] * 3
+    for t, biased, gain in seen:
+        if biased:  # one row per UNet sample ([uncond; cond]), the weight falls with the noise
+            assert gain.shape == (4, 2)
+            torch.testing.assert_close(gain, torch.tensor([[0.0, (t / t0) ** 2]] * 4))
+        else:
+            assert gain is None
+
+
+def test_adaptive_bias_moves_concept_attention_into_its_region(loaded, tokenizer):
+    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.spatial.bias_maps import BiasSchedule, concept_masks
+    from compinv_rt.spatial.heatmaps import AttentionRecorder
+
+    layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
+    shares = []
+    for gain in (None, BiasSchedule()):
+        rec = AttentionRecorder(1, 16, 16)
+        bias = bias_batch([layout], 4.0, 16, 16) if gain is not None else None
+        Pipeline(loaded).generate([PROMPT], [1], SamplingConfig(steps=4), attention_bias=bias,
+                                  bias_steps=4, bias_gain=gain, attention_recorder=rec)
+        maps = rec.maps()[0]
+        shares.append(torch.stack([(maps[list(c.tokens)] * m).sum() / maps[list(c.tokens)].sum()
+                                   for c, m in zip(layout.concepts, concept_masks(layout, 16, 16))]))
+    assert (shares[1] > shares[0] + 0.2).all(), shares
+
+
+def test_generate_with_adaptive_bias(tiny_model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    runs = {}
+    for name, extra in (("bias", ["--spatial", "bias"]),
+                        ("adaptive", ["--spatial", "adaptive", "--bias-decay", "2"])):
+        res = _gen(tiny_model, tmp_path / name, "--layout", LAYOUT, "--bias-steps", "1.0", *extra)
+        assert res.exit_code == 0, res.output
+        meta = json.loads(next((tmp_path / name).glob("*_3.json")).read_text())
+        runs[name] = (meta["spatial"], np.asarray(Image.open(tmp_path / name / meta["image"]), dtype=np.int16))
+    sp = runs["adaptive"][0]
+    assert sp["mode"] == "adaptive" and sp["bias_decay"] == 2.0 and sp["regularized_steps"] == 4
+    assert sp["bias_strength"] == 3.0 and runs["bias"][0]["bias_strength"] == 2.0  # per-mode defaults
+    assert runs["bias"][0]["steps"] == "1.0"
+    assert np.abs(runs["bias"][1] - runs["adaptive"][1]).max() > 10
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--spatial", "bias", "--bias-decay", "1"], "adaptive only"),
+    (["--spatial", "adaptive", "--bias-decay", "-1"], "--bias-decay"),
+    (["--spatial", "adaptive", "--bias-strength", "nan"], "--bias-strength"),
+])
+def test_bad_adaptive_input_is_one_clear_line(tiny_model, tmp_path, extra, message):
+    out = tmp_path / "out"
+    res = _gen(tiny_model, out, *extra)
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not out.exists()

@@ -5,7 +5,8 @@
 
 Every mode runs the same prompt, seeds and sampler through `Pipeline.generate` (the one denoise
 loop). `bias` biases every step (so each step pays the bias), `guidance` guides every step with the
-reference's settings (up to 5 inner forward+backward passes while the loss is above 0.2). Modes
+reference's settings (up to 5 inner forward+backward passes while the loss is above 0.2),
+`adaptive` is `bias` with the per-layer logit-spread scaling (`--spatial adaptive`). Modes
 are interleaved over the repeats so background load hits them alike; medians and minima are
 reported (on a shared machine the minimum is the least disturbed number). One thread.
 """
@@ -37,6 +38,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--strength", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default="none,bias,guidance")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: the process's CPU time (less disturbed by other jobs on a shared machine)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -44,7 +47,7 @@ def main(argv=None) -> dict:
     from compinv_rt.models.loading import load_model
     from compinv_rt.runtime.backends import TorchBackend
     from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
-    from compinv_rt.spatial.bias_maps import bias_batch
+    from compinv_rt.spatial.bias_maps import BiasSchedule, bias_batch
     from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
     from compinv_rt.spatial.layouts import parse_layout, resolve_layout
 
@@ -69,17 +72,19 @@ def main(argv=None) -> dict:
 
     def run(mode: str) -> None:
         kwargs = {}
-        if mode == "bias":
+        if mode in ("bias", "adaptive"):
             kwargs = {"attention_bias": bias_batch([layout] * args.batch, args.strength, h, w),
                       "bias_steps": args.steps}
+            if mode == "adaptive":  # the spread-scaled bias, gain schedule fed per step
+                kwargs["bias_gain"] = BiasSchedule()
         guide = None
         if mode == "guidance":
             guide = LayoutGuidance(backend.module, [layout] * args.batch, (h, w),
                                    GuidanceConfig(steps=args.steps))
             kwargs = {"latent_hook": guide}
-        stamps = [time.perf_counter()]
-        pipe.generate(prompts, seeds, cfg, on_step=lambda d, t: stamps.append(time.perf_counter()),
-                      **kwargs)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        stamps = [clock()]
+        pipe.generate(prompts, seeds, cfg, on_step=lambda d, t: stamps.append(clock()), **kwargs)
         times[mode] += [b - a for a, b in zip(stamps, stamps[1:])]
         if guide is not None:
             per_step = [sum(1 for e in guide.history if e["step"] == s) for s in range(args.steps)]
@@ -96,6 +101,7 @@ def main(argv=None) -> dict:
         "model": args.arch and f"{args.arch} architecture, random weights" or str(model),
         "size": size, "latent": [h, w], "batch": args.batch, "steps": args.steps,
         "repeats": args.repeats, "threads": args.threads, "device": str(loaded.device),
+        "clock": args.clock,
         "torch": torch.__version__,
         "per_step_ms": {m: round(1000 * statistics.median(t), 2) for m, t in times.items()},
         "relative_to_none": {m: round(statistics.median(t) / base, 3) for m, t in times.items()},

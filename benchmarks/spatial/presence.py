@@ -24,6 +24,28 @@ import numpy as np
 import torch
 
 
+def score(judge, images, prompt: str, layout) -> list[tuple[bool, bool]]:
+    """(present, in region) per image of `prompt`, judged against the layout's boxes."""
+    from compinv_rt.world.scenes import parse_prompt
+
+    verdicts = judge(np.stack([np.asarray(im) for im in images]))
+    spec = parse_prompt(prompt)
+    boxes = ([c.boxes[0] for c in layout.concepts] if layout is not None
+             else [(0.1, 0.2, 0.5, 0.8), (0.6, 0.2, 0.95, 0.8)])
+    out = []
+    for v in verdicts:
+        found = [next((d for d in v.objects if d.colour == colour and d.shape == shape), None)
+                 for colour, shape, _ in spec.objects]
+        present, ok = all(found), all(found)
+        if present:
+            js = judge.config.size
+            for d, (x0, y0, x1, y1) in zip(found, boxes):
+                cx, cy = (d.box[0] + d.box[2]) / 2 / js, (d.box[1] + d.box[3]) / 2 / js
+                ok &= x0 <= cx <= x1 and y0 <= cy <= y1
+        out.append((present, ok))
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -52,7 +74,7 @@ def main(argv=None) -> dict:
     from compinv_rt.spatial.guidance import GuidanceConfig
     from compinv_rt.spatial.plan import SpatialConfig
     from compinv_rt.world.judge import load_judge
-    from compinv_rt.world.scenes import heldout_prompts, parse_prompt
+    from compinv_rt.world.scenes import heldout_prompts
 
     loaded = load_model(args.model)
     judge = load_judge()
@@ -78,24 +100,8 @@ def main(argv=None) -> dict:
             results = session.generate(Request(prompt, 8888, args.k, sampling=cfg, spatial=spatial))
             images = [r.image for r in results]
             layout = results[0].layout
-            verdicts = judge(np.stack([np.asarray(im) for im in images]))
-            spec = parse_prompt(prompt)
-            boxes = ([c.boxes[0] for c in layout.concepts] if layout is not None
-                     else [(0.1, 0.2, 0.5, 0.8), (0.6, 0.2, 0.95, 0.8)])
-            for v in verdicts:
-                n += 1
-                found = []
-                for colour, shape, _ in spec.objects:
-                    d = next((d for d in v.objects if d.colour == colour and d.shape == shape), None)
-                    found.append(d)
-                if all(found):
-                    present += 1
-                    js = judge.config.size
-                    ok = True
-                    for d, (x0, y0, x1, y1) in zip(found, boxes):
-                        cx, cy = (d.box[0] + d.box[2]) / 2 / js, (d.box[1] + d.box[3]) / 2 / js
-                        ok &= x0 <= cx <= x1 and y0 <= cy <= y1
-                    inside += int(ok)
+            for p, r in score(judge, images, prompt, layout):
+                n, present, inside = n + 1, present + p, inside + r
         result["modes"][mode] = {"samples": n, "presence": round(present / n, 4),
                                  "region": round(inside / n, 4), "seconds": round(time.time() - t0, 1)}
         print(json.dumps({mode: result["modes"][mode]}), flush=True)

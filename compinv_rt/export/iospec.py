@@ -11,7 +11,9 @@ from enum import Enum
 
 from compinv_rt.errors import ConfigError
 
-INPUTS = ("sample", "timestep", "encoder_hidden_states", "attention_bias")
+# bias_gain (N, 2) = [fixed, adaptive] gains of attention_bias this step (spatial/attention.py);
+# backends feed [1, 0] (the fixed bias) when the caller gives none.
+INPUTS = ("sample", "timestep", "encoder_hidden_states", "attention_bias", "bias_gain")
 OUTPUTS = ("noise_pred",)
 BATCH_AXIS = "batch"  # the UNet batch: 2 x images with classifier-free guidance
 
@@ -122,6 +124,7 @@ class UNetIOSpec:
             "timestep": (batch,),
             "encoder_hidden_states": (batch, self.text_len, self.text_dim),
             "attention_bias": (batch, self.text_len, h, w),
+            "bias_gain": (batch, 2),
             "noise_pred": (batch, self.out_channels, h, w),
         }
 
@@ -130,6 +133,16 @@ class UNetIOSpec:
         import torch
 
         return torch.float32 if name == "timestep" else self.precision.torch_dtype
+
+    def default_input(self, name: str, batch: int, device="cpu"):
+        """What a backend feeds for an optional input the caller left out: a zero bias, and the
+        fixed-bias gain [1, 0]."""
+        import torch
+
+        t = torch.zeros(self.shapes(batch)[name], dtype=self.dtype(name), device=device)
+        if name == "bias_gain":
+            t[:, 0] = 1
+        return t
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {name: {0: BATCH_AXIS} for name in INPUTS + OUTPUTS}

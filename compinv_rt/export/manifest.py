@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 
 from compinv_rt.errors import EngineMismatch
-from compinv_rt.export.iospec import BatchProfile, UNetIOSpec
+from compinv_rt.export.iospec import INPUTS, BatchProfile, UNetIOSpec
 from compinv_rt.outputs import atomic_write_json
 
 SCHEMA_VERSION = 1
@@ -152,6 +152,10 @@ def verify_engine(engine_dir: Path, expected: EngineRequest | None = None, *,
     """
     engine_dir = Path(engine_dir)
     m = read_manifest(engine_dir)
+    if m["io"].get("inputs") != list(INPUTS):
+        raise EngineMismatch(f"engine {engine_dir} was exported for another UNet contract (inputs "
+                             f"{', '.join(m['io'].get('inputs') or ['?'])}; this version needs "
+                             f"{', '.join(INPUTS)}); re-export it")
     recomputed = EngineRequest(
         EngineFormat(m["format"]), m["unet_hash"], UNetIOSpec.from_dict(m["io"]),
         tuple(profiles_of(m)), m["versions"], m["device"], m.get("options", {}),

@@ -1,5 +1,5 @@
 """UNet backends behind one small interface. The denoise loop only ever calls
-`backend(sample, timestep, encoder_hidden_states, attention_bias) -> noise_pred`; backends differ
+`backend(sample, timestep, encoder_hidden_states, attention_bias, bias_gain) -> noise_pred`; backends differ
 in nothing else. Engine-based backends live next to their exporters and are created by
 `compinv_rt.runtime.registry.open_backend`."""
 
@@ -21,6 +21,7 @@ class UNetBackend(Protocol):
         timestep: torch.Tensor,  # (N,)
         encoder_hidden_states: torch.Tensor,  # (N, T, D)
         attention_bias: torch.Tensor | None = None,  # (N, T, h, w) or None
+        bias_gain: torch.Tensor | None = None,  # (N, 2) [fixed, adaptive]; None: fixed bias
     ) -> torch.Tensor:  # (N, 4, h, w)
         ...
 
@@ -34,5 +35,5 @@ class TorchBackend:
         self.module = BiasedUNet(unet)
 
     @torch.inference_mode()
-    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None):
-        return self.module(sample, timestep, encoder_hidden_states, attention_bias)
+    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
+        return self.module(sample, timestep, encoder_hidden_states, attention_bias, bias_gain)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from compinv_rt.export.iospec import BatchProfile, UNetIOSpec
+from compinv_rt.export.iospec import INPUTS, BatchProfile, UNetIOSpec
 from compinv_rt.runtime.bucketing import run_bucketed
 from compinv_rt.spatial.attention import BiasedUNet
 
@@ -27,8 +27,8 @@ class CompileBackend:
         self.module = torch.compile(BiasedUNet(unet), mode=mode, dynamic=False, options=options)
 
     @torch.inference_mode()
-    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None):
-        out = self.module(sample, timestep, encoder_hidden_states, attention_bias)
+    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
+        out = self.module(sample, timestep, encoder_hidden_states, attention_bias, bias_gain)
         return out.clone()  # CUDA-graph outputs are overwritten by the next replay
 
 
@@ -53,11 +53,12 @@ class AOTIBackend:
         return runner(*inputs)
 
     @torch.inference_mode()
-    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None):
+    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
+        n = sample.shape[0]
         if attention_bias is None:
-            attention_bias = torch.zeros(self.spec.shapes(sample.shape[0])["attention_bias"],
-                                         dtype=sample.dtype, device=sample.device)
-        inputs = tuple(t.to(self.device, self.spec.dtype(n)).contiguous() for n, t in zip(
-            ("sample", "timestep", "encoder_hidden_states", "attention_bias"),
-            (sample, timestep, encoder_hidden_states, attention_bias)))
+            attention_bias = self.spec.default_input("attention_bias", n, self.device)
+        if bias_gain is None:
+            bias_gain = self.spec.default_input("bias_gain", n, self.device)
+        inputs = tuple(t.to(self.device, self.spec.dtype(name)).contiguous() for name, t in zip(
+            INPUTS, (sample, timestep, encoder_hidden_states, attention_bias, bias_gain)))
         return run_bucketed(self._run, inputs, self.profiles).to(sample.dtype)

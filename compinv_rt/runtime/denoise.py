@@ -12,6 +12,9 @@ StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 # (step index, timestep, latents, cond, scheduler) -> latents, run before each UNet step (e.g. the
 # spatial layout guidance, which moves the latents along an attention-loss gradient).
 LatentHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
+# (timestep / first timestep: the noise level relative to the start) -> the (2,) [fixed, adaptive]
+# gains of the bias at this step (spatial.bias_maps.BiasSchedule), fed as the UNet's bias_gain.
+BiasGain = Callable[[float], torch.Tensor]
 
 
 def denoise(
@@ -25,6 +28,7 @@ def denoise(
     attention_bias: torch.Tensor | None = None,  # (B, T, h, w) for the conditional half
     bias_steps: int = 0,  # the first `bias_steps` steps get the bias
     latent_hook: LatentHook | None = None,
+    bias_gain: BiasGain | None = None,  # per-step [fixed, adaptive] gains; None: fixed bias
 ) -> torch.Tensor:
     """Run `scheduler.timesteps` (set by the caller) with classifier-free guidance.
 
@@ -48,7 +52,12 @@ def denoise(
         model_in = torch.cat([latents] * 2) if uncond is not None else latents
         model_in = scheduler.scale_model_input(model_in, t)
         bias = attention_bias if i < bias_steps else None
-        noise = unet(model_in, t.expand(model_in.shape[0]), context, bias)
+        tt = t.expand(model_in.shape[0])
+        if bias is not None and bias_gain is not None:
+            gain = bias_gain(float(t) / float(timesteps[0])).to(bias).expand(model_in.shape[0], 2)
+            noise = unet(model_in, tt, context, bias, gain)
+        else:
+            noise = unet(model_in, tt, context, bias)
         if uncond is not None:
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)

@@ -38,19 +38,21 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(str(Path(engine_dir) / ONNX_FILE), opts,
                                             providers=providers)
         self._np_types = {torch.float32: np.float32, torch.float16: np.float16}
-        self._zero_bias: torch.Tensor | None = None
+        self._defaults: dict[tuple[str, int], torch.Tensor] = {}
 
-    def _bias(self, sample, attention_bias):
-        if attention_bias is not None:
-            return attention_bias
-        shape = self.spec.shapes(sample.shape[0])["attention_bias"]
-        if self._zero_bias is None or self._zero_bias.shape != shape:
-            self._zero_bias = torch.zeros(shape, dtype=self.spec.dtype("attention_bias"),
-                                          device=self.device)
-        return self._zero_bias
+    def _or_default(self, name, batch, given):
+        """The IO spec's default for an optional input left out (zero bias, gain [1, 0]), cached."""
+        if given is not None:
+            return given
+        if (name, batch) not in self._defaults:
+            self._defaults[(name, batch)] = self.spec.default_input(name, batch, self.device)
+        return self._defaults[(name, batch)]
 
-    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None):
-        feeds = (sample, timestep, encoder_hidden_states, self._bias(sample, attention_bias))
+    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
+        n = sample.shape[0]
+        feeds = (sample, timestep, encoder_hidden_states,
+                 self._or_default("attention_bias", n, attention_bias),
+                 self._or_default("bias_gain", n, bias_gain))
         binding = self.session.io_binding()
         dev, idx = self.device.type, self.device.index or 0
         keep = []  # contiguous copies must outlive run_with_iobinding

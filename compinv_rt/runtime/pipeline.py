@@ -10,7 +10,7 @@ import torch
 from compinv_rt.errors import ConfigError
 from compinv_rt.models.loading import LoadedModel, ModelFiles
 from compinv_rt.runtime.backends import TorchBackend, UNetBackend
-from compinv_rt.runtime.denoise import LatentHook, StepCallback, denoise
+from compinv_rt.runtime.denoise import BiasGain, LatentHook, StepCallback, denoise
 from compinv_rt.runtime.schedulers import SchedulerName, make_scheduler
 
 
@@ -96,6 +96,7 @@ class Pipeline:
         on_step: StepCallback | None = None,
         attention_bias: torch.Tensor | None = None,  # (B, T, h, w) for the conditional half
         bias_steps: int = 0,
+        bias_gain: BiasGain | None = None,  # e.g. spatial.bias_maps.BiasSchedule (adaptive bias)
         latent_hook: LatentHook | None = None,  # e.g. spatial.guidance.LayoutGuidance
         attention_recorder=None,  # spatial.heatmaps.AttentionRecorder: needs the torch backend
     ) -> list:
@@ -122,7 +123,7 @@ class Pipeline:
                                   exclusive=False)
         with recording:
             latents = denoise(self.backend, scheduler, latents, cond, uncond, cfg.guidance,
-                              on_step, attention_bias, bias_steps, latent_hook)
+                              on_step, attention_bias, bias_steps, latent_hook, bias_gain)
         return self.decode(latents)
 
     def torch_module(self, feature: str) -> torch.nn.Module:

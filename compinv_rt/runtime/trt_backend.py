@@ -79,10 +79,12 @@ class TensorRTBackend:
         return bufs[OUTPUTS[0]].clone()
 
     @torch.inference_mode()
-    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None):
+    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
         if attention_bias is None:
-            attention_bias = torch.zeros(self.spec.shapes(sample.shape[0])["attention_bias"],
-                                         dtype=self.spec.dtype("attention_bias"), device=self.device)
+            attention_bias = self.spec.default_input("attention_bias", sample.shape[0], self.device)
+        if bias_gain is None:
+            bias_gain = self.spec.default_input("bias_gain", sample.shape[0], self.device)
         inputs = tuple(t.to(self.device, self.spec.dtype(n)).contiguous()
-                       for n, t in zip(INPUTS, (sample, timestep, encoder_hidden_states, attention_bias)))
+                       for n, t in zip(INPUTS, (sample, timestep, encoder_hidden_states, attention_bias,
+                                                bias_gain)))
         return run_bucketed(self._run, inputs, self.profiles).to(sample.dtype)

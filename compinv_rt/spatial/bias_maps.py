@@ -4,9 +4,14 @@ For each concept's tokens the bias is `+s` inside its region and `-s` outside; e
 (BOS, EOS, padding, words that are not concepts) gets 0, and so does the unconditional half of
 classifier-free guidance (the denoise loop zeroes it). The UNet pools the map to each
 cross-attention resolution itself (`bias_for_layer`).
+
+`BiasSchedule` gives the adaptive bias's per-step gains (the UNet's `bias_gain` input): the map's
++-s is then in units of each layer's logit spread, weighted by the noise level.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -82,3 +87,20 @@ def resolve_steps(value: str | float | int, total: int, option: str = "--bias-st
                               "(use an integer for a step count)")
         return int(round(number * total))
     return min(int(number), total)
+
+
+def check_decay(decay: float) -> float:
+    if not (decay == decay and 0.0 <= decay <= 100.0):
+        raise ConfigError(f"--bias-decay must be in [0, 100], got {decay:g}")
+    return float(decay)
+
+
+@dataclass(frozen=True)
+class BiasSchedule:
+    """Adaptive-bias gains per step: [fixed 0, adaptive level ** decay], `level` = t / t_first (1 at
+    the first step, falling with the noise). decay 0 keeps the full strength on every biased step."""
+
+    decay: float = 0.0
+
+    def __call__(self, level: float) -> torch.Tensor:  # (2,)
+        return torch.tensor([0.0, max(float(level), 0.0) ** self.decay])

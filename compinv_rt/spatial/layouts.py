@@ -28,6 +28,7 @@ REFERENCE_BOXES: tuple[Box, ...] = ((0.1, 0.2, 0.5, 0.8), (0.6, 0.2, 0.95, 0.8))
 class SpatialMode(str, Enum):
     none = "none"
     bias = "bias"  # additive attention-logit bias: an ordinary UNet input, every backend
+    adaptive = "adaptive"  # the bias in units of each layer's logit spread, decaying with noise level
     guidance = "guidance"  # backward layout guidance on the latents: PyTorch only
 
 

@@ -22,11 +22,18 @@ if TYPE_CHECKING:
     import torch
 
     from compinv_rt.models.loading import LoadedModel
+    from compinv_rt.spatial.bias_maps import BiasSchedule
     from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
     from compinv_rt.spatial.heatmaps import AttentionRecorder
 
 DEFAULT_STRENGTH = 2.0
 DEFAULT_STEPS = "0.2"  # the reference's 10 of 50 steps
+# --spatial adaptive: s in units of each layer's logit spread, on the first 40 % of the steps with
+# weight (t / t_first) ** 4; chosen on the tuning prompts of benchmarks/spatial/adaptive.py
+# (benchmarks/spatial.md, section 5).
+ADAPTIVE_STRENGTH = 3.0
+ADAPTIVE_STEPS = "0.4"
+ADAPTIVE_DECAY = 4.0
 LAYOUT_MODEL_SUBDIR = "layout"  # <model>/layout/layout_model.safetensors: used by --layout auto
 
 
@@ -41,17 +48,19 @@ class SpatialConfig:
     # Backward guidance's knobs (iterations, scale, layers); None: GuidanceConfig's defaults. Its
     # `steps` is always `steps` above.
     guidance: GuidanceConfig | None = None
+    decay: float = ADAPTIVE_DECAY  # --spatial adaptive: gain (t / t_first) ** decay
 
     @staticmethod
     def from_options(spatial: str | None, layout: str | LayoutSpec | None,
-                     strength: float = DEFAULT_STRENGTH,
-                     steps: str = DEFAULT_STEPS, layout_model: Path | None = None,
+                     strength: float | None = None,
+                     steps: str | None = None, layout_model: Path | None = None,
                      save_attention: bool = False, backend: str = "torch",
-                     total_steps: int = 50) -> "SpatialConfig":
+                     total_steps: int = 50, decay: float | None = None) -> "SpatialConfig":
         """CLI options -> a checked config. `--spatial` defaults to bias when a layout is given;
-        `--layout` defaults to auto when a spatial mode is asked for."""
+        `--layout` defaults to auto when a spatial mode is asked for. Strength, steps and decay
+        default per mode (`bias` s = 2 logits on 20 % of the steps, `adaptive` the ADAPTIVE_*)."""
         from compinv_rt.runtime.registry import Backend
-        from compinv_rt.spatial.bias_maps import check_strength, resolve_steps
+        from compinv_rt.spatial.bias_maps import check_decay, check_strength, resolve_steps
 
         spec = layout if isinstance(layout, LayoutSpec) else parse_layout(layout)
         if spatial is None:
@@ -59,29 +68,41 @@ class SpatialConfig:
         else:
             mode = SpatialMode(spatial)
         if mode is SpatialMode.none and spec.kind != "none":
-            raise ConfigError("--layout has no effect with --spatial none; use --spatial bias or "
-                              "--spatial guidance")
+            raise ConfigError("--layout has no effect with --spatial none; use --spatial bias, "
+                              "adaptive or guidance")
         if mode is not SpatialMode.none and spec.kind == "none":
             if layout is not None:
                 raise ConfigError(f"--spatial {mode.value} needs a layout; --layout none gives none")
             spec = parse_layout("auto")
+        adaptive = mode is SpatialMode.adaptive
+        if strength is None:
+            strength = ADAPTIVE_STRENGTH if adaptive else DEFAULT_STRENGTH
+        if steps is None:
+            steps = ADAPTIVE_STEPS if adaptive else DEFAULT_STEPS
         check_strength(strength)
+        if decay is not None and not adaptive:
+            raise ConfigError("--bias-decay applies to --spatial adaptive only")
+        decay = check_decay(ADAPTIVE_DECAY if decay is None else decay)
         resolve_steps(steps, total_steps)
         backend = Backend(backend)
         if mode is SpatialMode.guidance and not backend.eager:
             raise ConfigError(f"--spatial guidance needs gradients through the UNet and runs only "
-                              f"with --backend torch (got {backend.value}); --spatial bias works on "
-                              "every backend")
+                              f"with --backend torch (got {backend.value}); --spatial bias and "
+                              "adaptive work on every backend")
         if save_attention and not backend.eager:
             raise ConfigError(f"--save-attention reads the attention inside the UNet and runs only "
                               f"with --backend torch (got {backend.value})")
         if layout_model is not None and not Path(layout_model).exists():
             raise ConfigError(f"--layout-model {layout_model} does not exist")
-        return SpatialConfig(mode, spec, float(strength), str(steps), layout_model, save_attention)
+        return SpatialConfig(mode, spec, float(strength), str(steps), layout_model, save_attention,
+                             decay=decay)
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode.value, "bias_strength": self.strength, "steps": self.steps,
-                "layout_model": None if self.layout_model is None else str(self.layout_model)}
+        d = {"mode": self.mode.value, "bias_strength": self.strength, "steps": self.steps,
+             "layout_model": None if self.layout_model is None else str(self.layout_model)}
+        if self.mode is SpatialMode.adaptive:
+            d["bias_decay"] = self.decay
+        return d
 
 
     def regularized_steps(self, total_steps: int) -> int:
@@ -158,30 +179,36 @@ class SpatialInputs:
     bias_steps: int = 0
     latent_hook: LayoutGuidance | None = None
     attention_recorder: AttentionRecorder | None = None
+    bias_gain: BiasSchedule | None = None  # the adaptive bias's per-step gains
 
     def kwargs(self) -> dict:
         return {"attention_bias": self.attention_bias, "bias_steps": self.bias_steps,
-            "latent_hook": self.latent_hook, "attention_recorder": self.attention_recorder}
+            "latent_hook": self.latent_hook, "attention_recorder": self.attention_recorder,
+            "bias_gain": self.bias_gain}
 
 
 def spatial_inputs(mode: SpatialMode, steps: int, layouts: list[Layout | None],
                    strengths: list[float], module, latent_hw: tuple[int, int], text_len: int,
                    guidance: GuidanceConfig | None = None,
-                   save_attention: bool = False) -> SpatialInputs:
-    """Bias maps (zeros for images without a layout), or one guidance hook over the batch
-    (`module`: the eager BiasedUNet), and an attention recorder when asked for."""
+                   save_attention: bool = False, decay: float | None = None) -> SpatialInputs:
+    """Bias maps (zeros for images without a layout) and, for the adaptive bias, its gain
+    schedule (`decay`); or one guidance hook over the batch (`module`: the eager BiasedUNet); and
+    an attention recorder when asked for."""
     import torch
 
     h, w = latent_hw
     out = SpatialInputs()
-    if mode is SpatialMode.bias and steps and any(lay is not None for lay in layouts):
-        from compinv_rt.spatial.bias_maps import bias_map
+    biased = mode in (SpatialMode.bias, SpatialMode.adaptive)
+    if biased and steps and any(lay is not None for lay in layouts):
+        from compinv_rt.spatial.bias_maps import BiasSchedule, bias_map
 
         zeros = torch.zeros((text_len, h, w))
         out.attention_bias = torch.stack([
             zeros if lay is None else bias_map(lay, s, h, w, text_len)
             for lay, s in zip(layouts, strengths)])
         out.bias_steps = steps
+        if mode is SpatialMode.adaptive:
+            out.bias_gain = BiasSchedule(ADAPTIVE_DECAY if decay is None else decay)
     elif mode is SpatialMode.guidance:
         from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
 
