@@ -443,3 +443,33 @@ def test_ray_serve_replicas_serve_the_same_app(tiny_model, tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_adaptive_spatial_request_matches_generate(tiny_model, tmp_path):
+    """The serve API offers every spatial mode generate has; adaptive uses the mode's own defaults."""
+    import base64
+
+    from typer.testing import CliRunner
+
+    from compinv_rt.cli import app
+    from compinv_rt.serve.engine import SessionEngine
+    from compinv_rt.session import GenerationSession, SessionOptions
+
+    session = GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu", max_batch=2))
+    engine = SessionEngine(session, tmp_path / "concepts")
+    layout = "star=0.05,0.1,0.5,0.9"
+    body = {"prompt": "a red star on grass", "seed": 3, "steps": 4, "layout": layout, "spatial": "adaptive"}
+    with ServerThread(create_app(engine, ServeSettings(max_batch=2, max_wait_ms=10))) as srv:
+        r = httpx.post(f"{srv.url}/v1/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    got = r.json()["images"][0]
+    assert got["sidecar"]["spatial"]["mode"] == "adaptive"
+    out = tmp_path / "gen"
+    res = CliRunner().invoke(app, ["generate", body["prompt"], "--model", str(tiny_model), "--out", str(out),
+                                   "-n", "1", "--seed", "3", "--steps", "4", "--device", "cpu",
+                                   "--layout", layout, "--spatial", "adaptive"])
+    assert res.exit_code == 0, res.output
+    ref = next(out.glob("*_3.png"))
+    assert abs(_pixels_png(base64.b64decode(got["png_base64"])) - _pixels_png(ref.read_bytes())).max() <= 1
+    want = __import__("json").loads(ref.with_suffix(".json").read_text())
+    assert got["sidecar"]["spatial"] == want["spatial"]

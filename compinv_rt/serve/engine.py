@@ -69,7 +69,7 @@ class SessionEngine:
             folders.append(self._served[name]["folder"])
         spatial = SpatialConfig.from_options(body.spatial, body.layout, body.bias_strength,
                                              body.bias_steps, backend=self.session.backend,
-                                             total_steps=body.steps)
+                                             total_steps=body.steps, decay=body.bias_decay)
         sampling = SamplingConfig(body.steps, body.guidance, body.scheduler, body.height, body.width)
         request = Request(prompt=body.prompt, seed=body.seed, n=body.n,
                           negative_prompt=body.negative_prompt, sampling=sampling,

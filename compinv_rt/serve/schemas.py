@@ -34,7 +34,7 @@ ConceptName = Annotated[str, AfterValidator(check_concept_name), Field(
 
 # Literals, not enums: strict validation of a parsed JSON body accepts their string values.
 Scheduler = Literal[tuple(s.value for s in SchedulerName)]  # type: ignore[valid-type]
-Spatial = Literal["none", "bias", "guidance"]  # guidance: --backend torch only
+Spatial = Literal["none", "bias", "adaptive", "guidance"]  # guidance: --backend torch only
 ResponseFormat = Literal["json", "png"]  # png: n = 1, the sidecar in the X-Compinv-Sidecar header
 
 
@@ -67,10 +67,13 @@ def generate_request_model(limits: Limits) -> type[BaseModel]:
         "layout": (Annotated[str | None, Field(max_length=1000, description=(
             "'phrase=x0,y0,x1,y1;phrase=...' normalized boxes, or auto."))], None),
         "spatial": (Spatial | None, Field(None, description=(
-            "Layout regularization: bias (default when a layout is given), guidance or none."))),
-        "bias_strength": (Annotated[float, Field(gt=0, le=20)], 2.0),
-        "bias_steps": (Annotated[str, Field(pattern=r"^\d+(\.\d+)?$", max_length=12, description=(
-            "Steps that get the bias: a fraction (0.2) or a count (10)."))], "0.2"),
+            "Layout regularization: bias (default when a layout is given), adaptive, guidance or none."))),
+        # None: the mode's own default (bias: 2 logits on 20 % of the steps; adaptive: its tuned values).
+        "bias_strength": (Annotated[float | None, Field(gt=0, le=20)], None),
+        "bias_steps": (Annotated[str | None, Field(pattern=r"^\d+(\.\d+)?$", max_length=12, description=(
+            "Steps that get the bias: a fraction (0.2) or a count (10)."))], None),
+        "bias_decay": (Annotated[float | None, Field(ge=0, le=16, description=(
+            "adaptive only: the bias gain follows (t / t_first) ** decay."))], None),
         "response": (ResponseFormat, "json"),
     }
     return create_model("GenerateRequest", __base__=_GenerateBase, **fields)
