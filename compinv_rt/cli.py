@@ -292,6 +292,23 @@ def train(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="hflip + scale augmentation with a loss mask."),
     variants: int = typer.Option(8, help="Augmented variants per image (VAE-encoded once)."),
     templates: Optional[Path] = typer.Option(None, help="Prompt templates file: one per line, {} = the concept."),
+    captions: str = typer.Option(
+        "auto", help="What each photo shows besides the concept, named in its training prompts "
+        "('<tok> heart on the sand'): auto (IMAGES/captions.json or <photo>.txt if present), "
+        "none, or a JSON file {\"photo.png\": \"on the sand\"}."),
+    masks: Optional[Path] = typer.Option(
+        None, help="Folder of subject masks (<photo stem>.png, white = the concept): the loss "
+        "counts the subject, with a soft border."),
+    context_token: bool = typer.Option(
+        False, "--context-token/--no-context-token",
+        help="Append an auxiliary token to every training prompt, trained jointly and never "
+        "saved, to take up what the photos share besides the concept (photos without captions)."),
+    norm: str = typer.Option(
+        "none", help="Fix each vector's norm: none, vocab (the vocabulary's median word norm) or "
+        "a number; only the direction is learned."),
+    context_weight: float = typer.Option(
+        0.0, help="Context regularizer: keep the text encoder's outputs for the other words of "
+        "composition prompts as with the class word in place of the token (0 = off)."),
     seed: int = typer.Option(0, help="Seed (a resumed run repeats the uninterrupted one)."),
     checkpoint_every: int = typer.Option(100, help="Checkpoint interval in steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
@@ -311,7 +328,9 @@ def train(
                       anchor_weight=anchor_weight, recon_weight=recon_weight, anchor_l1=anchor_l1,
                       vectors=vectors, steps=steps, batch=batch, grad_accum=grad_accum, lr=lr,
                       scale_lr=scale_lr, resolution=resolution, augment=augment, variants=variants,
-                      seed=seed, checkpoint_every=checkpoint_every, templates=tpl)
+                      seed=seed, checkpoint_every=checkpoint_every, templates=tpl,
+                      captions=captions, masks=None if masks is None else str(masks),
+                      context_token=context_token, norm=norm, context_weight=context_weight)
     # Everything cheap is checked before weights load or anything is written.
     plan = prepare(cfg, images, model)
     check_out_dir(out, resume)

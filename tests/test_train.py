@@ -85,7 +85,7 @@ def test_artifact_json_and_files(trained):
     assert art["base_model"]["hash"] == trained.model.hash
     assert art["anchors"][0]["word"] == "heart" and art["anchors"][0]["coefficient"] == 1.0
     assert art["config"]["anchor_weight"] == 0.95 and art["config"]["steps"] == 4
-    assert art["steps_done"] == 4 and len(art["loss"]["final"]) == 5
+    assert art["steps_done"] == 4 and len(art["loss"]["final"]) == 6  # + the context term
     assert all(np.isfinite(art["loss"]["final"]))
     for name, digest in art["files"].items():
         assert file_sha256(trained.out / name) == digest
@@ -407,3 +407,152 @@ def test_resume_after_kill_9_repeats_the_uninterrupted_run(tiny_model, photos, t
     _, straight, _ = read_embedding_file(clean / "embeddings.safetensors")
     assert torch.equal(resumed, straight)
     assert json.loads((clean / "artifact.json").read_text())["loss"] == art["loss"]
+
+
+# ------------------------------------------------------------------------------------------------
+# what the photos show besides the concept: captions, masks, the context token
+
+
+def test_world_photos_write_background_captions_and_subject_masks(photos):
+    from PIL import Image
+
+    from compinv_rt.world.scenes import BG_PHRASES, _box_from_mask
+
+    concept = json.loads((photos / "concept.json").read_text())
+    captions = json.loads((photos / "captions.json").read_text())
+    assert set(captions) == set(concept["files"])
+    assert all(c in BG_PHRASES[concept["background"]] for c in captions.values())
+    for name, box in zip(concept["files"], concept["boxes"]):
+        mask = np.asarray(Image.open(photos / "masks" / name), np.float32) / 255
+        assert 0.05 < (mask > 0.5).mean() < 0.6  # a silhouette, not the whole photo
+        x0, y0, x1, y1 = _box_from_mask(mask)  # the fill plus a 1-pixel outline
+        assert all(abs(a - b) <= 1 for a, b in zip((x0, y0, x1, y1), box)), (name, box)
+        inside = mask[box[1]:box[3], box[0]:box[2]].mean()
+        assert inside < 0.95  # the shape's silhouette, not its box
+
+
+def test_captions_auto_file_and_none(photos, tmp_path):
+    import shutil
+
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.train.data import list_images, read_captions
+
+    files = list_images(photos)
+    auto = read_captions("auto", files)
+    assert auto == [json.loads((photos / "captions.json").read_text())[f.name] for f in files]
+    assert read_captions("none", files) is None
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in files:
+        shutil.copy(f, bare / f.name)
+    bare_files = list_images(bare)
+    assert read_captions("auto", bare_files) is None  # nothing to detect
+    for f in bare_files:  # per-photo .txt sidecars
+        f.with_suffix(".txt").write_text(f"  on the {f.stem}\n")
+    assert read_captions("auto", bare_files) == [f"on the {f.stem}" for f in bare_files]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({files[0].name: "on grass"}))
+    with pytest.raises(ConfigError, match="no caption for"):
+        read_captions(str(partial), files)
+
+
+def test_training_prompts_name_each_photos_context(tiny_model, photos):
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.data import build_prompts, make_variants
+    from compinv_rt.train.loop import prepare
+
+    plan = prepare(TrainConfig(token="<c>", class_word="heart", context_token=True,
+                               resolution=64), photos, tiny_model)
+    ctx = plan.prompt_contexts()
+    captions = json.loads((photos / "captions.json").read_text())
+    assert ctx == [f"{captions[f.name]} <c>_ctx" for f in plan.image_files]
+    variants = make_variants(plan.images, 64, True, 3, 0, None, ctx)
+    table = build_prompts(plan.tokenizer, ("a photo of a {}",), "<c>", "heart", ctx)
+    for v, image_ctx in zip(variants[::3], ctx):
+        assert v.context == image_ctx
+        texts = [table.prompts[r] for r in table.rows[v.group, v.context]]
+        assert texts == [f"a photo of a <c> heart {image_ctx}"]
+    plain = prepare(TrainConfig(token="<c>", class_word="heart", captions="none"), photos,
+                    tiny_model)
+    assert plain.prompt_contexts() is None
+
+
+def test_masks_are_soft_and_follow_the_augmentation(photos):
+    from compinv_rt.train.data import list_images, make_variants, read_images, read_masks
+
+    files = list_images(photos)
+    masks = read_masks(str(photos / "masks"), files)
+    m = masks[0]
+    assert m.max() == pytest.approx(1.0) and m.min() == 0.0
+    border = (m > 0.02) & (m < 0.98)
+    assert border.sum() > (m >= 0.98).sum() * 0.1  # a soft border around the silhouette
+    variants = make_variants(read_images(files), 64, True, 6, 0, masks)
+    for v in variants:
+        assert v.mask.shape == (64, 64) and 0 <= v.mask.min() and v.mask.max() <= 1
+        assert v.mask.mean() < 0.8  # the subject only, wherever the augmentation moved it
+    flat = make_variants(read_images(files), 64, False, 1, 0, None)
+    assert all(v.mask.min() == 1 for v in flat)
+
+
+def test_context_token_is_trained_and_never_saved(tiny_model, photos, tmp_path):
+    from compinv_rt.train.artifact import read_embedding_file
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.loop import prepare, train_concept
+
+    cfg = TrainConfig(token="<k>", class_word="heart", context_token=True, steps=3, batch=1,
+                      resolution=64, variants=2, checkpoint_every=3, masks=str(photos / "masks"))
+    res = train_concept(prepare(cfg, photos, tiny_model), tmp_path / "c", device="cpu")
+    name, emb, _ = read_embedding_file(tmp_path / "c" / "embeddings.safetensors")
+    assert name == "<k>" and emb.shape[0] == 1
+    assert res.record["tokens"] == ["<k>"]
+
+
+def test_norm_constraint_keeps_the_vocabulary_norm(tiny_model, photos, tmp_path):
+    from compinv_rt.train.analysis import vocabulary_ids
+    from compinv_rt.train.artifact import read_embedding_file
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.loop import prepare, train_concept
+    from compinv_rt.train.regularizers import vocabulary_norm
+
+    cfg = TrainConfig(token="<n>", class_word="heart", norm="vocab", vectors=2, steps=3, batch=1,
+                      resolution=64, variants=2, checkpoint_every=3, lr=0.5, anchor_weight=0)
+    res = train_concept(prepare(cfg, photos, tiny_model), tmp_path / "n", device="cpu")
+    _, emb, _ = read_embedding_file(tmp_path / "n" / "embeddings.safetensors")
+    table = res.model.text_encoder.get_input_embeddings().weight.detach()
+    want = vocabulary_norm(table, vocabulary_ids(res.model.tokenizer))
+    assert torch.allclose(emb.norm(dim=-1), torch.full((2,), want), rtol=1e-4)
+    heart = table[res.model.tokenizer.convert_tokens_to_ids("heart</w>")]
+    assert (emb[0] - heart * want / heart.norm()).abs().max() > 1e-3  # the direction moved
+
+
+def test_context_regularizer_compares_the_other_tokens_only(tiny_model):
+    from compinv_rt.models.loading import load_model
+    from compinv_rt.train import tokens as T
+    from compinv_rt.train.regularizers import ContextRegularizer
+
+    m = load_model(str(tiny_model), device="cpu")
+    ids = T.add_placeholders(m.tokenizer, m.text_encoder, "<r>", 2)
+    table = m.text_encoder.get_input_embeddings().weight.detach()
+    heart = table[m.tokenizer.convert_tokens_to_ids("heart</w>")]
+    wrapper = T.install(m.text_encoder, ids[0], heart[None].repeat(2, 1))
+    reg = ContextRegularizer(m.tokenizer, m.text_encoder, ("a photo of a {}",), "<r> <r>_1",
+                             "heart", 2, ("a dog", "a red cup"), use_mask=False)
+    ref_ids = m.tokenizer(["a photo of a heart and a dog"], padding="max_length",
+                          max_length=m.tokenizer.model_max_length).input_ids[0]
+    s = int(reg.start[0])
+    assert reg.ids[0, s:s + 2].tolist() == ids  # the two vectors, then the class word
+    assert reg.ids[0, s + 3:].tolist() == ref_ids[s + 1:len(ref_ids) - 2]  # aligned after it
+    loss = reg.loss(m.text_encoder, torch.Generator().manual_seed(0), 2)
+    loss.backward()
+    assert loss.item() > 0 and wrapper.vectors.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["norm", "captions", "masks", "context-weight"])
+def test_bad_context_options(case, photos, tmp_path):
+    args = {"norm": ["--norm", "huge"], "captions": ["--captions", str(tmp_path / "none.json")],
+            "masks": ["--masks", str(tmp_path / "nomasks")],
+            "context-weight": ["--context-weight", "-1"]}[case]
+    expect = {"norm": "bad --norm", "captions": "--captions file not found",
+              "masks": "is not a folder", "context-weight": "--context-weight must be >= 0"}[case]
+    _bad(["--images", str(photos), "--token", "<q>", "--class-word", "heart", *args],
+         tmp_path / "out", expect)

@@ -12,7 +12,8 @@ from compinv_rt.errors import ConfigError
 # same values (`steps` and `checkpoint_every` may change on resume).
 RESUME_KEYS = ("token", "class_word", "init_word", "anchors", "anchor_weight", "recon_weight",
                "anchor_l1", "vectors", "batch", "grad_accum", "lr", "scale_lr", "coef_lr",
-               "weight_decay", "resolution", "augment", "variants", "seed", "templates")
+               "weight_decay", "resolution", "augment", "variants", "seed", "templates",
+               "captions", "masks", "context_token", "norm", "context_weight")
 
 _AUTO = re.compile(r"^auto:(\d+)$")
 MAX_AUTO_ANCHORS = 64
@@ -41,6 +42,18 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     templates: tuple[str, ...] | None = None  # None: DEFAULT_TEMPLATES
+    # What the photos show besides the concept (train/data.py): per-photo context phrases named in
+    # the prompts ("auto": the folder's captions.json or <photo>.txt, "none", or a JSON file),
+    # subject masks weighting the loss (a folder, or None), and an auxiliary context token
+    # appended to every training prompt, trained jointly and never saved (for photos without
+    # captions: it takes up what the photos share besides the concept).
+    captions: str = "auto"
+    masks: str | None = None
+    context_token: bool = False
+    # Against dominance (train/regularizers.py): "none" | "vocab" | a number (fixed vector norm),
+    # and the weight of the context regularizer (0 = off).
+    norm: str = "none"
+    context_weight: float = 0.0
 
     def __post_init__(self):
         checks = [
@@ -55,6 +68,8 @@ class TrainConfig:
             (self.variants >= 1, f"--variants must be >= 1, got {self.variants}"),
             (self.checkpoint_every >= 1,
              f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
+            (self.context_weight >= 0,
+             f"--context-weight must be >= 0, got {self.context_weight}"),
             (self.resolution is None or self.resolution > 0,
              f"--resolution must be > 0, got {self.resolution}"),
         ]
@@ -69,6 +84,13 @@ class TrainConfig:
             if not self.templates or any(t.count("{}") != 1 for t in self.templates):
                 raise ConfigError("every template needs exactly one {} (where the concept goes)")
         parse_anchor_spec(self.anchors)  # raises on a bad spec
+        from compinv_rt.train.regularizers import parse_norm
+
+        try:
+            parse_norm(self.norm)
+        except ValueError:
+            raise ConfigError(f"bad --norm {self.norm!r}: expected none, vocab or a positive "
+                              "number") from None
 
     @property
     def init(self) -> str:
@@ -77,6 +99,10 @@ class TrainConfig:
     @property
     def effective_lr(self) -> float:
         return self.lr * self.batch * self.grad_accum if self.scale_lr else self.lr
+
+    @property
+    def context_token_name(self) -> str:
+        return f"{self.token}_ctx"
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -107,44 +107,151 @@ def _resize(arr: np.ndarray, size: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Variant:
     pixels: np.ndarray  # (H, W, 3) in [-1, 1]
-    mask: np.ndarray  # (H, W) float32: 1 where the loss counts
+    mask: np.ndarray  # (H, W) float32 in [0, 1]: the weight of each pixel in the loss
     group: int  # GROUP_PLAIN | GROUP_FAR | GROUP_ZOOM
+    context: str = ""  # what the photo shows besides the concept ("on the sand"), or ""
 
 
-def augment(base: np.ndarray, rng: np.random.Generator) -> Variant:
+def augment(base: np.ndarray, rng: np.random.Generator, subject: np.ndarray | None = None,
+            context: str = "") -> Variant:
     """Random hflip, then the reference's scale augmentation: with p=0.66 shrink to a side in
     [size/3, size] and paste at a random place on an empty (zero = mid-grey) canvas, the mask
-    covering only the pasted region; otherwise zoom 1.2-1.4x and crop at random (mask everywhere)."""
+    covering only the pasted region; otherwise zoom 1.2-1.4x and crop at random (mask everywhere).
+    `subject` (a soft subject mask) goes through the same geometry and multiplies the mask."""
     size = base.shape[0]
-    img = base[:, ::-1] if rng.random() < 0.5 else base
+    subj = np.ones(base.shape[:2], np.float32) if subject is None else subject
+    if rng.random() < 0.5:
+        base, subj = base[:, ::-1], subj[:, ::-1]
     if rng.random() < 0.66:
         s = int(rng.integers(size // 3, size + 1))
         s += s % 2
         s = min(s, size)
-        small = _resize(img, s)
         canvas = np.zeros_like(base)
         mask = np.zeros(base.shape[:2], np.float32)
         top, left = (int(rng.integers(0, size - s + 1)) for _ in range(2))
-        canvas[top:top + s, left:left + s] = small
-        mask[top:top + s, left:left + s] = 1.0
-        return Variant(canvas, mask, GROUP_FAR if s < 0.6 * size else GROUP_PLAIN)
+        canvas[top:top + s, left:left + s] = _resize(base, s)
+        mask[top:top + s, left:left + s] = _resize_mask(subj, s)
+        return Variant(canvas, mask, GROUP_FAR if s < 0.6 * size else GROUP_PLAIN, context)
     s = int(rng.integers(int(1.2 * size), int(1.4 * size) + 1))
-    big = _resize(img, s)
     top, left = (int(rng.integers(0, s - size + 1)) for _ in range(2))
-    crop = np.ascontiguousarray(big[top:top + size, left:left + size])
-    return Variant(crop, np.ones(base.shape[:2], np.float32), GROUP_ZOOM)
+    crop = np.ascontiguousarray(_resize(base, s)[top:top + size, left:left + size])
+    mask = np.ascontiguousarray(_resize_mask(subj, s)[top:top + size, left:left + size])
+    return Variant(crop, mask, GROUP_ZOOM, context)
 
 
-def make_variants(images: list, size: int, augment_on: bool, per_image: int, seed: int) -> list[Variant]:
-    """Variant 0 of each image is the image itself; the rest are seeded augmentations."""
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(mask, np.float32), mode="F").resize(
+        (size, size), Image.BILINEAR), dtype=np.float32).clip(0.0, 1.0)
+
+
+def make_variants(images: list, size: int, augment_on: bool, per_image: int, seed: int,
+                  masks: list | None = None, contexts: list[str] | None = None) -> list[Variant]:
+    """Variant 0 of each image is the image itself; the rest are seeded augmentations. `masks`
+    (per image, soft, image-sized) weight the loss; `contexts` (per image) extend its prompts."""
     out = []
     for i, image in enumerate(images):
         base = square(image, size)
-        out.append(Variant(base, np.ones((size, size), np.float32), GROUP_PLAIN))
+        subj = None if masks is None else square_mask(masks[i], size)
+        ctx = "" if contexts is None else contexts[i]
+        out.append(Variant(base, np.ones((size, size), np.float32) if subj is None else subj,
+                           GROUP_PLAIN, ctx))
         if augment_on:
             rng = np.random.default_rng([seed, i, 7])
-            out += [augment(base, rng) for _ in range(per_image - 1)]
+            out += [augment(base, rng, subj, ctx) for _ in range(per_image - 1)]
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# what the photos show besides the concept: captions (context phrases) and subject masks
+
+CAPTIONS_FILE = "captions.json"
+MASKS_DIR = "masks"
+MASK_EXTS = (".png", ".bmp", ".webp", ".jpg", ".jpeg")
+BORDER = 1 / 16  # soft border of a subject mask: a blur of this fraction of the image side
+
+
+def _clean_phrase(text: str, where: str) -> str:
+    phrase = " ".join(str(text).split())
+    if not phrase or len(phrase) > 200 or "{" in phrase or "}" in phrase:
+        raise ConfigError(f"{where}: a caption must be 1-200 characters of text without braces, "
+                          f"got {text!r}")
+    return phrase
+
+
+def read_captions(spec: str | None, image_files: list[Path]) -> list[str] | None:
+    """Per-photo context phrases (what each photo shows besides the concept, e.g. "on the sand").
+
+    spec: None/"none" (no captions), "auto" (the folder's `captions.json` if present, else a
+    `<photo>.txt` next to every photo, else none), or a JSON file {"photo.png": "on sand", ...}.
+    A given file must cover every photo; returns None when there are no captions."""
+    import json
+
+    if spec is None or spec.strip().lower() == "none":
+        return None
+    folder = image_files[0].parent
+    auto = spec.strip().lower() == "auto"
+    path = folder / CAPTIONS_FILE if auto else Path(spec)
+    if auto and not path.is_file():
+        txts = [f.with_suffix(".txt") for f in image_files]
+        if not all(t.is_file() for t in txts):
+            return None
+        return [_clean_phrase(t.read_text(encoding="utf-8", errors="replace"), str(t)) for t in txts]
+    if not path.is_file():
+        raise ConfigError(f"--captions file not found: {path}")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--captions {path} is not valid JSON: {exc}") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"--captions {path}: expected an object {{\"photo.png\": \"on sand\"}}")
+    missing = [f.name for f in image_files if f.name not in table]
+    if missing:
+        raise ConfigError(f"--captions {path} has no caption for {', '.join(missing[:3])}"
+                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return [_clean_phrase(table[f.name], f"--captions {path} entry {f.name!r}")
+            for f in image_files]
+
+
+def read_masks(spec: str | None, image_files: list[Path]) -> list[np.ndarray] | None:
+    """Per-photo subject masks (white = the concept) from a folder with a file of the same stem
+    per photo (any of MASK_EXTS), or "auto-detect" via None: no masks. Returned soft: values in
+    [0, 1] at the photo's size, with a blurred border so the loss fades out instead of cutting."""
+    from PIL import Image, ImageFilter
+
+    if spec is None or spec.strip().lower() == "none":
+        return None
+    d = Path(spec)
+    if not d.is_dir():
+        raise ConfigError(f"--masks {d} is not a folder of mask images")
+    out = []
+    for f in image_files:
+        cands = [d / (f.stem + e) for e in MASK_EXTS if (d / (f.stem + e)).is_file()]
+        if not cands:
+            raise ConfigError(f"--masks {d} has no mask for {f.name} (expected {f.stem}.png)")
+        try:
+            with Image.open(cands[0]) as im, Image.open(f) as photo:
+                m = im.convert("L")
+                if m.size != photo.size:
+                    m = m.resize(photo.size, Image.BILINEAR)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ConfigError(f"corrupt mask {cands[0]}: {exc}") from None
+        hard = np.asarray(m, np.float32) / 255.0
+        if hard.max() < 0.5:
+            raise ConfigError(f"mask {cands[0]} is empty (no pixel >= 128)")
+        blur = np.asarray(m.filter(ImageFilter.GaussianBlur(max(1.0, BORDER * max(m.size)))),
+                          np.float32) / 255.0
+        out.append(np.maximum(hard, np.clip(2.0 * blur, 0.0, 1.0)))
+    return out
+
+
+def square_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """`square` for a mask: the same centre crop and resize."""
+    h, w = mask.shape
+    s = min(w, h)
+    top, left = (h - s) // 2, (w - s) // 2
+    return _resize_mask(mask[top:top + s, left:left + s], size)
 
 
 @dataclass
@@ -154,7 +261,7 @@ class LatentBank:
     mean: "torch.Tensor"
     std: "torch.Tensor"
     mask: "torch.Tensor"
-    group: "torch.Tensor"  # (V,) long
+    keys: list  # per variant: (group, context), its rows of the prompt table
     scaling: float
     shift: float
 
@@ -178,44 +285,50 @@ def encode_variants(vae, variants: list[Variant], factor: int, device, dtype, ch
             means.append(dist.mean.float())
             stds.append(dist.std.float())
     masks = torch.from_numpy(np.stack([v.mask for v in variants]))[:, None]  # (V, 1, H, W)
-    masks = (F.avg_pool2d(masks, factor) >= 0.5).float()  # (V, 1, h, w) at latent resolution
+    masks = F.avg_pool2d(masks, factor)  # (V, 1, h, w): soft weights at latent resolution
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return LatentBank(torch.cat(means).clone(), torch.cat(stds).clone(), masks.to(device),
-                      torch.tensor([v.group for v in variants], device=device),
+                      [(v.group, v.context) for v in variants],
                       float(vae.config.scaling_factor), float(shift))
 
 
-def subject_text(placeholder_text: str, class_word: str, phrase: str = "") -> str:
-    return " ".join(p for p in (phrase, placeholder_text, class_word.strip()) if p)
+def subject_text(placeholder_text: str, class_word: str, phrase: str = "",
+                 context: str = "") -> str:
+    """"<tok> heart", with a framing phrase before and the photo's context after:
+    "a far away <tok> heart on the sand"."""
+    return " ".join(p for p in (phrase, placeholder_text, class_word.strip(), context) if p)
 
 
 @dataclass
 class PromptTable:
-    """Every (template, framing phrase) prompt, tokenized once: ids (P, 77); rows per group."""
+    """Every (template, framing phrase, context) prompt, tokenized once: ids (P, 77); the rows
+    of each (group, context) key."""
 
     prompts: list[str]
     ids: "torch.Tensor"
-    rows: dict[int, list[int]]
+    rows: dict[tuple[int, str], list[int]]
 
-    def pick(self, groups: list[int], gen) -> "torch.Tensor":
+    def pick(self, keys: list[tuple[int, str]], gen) -> "torch.Tensor":
         import torch
 
         choice = []
-        for g in groups:
-            rows = self.rows[g]
+        for k in keys:
+            rows = self.rows[k]
             choice.append(rows[int(torch.randint(len(rows), (1,), generator=gen))])
         return self.ids[choice]
 
 
-def build_prompts(tokenizer, templates, placeholder_text: str, class_word: str) -> PromptTable:
+def build_prompts(tokenizer, templates, placeholder_text: str, class_word: str,
+                  contexts=("",)) -> PromptTable:
     prompts: list[str] = []
-    rows: dict[int, list[int]] = {}
+    rows: dict[tuple[int, str], list[int]] = {}
     for g, phrases in GROUP_PHRASES.items():
-        rows[g] = []
-        for t in templates:
-            for ph in phrases:
-                rows[g].append(len(prompts))
-                prompts.append(t.format(subject_text(placeholder_text, class_word, ph)))
+        for ctx in dict.fromkeys(contexts):
+            rows[g, ctx] = []
+            for t in templates:
+                for ph in phrases:
+                    rows[g, ctx].append(len(prompts))
+                    prompts.append(t.format(subject_text(placeholder_text, class_word, ph, ctx)))
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     return PromptTable(prompts, ids, rows)

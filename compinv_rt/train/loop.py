@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
-HISTORY_COLUMNS = ("rec", "anchor", "l1", "loss", "anchor_distance")
+HISTORY_COLUMNS = ("rec", "anchor", "l1", "loss", "anchor_distance", "context")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class StepInfo:
     l1: float
     loss: float
     anchor_distance: float
+    context: float = 0.0  # the context regularizer's loss (0 when off)
 
 
 @dataclass
@@ -58,6 +59,27 @@ class Plan:
     images: list
     resolution: int
     anchor_words: list[str]
+    contexts: list[str] | None = None  # per image: what it shows besides the concept
+    masks: list | None = None  # per image: soft subject mask (H, W) in [0, 1]
+
+    def prompt_contexts(self) -> list[str] | None:
+        """Per image, the text after the concept in its training prompts."""
+        ctx = self.contexts or [""] * len(self.images)
+        if self.config.context_token:
+            ctx = [f"{c} {self.config.context_token_name}".strip() for c in ctx]
+        return ctx if any(ctx) else None
+
+    def inputs_hash(self) -> str:
+        """The images, their captions and masks: what the training reads besides the model."""
+        import hashlib
+
+        from compinv_rt.train.data import images_hash
+
+        h = hashlib.sha256(images_hash(self.image_files).encode())
+        h.update(json.dumps(self.contexts).encode())
+        for m in self.masks or []:
+            h.update(np.ascontiguousarray(m, np.float32).tobytes())
+        return h.hexdigest()
 
 
 @dataclass
@@ -86,13 +108,15 @@ def prepare(config: TrainConfig, images_dir, model=None) -> Plan:
     """Validate everything that is cheap to validate. Raises ConfigError/ModelError."""
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
     from compinv_rt.train.anchors import resolve_anchor_words
-    from compinv_rt.train.data import list_images, read_images
+    from compinv_rt.train.data import list_images, read_captions, read_images, read_masks
     from compinv_rt.train.tokens import check_new_token, single_token_id
 
     image_files = list_images(images_dir)
     files = inspect_model_dir(resolve_model_dir(model))
     tok = load_tokenizer(files)
     check_new_token(tok, config.token, config.vectors)
+    if config.context_token:
+        check_new_token(tok, config.context_token_name)
     single_token_id(tok, config.init, "init word")
     anchor_words = resolve_anchor_words(tok, config.anchors, config.class_word, config.init)
     res = config.resolution or files.default_size
@@ -100,7 +124,9 @@ def prepare(config: TrainConfig, images_dir, model=None) -> Plan:
         raise ConfigError(f"--resolution {res} is not a multiple of {files.spatial_factor} "
                           "(this model's VAE x UNet down-sampling factor)")
     images = read_images(image_files)
-    return Plan(config, files, tok, image_files, images, res, anchor_words)
+    contexts = read_captions(config.captions, image_files)
+    masks = read_masks(config.masks, image_files)
+    return Plan(config, files, tok, image_files, images, res, anchor_words, contexts, masks)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,6 +244,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     from compinv_rt import __version__
     from compinv_rt.models.loading import content_hash, load_model
     from compinv_rt.train import anchors as A
+    from compinv_rt.train import regularizers as R
     from compinv_rt.train import tokens as T
     from compinv_rt.train.analysis import analyze, vocabulary_ids
     from compinv_rt.train.artifact import FORMAT, SCHEMA_VERSION, write_artifacts
@@ -230,7 +257,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     check_out_dir(out, resume)
     t_start = time.perf_counter()
     img_hash = images_hash(plan.image_files)
-    fingerprint = _fingerprint(cfg, content_hash(plan.files.all_files()), img_hash)
+    fingerprint = _fingerprint(cfg, content_hash(plan.files.all_files()), plan.inputs_hash())
     ck = resume_point(out, cfg, fingerprint, status) if resume else None  # before heavy work
 
     m = load_model(str(plan.files.root), device=device, dtype="fp32")  # training runs in fp32
@@ -241,20 +268,39 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     ids = T.add_placeholders(tok, te, cfg.token, cfg.vectors)
     seq_len = tok.model_max_length
     init = table0[init_id][None].repeat(cfg.vectors, 1)  # (N, D)
+    n_vec = cfg.vectors
+    if cfg.context_token:  # one more trainable row right after the concept's, never saved
+        ctx_ids = T.add_placeholders(tok, te, cfg.context_token_name, 1)
+        if ctx_ids[0] != ids[-1] + 1:
+            raise ConfigError(f"tokenizer gave the context token id {ctx_ids[0]}, not {ids[-1] + 1}")
+        init = torch.cat([init, table0[init_id][None]])
     wrapper = T.install(te, ids[0], init)
     target = A.AnchorTarget(table0[anchor_ids]).to(m.device)
+    vocab = vocabulary_ids(tok, analysis_words or plan.files.vocabulary)
+    norm_kind, norm_value = R.parse_norm(cfg.norm)
+    fixed_norm = (R.vocabulary_norm(table0, vocab) if norm_kind == "vocab" else norm_value)
+    if fixed_norm is not None:
+        R.project_norm(wrapper.vectors.data[:n_vec], fixed_norm)
+        status(f"vector norm fixed at {fixed_norm:.4f} (direction learned)")
 
     # -- data: encode each variant once --------------------------------------------------------
-    variants = make_variants(plan.images, plan.resolution, cfg.augment, cfg.variants, cfg.seed)
+    contexts = plan.prompt_contexts()
+    variants = make_variants(plan.images, plan.resolution, cfg.augment, cfg.variants, cfg.seed,
+                             plan.masks, contexts)
     status(f"encoding {len(variants)} image variants with the VAE (once)")
     bank = encode_variants(vae, variants, plan.files.vae_scale_factor, m.device, m.dtype)
     placeholder_text = " ".join(T.placeholder_tokens(cfg.token, cfg.vectors))
-    prompts = build_prompts(tok, cfg.templates or DEFAULT_TEMPLATES, placeholder_text,
-                            cfg.class_word)
+    templates = cfg.templates or DEFAULT_TEMPLATES
+    prompts = build_prompts(tok, templates, placeholder_text, cfg.class_word, contexts or [""])
     scheduler = DDPMScheduler.from_config(plan.files.scheduler_config)
     pred_type = plan.files.prediction_type
     n_train_t = scheduler.config.num_train_timesteps
     use_mask = getattr(te.config, "use_attention_mask", False)
+    context_reg = None
+    if cfg.context_weight > 0:
+        others = R.composition_others(plan.files.vocabulary, cfg.class_word)
+        context_reg = R.ContextRegularizer(tok, te, templates, placeholder_text, cfg.class_word,
+                                           cfg.vectors, others, use_mask)
 
     groups = [{"params": [wrapper.vectors], "lr": cfg.effective_lr,
                "weight_decay": cfg.weight_decay}]
@@ -271,6 +317,8 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
             target.coefs.copy_(tensors["coefs"])
         _restore_optimizer(optimizer, tensors)
         history = tensors["history"].numpy()[:start].copy()
+        if history.shape[1] < len(HISTORY_COLUMNS):  # a checkpoint from before a column existed
+            history = np.pad(history, ((0, 0), (0, len(HISTORY_COLUMNS) - history.shape[1])))
         status(f"resuming from checkpoint at step {start}")
 
     # -- train --------------------------------------------------------------------------------
@@ -278,31 +326,38 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     unet.eval()
     te.eval()
     for step in range(start, cfg.steps):
-        parts = np.zeros(3)
+        parts = np.zeros(4)
         for micro in range(cfg.grad_accum):
             gen = _step_generator(cfg.seed, step, micro)
             pick = torch.randint(len(variants), (cfg.batch,), generator=gen)
             latents = bank.sample(pick, gen)  # (B, C, h, w)
             noise = torch.randn(latents.shape, generator=gen).to(latents)
             t = torch.randint(0, n_train_t, (cfg.batch,), generator=gen).to(m.device)
-            input_ids = prompts.pick(bank.group[pick].tolist(), gen).to(m.device)  # (B, 77)
+            input_ids = prompts.pick([bank.keys[i] for i in pick.tolist()], gen).to(m.device)
             noisy = scheduler.add_noise(latents, noise, t)
             mask = (input_ids != tok.pad_token_id).long() if use_mask else None
             states = te(input_ids, attention_mask=mask)[0]  # (B, 77, D)
             pred = unet(noisy, t, states, return_dict=False)[0]
             rec = masked_mse(pred, diffusion_target(scheduler, pred_type, latents, noise, t),
                              bank.mask[pick])
-            attraction, l1 = A.anchor_loss(wrapper.vectors, target, seq_len, cfg.anchor_l1)
+            attraction, l1 = A.anchor_loss(wrapper.vectors[:n_vec], target, seq_len, cfg.anchor_l1)
             loss = cfg.recon_weight * rec + cfg.anchor_weight * (attraction + l1)
+            ctx_loss = (context_reg.loss(te, gen, cfg.batch) if context_reg is not None
+                        else rec.new_zeros(()))
+            loss = loss + cfg.context_weight * ctx_loss
             (loss / cfg.grad_accum).backward()
-            parts += np.array([rec.item(), attraction.item(), l1.item()]) / cfg.grad_accum
+            parts += np.array([rec.item(), attraction.item(), l1.item(),
+                               ctx_loss.item()]) / cfg.grad_accum
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         target.project()
+        if fixed_norm is not None:
+            R.project_norm(wrapper.vectors.data[:n_vec], fixed_norm)
         with torch.no_grad():
-            dist = float((wrapper.vectors - target()[None]).norm(dim=-1).mean())
-        total = cfg.recon_weight * parts[0] + cfg.anchor_weight * (parts[1] + parts[2])
-        row = np.array([[parts[0], parts[1], parts[2], total, dist]], np.float32)
+            dist = float((wrapper.vectors[:n_vec] - target()[None]).norm(dim=-1).mean())
+        total = (cfg.recon_weight * parts[0] + cfg.anchor_weight * (parts[1] + parts[2])
+                 + cfg.context_weight * parts[3])
+        row = np.array([[parts[0], parts[1], parts[2], total, dist, parts[3]]], np.float32)
         rows.append(row)
         done = step + 1
         if on_step is not None:
@@ -313,12 +368,12 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     history = np.concatenate(rows) if rows else history
 
     # -- finish: rows into the table, analysis, artifacts -------------------------------------
-    vectors = wrapper.vectors.detach().clone()
+    vectors = wrapper.vectors.detach()[:n_vec].clone()  # the context token is dropped here
+    wrapper.vectors = torch.nn.Parameter(vectors.clone())
     T.uninstall(te, wrapper)
     reports = A.report(tok, anchor_ids, target)
     with torch.no_grad():
         tgt = target().detach()
-    vocab = vocabulary_ids(tok, analysis_words or plan.files.vocabulary)
     analysis = analyze(table0, tok, vectors, tgt, anchor_ids, vocab, seed=cfg.seed)
     seconds = time.perf_counter() - t_start
     tokens = T.placeholder_tokens(cfg.token, cfg.vectors)

@@ -19,7 +19,7 @@ def _smooth(y: np.ndarray, k: int) -> np.ndarray:
 
 
 def loss_curve(path: str | Path, history: np.ndarray, title: str) -> Path:
-    """history (S, 5): rec, anchor, l1, total, anchor distance per step."""
+    """history (S, 6): rec, anchor, l1, total, anchor distance, context regularizer per step."""
     import matplotlib
 
     matplotlib.use("Agg")
