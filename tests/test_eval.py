@@ -56,17 +56,19 @@ def test_default_protocol_shape():
     assert len(quick.concepts) == 2 and len(full.concepts) == 3
     kinds = [p.kind for p in full.prompts]
     assert kinds.count("inverted") == 6 and kinds.count("pretrained") == 15  # both orders
+    assert kinds.count("single") == 3  # each concept alone: "a {c} on grass"
     for p in full.prompts:  # pretrained objects never share the concept's colour or shape
         if p.kind == "pretrained":
             c = full.by_name[p.concepts[0]]
             other = p.template.split(" and a ")[1]
             assert c.colour not in other and c.shape not in other
-    assert [m.name for m in P.METHODS] == ["ti", "si", "ti_bias", "ti_guidance", "full"]
+    assert [m.name for m in P.METHODS] == ["words", "ti", "si", "ti_bias", "ti_guidance", "full"]
 
 
 @pytest.mark.parametrize("items,msg", [
     ([{"name": "x", "shape": "blob", "colour": "red", "background": "sand"}], "shape 'blob'"),
     ([{"name": "Bad Name!", "shape": "heart", "colour": "red", "background": "sand"}], "name"),
+    ([CONCEPTS[0], {**CONCEPTS[0], "name": "Heart"}], "used twice"),  # tokens are lower case
     ([{"name": "x"}], "photos"),
     ([{"name": "x", "photos": "nope"}], "photos folder not found"),
     ([{"name": "x", "shape": "heart", "colour": "red", "background": "sand", "colour2": 1}], "unknown field"),
@@ -143,7 +145,8 @@ def test_metrics_pretrained_composition():
     assert [s.concept for s in slots] == ["heart", None] and bg == "grass"
     heart_left, circle_right = _det("orange", "heart", "dotted", 8, 22), _det("blue", "circle", "plain", 44, 22)
     perfect = M.score_image(slots, bg, Judgement("grass", (heart_left, circle_right)), 64)
-    assert perfect == {"coi": 1.0, "identity": 1.0, "accuracy": 1.0, "region": 1.0, "background": "grass"}
+    assert perfect == {"coi": 1.0, "identity": 1.0, "accuracy": 1.0, "region": 1.0, "background": "grass",
+                       "identity_by": {"heart": 1.0}, "other": 1.0}
     # swapped sides: everything present but not in the assigned boxes
     swapped = M.score_image(slots, bg, Judgement("grass", (_det("orange", "heart", "dotted", 44, 22),
                                                            _det("blue", "circle", "plain", 8, 22))), 64)
@@ -162,6 +165,10 @@ def test_metrics_inverted_pair_and_one_to_one():
     leak = Judgement("grass", (_det("red", "heart", "striped", 8, 22), _det("red", "square", "striped", 44, 22)))
     s = M.score_image(slots, bg, leak, 64)
     assert s["coi"] == 1.0 and s["identity"] == 0.5 and s["accuracy"] == 0.0 and s["region"] == 0.0
+    # per concept: the square is there, the heart is not; no pretrained object in a pair
+    assert s["identity_by"] == {"heart": 0.0, "square": 1.0} and s["other"] is None
+    assert M.concept_metrics([s], "square")["identity"] == 1.0
+    assert M.concept_metrics([s], "heart")["identity"] == 0.0
     # one detection cannot serve two slots
     one = M.score_image(slots, bg, Judgement("grass", (_det("red", "square", "striped", 44, 22),)), 64)
     assert one["coi"] == 0.0
@@ -400,14 +407,20 @@ def test_rerun_reuses_training_and_cells_and_resumes(e2e, monkeypatch):
 
     out = e2e["out"]
     cells = sorted((out / "cells").rglob("*.json"))
-    assert len(cells) == 15
+    assert len(cells) == 18  # 6 methods (words included) x 3 prompts
     victim = out / "cells" / "si" / "pair-b.json"
     before = json.loads(victim.read_text())
-    victim.unlink()  # as if the run had been killed before this cell finished
-    stamps = {p: p.stat().st_mtime_ns for p in cells if p != victim}
+    stored = out / "cache" / "cells" / f"{before['key']}.json"
+    assert json.loads(stored.read_text()) == before  # every cell is also in the shared store
     calls = []
     real = R._run_cell
     monkeypatch.setattr(R, "_run_cell", lambda *a, **k: calls.append(a[1].id) or real(*a, **k))
+    victim.unlink()  # lost from this run's folder only: restored from the store, not recomputed
+    assert runner.invoke(app, e2e["args"]).exit_code == 0
+    assert calls == [] and json.loads(victim.read_text()) == before
+    victim.unlink()  # as if the run had been killed before this cell finished
+    stored.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in cells if p != victim}
     res = runner.invoke(app, e2e["args"])
     assert res.exit_code == 0, res.output
     assert calls == ["pair-b"]  # only the missing cell ran again
@@ -427,7 +440,8 @@ def test_killed_run_continues(e2e, monkeypatch, tmp_path):
 
     out = tmp_path / "killed"
     args = [a if a != str(e2e["out"]) else str(out) for a in e2e["args"]]
-    args += ["--cache", str(e2e["out"] / "cache")]  # share the trained concepts
+    args[args.index("--seed") + 1] = "6"  # other images (so no stored cell matches) ...
+    args += ["--cache", str(e2e["out"] / "cache")]  # ... from the same trained concepts
     calls = []
     real = R._run_cell
 
@@ -444,7 +458,7 @@ def test_killed_run_continues(e2e, monkeypatch, tmp_path):
     monkeypatch.setattr(R, "_run_cell", lambda *a, **k: calls.append(a[1].id) or real(*a, **k))
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert len(calls) == 15 and (out / "eval.json").is_file()
+    assert len(calls) == 18 and (out / "eval.json").is_file()
 
 
 @pytest.mark.slow

@@ -8,22 +8,27 @@ import typer
 
 
 def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector, seed, samples,
-                steps, train_steps, cache, si_anchor_weight=None, si_anchors=None) -> None:
+                steps, train_steps, cache, si_anchor_weight=None, si_anchors=None, random=0,
+                random_seed=0, train_seeds=None, methods=None, objects=None) -> None:
     from compinv_rt.cli_support import progress
     from compinv_rt.errors import ConfigError
-    from compinv_rt.eval.protocol import EvalConfig, build_protocol
+    from compinv_rt.eval.protocol import EvalConfig, build_protocol, parse_methods
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
     from compinv_rt.outputs import check_writable_dir
 
     # everything cheap first: options, files, model folder, output folder
     cfg = EvalConfig.preset(quick, seed=seed, samples=samples, steps=steps,
                              train_steps=train_steps, si_anchor_weight=si_anchor_weight,
-                             si_anchors=si_anchors)
+                             si_anchors=si_anchors, train_seeds=train_seeds)
     files = inspect_model_dir(resolve_model_dir(model))
     from compinv_rt.world.model import DOMAIN
 
     world = files.metadata.get("domain") == DOMAIN  # the judge and world templates apply
-    protocol = build_protocol(quick, concepts, prompts, world=world)
+    if objects is not None and objects < 0:
+        raise ConfigError(f"--objects must be >= 0, got {objects}")
+    protocol = build_protocol(quick, concepts, prompts, world=world, random=random,
+                              random_seed=random_seed, objects=objects,
+                              methods=parse_methods(methods))
     for name, path in (("--clip", clip), ("--detector", detector)):
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"{name} {path} is not a folder")
@@ -41,8 +46,8 @@ def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector
         nonlocal bar
         if bar is None:
             bar = progress(total, "eval", unit="unit")
-        bar.n = done
-        bar.set_postfix_str(what[:60])
+        bar.n = round(done, 2)  # fractional while a cell's images are generated
+        bar.set_postfix_str(what[:70])
         bar.refresh()
 
     try:

@@ -4,6 +4,8 @@ For a prompt the judge can read (every concept has world attributes), its stated
 "slots" in order of mention: a concept slot asks for the concept's colour, pattern and shape, a
 pretrained slot for what the prompt states (colour and shape; pattern only where stated). Per image:
 - identity: share of the prompt's concepts found (colour + pattern + shape on one detection);
+  `identity_by` keeps it per concept, so a concept's identity is counted on that concept alone;
+- other: the prompt's other (pretrained) objects as stated, one-to-one (None without any);
 - coi: the concept of interest is there: for a pretrained composition the other (pretrained)
   objects as stated (colour and shape), one-to-one; for an inverted pair both concepts' classes
   (shapes), one-to-one -- class-level presence, as the paper's detector measures it;
@@ -24,6 +26,9 @@ import math
 from dataclasses import dataclass
 
 METRICS = ("coi", "identity", "accuracy", "region")
+# Word parity is only meaningful where the base draws the concept from words at all: concepts
+# whose words identity in compositions is below this floor are reported but left out of the means.
+WORDS_FLOOR = 0.2
 ATTENTION = ("concept_share", "concept_entropy", "other_share")
 
 
@@ -85,7 +90,8 @@ def score_image(slots: list[Slot], background: str | None, judgement, judge_size
     def present(group):
         return next(_assignments(group, dets), None) is not None
 
-    identity = sum(present([s]) for s in concept_slots) / len(concept_slots)
+    identity_by = {s.concept: float(present([s])) for s in concept_slots}
+    identity = sum(identity_by.values()) / len(concept_slots)
     # CoI is class-level, like the paper's detector: the pretrained objects as stated, or for an
     # inverted pair both concepts' classes (shapes); their full likeness is `identity`/`accuracy`
     coi = present(other) if other else present([Slot(None, s.shape, None, s.concept)
@@ -97,7 +103,10 @@ def score_image(slots: list[Slot], background: str | None, judgement, judge_size
     bg_ok = background is None or judgement.background == background
     return {"coi": float(coi), "identity": float(identity),
             "accuracy": float(everything and bg_ok), "region": float(region),
-            "background": judgement.background}
+            "background": judgement.background,
+            # per concept of the prompt (so a concept's identity is counted on it alone), and
+            # whether the other (pretrained) objects came out as stated (None: there are none)
+            "identity_by": identity_by, "other": float(present(other)) if other else None}
 
 
 def attention_stats(maps, content: list[int], concept_positions: list[list[int]],
@@ -129,6 +138,19 @@ def aggregate(samples: list[dict], keys=METRICS + ATTENTION + ("clip_text", "cli
                                                               "detr_coi")) -> dict:
     """Means over images of every metric (None where no image had it), with the image count."""
     return {"images": len(samples), **{k: mean_of(samples, k) for k in keys}}
+
+
+def concept_metrics(samples: list[dict], name: str) -> dict:
+    """One concept's identity (on that concept only) and the other objects' rate, over images."""
+    ident = [r["identity_by"][name] for r in samples if name in (r.get("identity_by") or {})]
+    other = [r["other"] for r in samples if r.get("other") is not None]
+    return {"images": len(samples),
+            "identity": round(sum(ident) / len(ident), 4) if ident else None,
+            "other": round(sum(other) / len(other), 4) if other else None}
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    return None if value is None or not base else round(value / base, 4)
 
 
 def relative(value: float | None, base: float | None) -> float | None:

@@ -10,8 +10,12 @@ A prompt is a template that names one or two concepts in braces:
 `{name}` renders as "<name-METHOD> CLASS" for generation, "CLASS" for CLIP's text alignment and
 "PATTERN COLOUR SHAPE" for the judge's reading of the prompt.
 
-The five methods share the sampler, steps, guidance and seeds; they differ in the embedding (plain
-TI = anchor weight 0, semantic inversion = 0.95) and the generation-time spatial regularization.
+Every method shares the sampler, steps, guidance and seeds; a method is a training recipe (how the
+token is learned: plain TI = anchor weight 0, semantic inversion = 0.95, captions, masks, the
+anti-dominance constraints; see RECIPES) and a generation-time spatial regularization, or "words":
+the concept written out in words (no token), the oracle a token should reach. A method name is
+`RECIPE`, `RECIPE+bias`, `RECIPE+guidance` or `words`; `ti_bias`, `ti_guidance` and `full`
+(= `si+bias`) are kept as the paper's names. Trained methods run once per training seed.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compinv_rt.errors import ConfigError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,39}$")
 REF_RE = re.compile(r"\{([^{}]*)\}")
 
 # Training settings: the reference's semantic-inversion weight; scale augmentation off (on the
@@ -37,22 +41,86 @@ WORLD_TEMPLATES = ("a photo of a {}", "photo of a {}", "an image of a {}", "a pi
                    "a {}, simple drawing")
 
 
+CONTEXT_WEIGHT = 0.05  # the context regularizer's weight in the recipes below
+WORDS = "words"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a concept's token is trained (the fields are `train` options)."""
+
+    name: str
+    label: str
+    semantic: bool = False  # anchor loss with EvalConfig.si_anchor_weight / si_anchors
+    captions: bool = False  # name each photo's background in its prompts (world photos' captions)
+    masks: bool = False  # loss on the subject (the photos folder's masks/)
+    context_token: bool = False
+    norm: str = "none"
+    context_weight: float = 0.0
+    vectors: int = 1
+    anchors: str | None = None  # overrides the semantic anchors (e.g. "auto:8": sparse anchors)
+
+
+RECIPES = {r.name: r for r in (
+    Recipe("ti", "plain TI"),
+    Recipe("si", "TI + semantic", semantic=True),
+    Recipe("cap", "TI + captions", captions=True),
+    Recipe("mask", "TI + mask", masks=True),
+    Recipe("cap_mask", "TI + captions + mask", captions=True, masks=True),
+    Recipe("ctxtok", "TI + context token", context_token=True),
+    Recipe("cap_si", "captions + semantic", captions=True, semantic=True),
+    Recipe("cap_norm", "captions + norm", captions=True, norm="vocab"),
+    Recipe("cap_ctxreg", "captions + context reg.", captions=True, context_weight=CONTEXT_WEIGHT),
+    Recipe("cap_sparse", "captions + sparse anchors", captions=True, semantic=True,
+           anchors="auto:8"),
+    Recipe("cap_vec2", "captions + 2 vectors", captions=True, vectors=2),
+)}
+EMBEDDINGS = {"ti": TI_ANCHOR_WEIGHT, "si": SI_ANCHOR_WEIGHT}  # the reference recipes' weights
+
+
 @dataclass(frozen=True)
 class Method:
     name: str  # short id (file names, JSON keys)
     label: str  # table row
-    embedding: str  # "ti" | "si": which trained embedding
+    embedding: str  # a recipe name (which trained embedding), or "words" (no token)
     spatial: str  # "none" | "bias" | "guidance"
 
+    @property
+    def trained(self) -> bool:
+        return self.embedding != WORDS
 
-METHODS = (
-    Method("ti", "plain TI", "ti", "none"),
-    Method("si", "TI + semantic", "si", "none"),
-    Method("ti_bias", "TI + spatial bias", "ti", "bias"),
-    Method("ti_guidance", "TI + spatial guidance", "ti", "guidance"),
-    Method("full", "semantic + bias (full)", "si", "bias"),
-)
-EMBEDDINGS = {"ti": TI_ANCHOR_WEIGHT, "si": SI_ANCHOR_WEIGHT}
+
+PAPER_NAMES = {"ti_bias": ("ti", "bias", "TI + spatial bias"),
+               "ti_guidance": ("ti", "guidance", "TI + spatial guidance"),
+               "full": ("si", "bias", "semantic + bias (full)")}
+
+
+def method(name: str) -> Method:
+    """`words`, `RECIPE`, `RECIPE+bias|guidance`, or a paper name. Raises ConfigError."""
+    name = name.strip()
+    if name == WORDS:
+        return Method(WORDS, "words (oracle)", WORDS, "none")
+    if name in PAPER_NAMES:
+        emb, spatial, label = PAPER_NAMES[name]
+        return Method(name, label, emb, spatial)
+    recipe, _, spatial = name.partition("+")
+    if recipe not in RECIPES or spatial not in ("", "bias", "guidance"):
+        raise ConfigError(f"unknown method {name!r}; expected words, RECIPE or RECIPE+bias|guidance "
+                          f"with RECIPE one of {', '.join(RECIPES)} (or ti_bias, ti_guidance, full)")
+    label = RECIPES[recipe].label + (f" + spatial {spatial}" if spatial else "")
+    return Method(name, label, recipe, spatial or "none")
+
+
+def parse_methods(spec: str | None) -> tuple[Method, ...]:
+    if spec is None or not spec.strip():
+        return METHODS
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--methods {spec!r} names a method twice")
+    return tuple(method(n) for n in names)
+
+
+METHODS = tuple(method(n) for n in (WORDS, "ti", "si", "ti_bias", "ti_guidance", "full"))
 
 
 @dataclass(frozen=True)
@@ -87,8 +155,9 @@ class Concept:
         pat = [] if self.pattern in (None, "plain") else [str(self.pattern)]
         return " ".join(pat + [str(self.colour), str(self.shape)])
 
-    def token(self, embedding: str) -> str:
-        return f"<{self.name}-{embedding}>"
+    def token(self, embedding: str, seed: int = 0) -> str:
+        """The placeholder of one training (lower case: the tokenizer's matching is)."""
+        return f"<{self.name.lower()}-{embedding}{f'-s{seed}' if seed else ''}>"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -105,14 +174,24 @@ class Prompt:
 
     @property
     def kind(self) -> str:
-        return "pretrained" if len(self.concepts) == 1 else "inverted"
+        """"single" (one concept, nothing else), "pretrained" (one concept + known objects) or
+        "inverted" (two concepts)."""
+        if len(self.concepts) > 1:
+            return "inverted"
+        from compinv_rt.world.scenes import parse_prompt
 
-    def render(self, concepts: dict[str, Concept], how: str, embedding: str = "ti") -> str:
-        """how: "tokens" (generation), "plain" (CLIP text: class words), "world" (judge)."""
+        rest = REF_RE.sub(" ", self.template)
+        others = self.detect or parse_prompt(rest).objects or re.search(r"\b(and|with)\b", rest)
+        return "pretrained" if others else "single"
+
+    def render(self, concepts: dict[str, Concept], how: str, embedding: str = "ti",
+               seed: int = 0) -> str:
+        """how: "tokens" (generation), "plain" (CLIP text: class words), "world" (judge and the
+        words method: the concept written out)."""
         def sub(m):
             c = concepts[m.group(1)]
             if how == "tokens":
-                return f"{c.token(embedding)} {c.class_word}"
+                return f"{c.token(embedding, seed)} {c.class_word}"
             return c.class_word if how == "plain" else c.words()
 
         return REF_RE.sub(sub, self.template)
@@ -146,9 +225,11 @@ class EvalConfig:
     spatial_steps: str = "0.2"  # the reference's 10 of 50 steps
     batch: int = 16  # images per pipeline call
     detector_threshold: float = 0.8
+    train_seeds: int = 1  # trainings per (concept, recipe): seeds 0..K-1; mean and range reported
 
     def __post_init__(self):
-        for name in ("samples", "steps", "train_steps", "train_batch", "train_variants", "batch"):
+        for name in ("samples", "steps", "train_steps", "train_batch", "train_variants", "batch",
+                     "train_seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.guidance < 0:
@@ -210,28 +291,58 @@ def _clash(concept: Concept, obj: str) -> bool:
     return concept.is_world and (colour == concept.colour or shape == concept.shape)
 
 
-def default_prompts(concepts, per_concept: int, world: bool, pairs: bool = True) -> list[Prompt]:
-    """Each concept with `per_concept` pretrained objects, then every ordered concept pair."""
+MAX_ALL_PAIRS = 3  # up to 3 concepts: every ordered pair; more: each with the next (a ring)
+
+
+def default_prompts(concepts, per_concept: int, world: bool, pairs: bool = True,
+                    single: bool = True) -> list[Prompt]:
+    """Each concept alone, with `per_concept` pretrained objects, then concept pairs."""
     out = []
+    bg = f" {BACKGROUND}" if world else ""
     for c in concepts:
+        if single:
+            out.append(Prompt(f"a {{{c.name}}}{bg}" if world else f"a photo of a {{{c.name}}}",
+                              (c.name,)))
         if world:
             objs = [o for o in WORLD_OBJECTS if not _clash(c, o)][:per_concept]
             out += [Prompt(f"a {{{c.name}}} and a {o} {BACKGROUND}", (c.name,)) for o in objs]
         else:
             out += [Prompt(f"a {{{c.name}}} and a {o}", (c.name,), (o,))
                     for o in COCO_OBJECTS[:per_concept]]
-    if pairs:
-        for a in concepts:
-            for b in concepts:
-                if a.name != b.name:
-                    bg = f" {BACKGROUND}" if world else ""
-                    out.append(Prompt(f"a {{{a.name}}} and a {{{b.name}}}{bg}", (a.name, b.name)))
+    if pairs and len(concepts) > 1:
+        if len(concepts) <= MAX_ALL_PAIRS:
+            ordered = [(a, b) for a in concepts for b in concepts if a.name != b.name]
+        else:
+            ordered = [(a, concepts[(i + 1) % len(concepts)]) for i, a in enumerate(concepts)]
+        out += [Prompt(f"a {{{a.name}}} and a {{{b.name}}}{bg}", (a.name, b.name))
+                for a, b in ordered]
     return _with_ids(out)
 
 
 def default_protocol(quick: bool) -> Protocol:
     concepts = DEFAULT_CONCEPTS[:2] if quick else DEFAULT_CONCEPTS
     return Protocol(concepts, tuple(default_prompts(concepts, 2 if quick else 5, world=True)))
+
+
+def random_concepts(n: int, seed: int = 0) -> list[Concept]:
+    """`n` concepts drawn with `seed` from the world's whole colour x pattern x shape space (no
+    filtering by what the base draws), without repeats; each photographed on a background drawn
+    from every one but grass (the evaluation prompts' background, where leakage would not show)."""
+    import numpy as np
+
+    from compinv_rt.world.scenes import BACKGROUNDS, COLOURS, PATTERNS, SHAPES
+
+    space = [(c, p, s) for c in COLOURS for p in PATTERNS for s in SHAPES]
+    if not 1 <= n <= len(space):
+        raise ConfigError(f"--random must be between 1 and {len(space)}, got {n}")
+    rng = np.random.default_rng([seed, 1313])
+    backgrounds = [b for b in BACKGROUNDS if b != BACKGROUND.split()[-1]]
+    out = []
+    for i in rng.choice(len(space), n, replace=False):
+        c, p, sh = space[int(i)]
+        bg = backgrounds[int(rng.integers(len(backgrounds)))]
+        out.append(Concept(f"{p}-{c}-{sh}", sh, None, sh, c, p, bg))
+    return out
 
 
 def _with_ids(prompts: list[Prompt]) -> list[Prompt]:
@@ -292,10 +403,10 @@ def read_concepts(path: str | Path) -> list[Concept]:
                                "background"}
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        name = str(item.get("name", "")).strip().lower()
+        name = str(item.get("name", "")).strip()  # kept as written (the token is lower case)
         if not NAME_RE.match(name):
             raise ConfigError(f"{where}: name {item.get('name')!r} must be 1-40 characters "
-                              "a-z, 0-9 or '-' (it becomes the token <name-ti>)")
+                              "A-Z, a-z, 0-9 or '-' (it becomes the token <name-ti>)")
         world = {k: item.get(k) for k in ("shape", "colour", "pattern", "background")}
         photos = item.get("photos")
         if any(v is not None for v in world.values()):
@@ -322,7 +433,7 @@ def read_concepts(path: str | Path) -> list[Concept]:
             raise ConfigError(f"{where}: class_word must be one word (e.g. \"cat\")")
         out.append(Concept(name, class_word, photos, world["shape"], world["colour"],
                            world["pattern"], world["background"]))
-    names = [c.name for c in out]
+    names = [c.name.lower() for c in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"--concepts {path}: name(s) used twice: {', '.join(dup)}")
@@ -347,6 +458,19 @@ def parse_template(template: str, known: dict, where: str) -> tuple[str, ...]:
     return refs
 
 
+def drop_repeated_class_words(template: str, known: dict) -> str:
+    """Accept both "a {c}" and "a {c} star" (c a star): `{c}` already renders as "<tok> star", so
+    a class word written after it would be doubled ("<tok> star star")."""
+    def sub(m):
+        return "{" + m.group(1) + "}"
+
+    for name, c in known.items():
+        pat = re.compile(r"\{(" + re.escape(name) + r")\}\s+" + re.escape(c.class_word) + r"\b",
+                         re.IGNORECASE)
+        template = pat.sub(sub, template)
+    return template
+
+
 def read_prompts(path: str | Path, concepts: list[Concept]) -> list[Prompt]:
     path = Path(path)
     known = {c.name: c for c in concepts}
@@ -364,6 +488,7 @@ def read_prompts(path: str | Path, concepts: list[Concept]) -> list[Prompt]:
         template = " ".join(str(item["prompt"]).split())
         refs = parse_template(item["prompt"], known, where)
         template = REF_RE.sub(lambda m: "{" + m.group(1).strip() + "}", template)
+        template = drop_repeated_class_words(template, known)
         detect = item.get("detect") or ()
         if isinstance(detect, str):
             detect = (detect,)
@@ -379,18 +504,24 @@ def read_prompts(path: str | Path, concepts: list[Concept]) -> list[Prompt]:
     return _with_ids(out)
 
 
-def build_protocol(quick: bool, concepts_file=None, prompts_file=None,
-                   world: bool = True) -> Protocol:
-    """Defaults, or the user's files (prompts default to each concept with known objects and
-    every ordered pair)."""
-    if concepts_file is None and prompts_file is None:
-        return default_protocol(quick)
+def build_protocol(quick: bool, concepts_file=None, prompts_file=None, world: bool = True,
+                   random: int = 0, random_seed: int = 0, objects: int | None = None,
+                   methods: tuple[Method, ...] = METHODS) -> Protocol:
+    """Defaults, or the user's files (prompts default to each concept alone, with known objects
+    and in pairs), plus `random` concepts drawn from the world's attribute space."""
+    per_concept = objects if objects is not None else (2 if quick else 5)
+    if concepts_file is None and prompts_file is None and not random and objects is None:
+        return replace(default_protocol(quick), methods=methods)
     concepts = (read_concepts(concepts_file) if concepts_file is not None
                 else list(default_protocol(quick).concepts))
+    if random:
+        drawn = [c for c in random_concepts(random, random_seed)
+                 if c.name.lower() not in {k.name.lower() for k in concepts}]
+        concepts = concepts + drawn
     if prompts_file is not None:
         prompts = read_prompts(prompts_file, concepts)
     else:
-        prompts = default_prompts(concepts, 2 if quick else 5, world=world and all(
+        prompts = default_prompts(concepts, per_concept, world=world and all(
             c.is_world for c in concepts), pairs=len(concepts) > 1)
     used = {n for p in prompts for n in p.concepts}
-    return Protocol(tuple(c for c in concepts if c.name in used), tuple(prompts))
+    return Protocol(tuple(c for c in concepts if c.name in used), tuple(prompts), methods)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compinv_rt.eval.metrics import relative
+from compinv_rt.eval.metrics import WORDS_FLOOR, relative
 from compinv_rt.outputs import atomic_write_json, atomic_write_text
 
 # (key in results, column title, which prompts)
@@ -26,6 +26,9 @@ PERCENT = {"coi", "identity", "accuracy", "region", "concept_share", "detr_coi"}
 TARGETS = (("coi", "pretrained", 2.0, "full method >= 2x the CoI of plain TI, pretrained compositions"),
            ("coi", "inverted", 1.2, "full method >= 1.2x the CoI of plain TI, inverted+inverted"))
 MAX_IDENTITY_DROP = 0.10
+# A ratio or a drop against plain TI is only a verdict when plain TI's value is meaningful: a 10 %
+# identity "drop" from 11 % is not a pass.
+TARGET_FLOOR = 0.2
 
 
 def _fmt(key: str, v) -> str:
@@ -57,12 +60,90 @@ def targets(results: dict) -> list[dict]:
         base, full = m["ti"][kind].get(key), m["full"][kind].get(key)
         ratio = None if not base or full is None else round(full / base, 3)
         out.append({"target": text, "plain_ti": base, "full": full, "ratio": ratio,
-                    "met": None if ratio is None else ratio >= factor})
+                    "met": _verdict(base, None if ratio is None else ratio >= factor)})
     base, full = m["ti"]["all"].get("identity"), m["full"]["all"].get("identity")
     drop = None if not base or full is None else round((base - full) / base, 4)
     out.append({"target": "identity drop of the full method vs plain TI <= 10%", "plain_ti": base,
-                "full": full, "drop": drop, "met": None if drop is None else drop <= MAX_IDENTITY_DROP})
+                "full": full, "drop": drop,
+                "met": _verdict(base, None if drop is None else drop <= MAX_IDENTITY_DROP)})
     return out
+
+
+def _verdict(base, met):
+    """None (no verdict) when plain TI's value is below the floor."""
+    return None if base is None or base < TARGET_FLOOR else met
+
+
+def _pct_range(v, rng) -> str:
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.1f}%" + (f" ({100 * rng[0]:.0f}-{100 * rng[1]:.0f})"
+                                if rng and rng[0] != rng[1] else "")
+
+
+def _x_range(v, rng) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}" + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng and rng[0] != rng[1] else "")
+
+
+def seed_lines(results: dict) -> list[str]:
+    """Mean and range over training seeds of the main metrics (trained methods)."""
+    methods = results["methods"]
+    if max((m.get("seeds", 1) for m in methods.values()), default=1) < 2:
+        return []
+    lines = ["## Over training seeds: mean (min-max of the per-seed means)", "",
+             "| method | seeds | CoI, pretrained | CoI, inverted pair | identity, single | "
+             "identity, all | prompt accuracy |", "|---|---|---|---|---|---|---|"]
+    for m in methods.values():
+        r = m.get("range", {})
+        cells = [_pct_range(m[k].get(key), r.get(k, {}).get(key)) for k, key in (
+            ("pretrained", "coi"), ("inverted", "coi"), ("single", "identity"),
+            ("all", "identity"), ("all", "accuracy"))]
+        lines.append(f"| {m['label']} | {m.get('seeds', 1)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def parity_lines(results: dict) -> list[str]:
+    """Word parity: the token's identity over the concept written in words (the oracle)."""
+    per, summary = results.get("word_parity") or {}, results.get("word_parity_summary") or {}
+    if not per:
+        return []
+    methods = results["methods"]
+    names = [n for n in methods if n in summary]
+    lines = ["## Word parity (identity of the token / identity of the concept in words)", "",
+             "Means over concepts whose words identity in compositions is at least "
+             f"{100 * WORDS_FLOOR:.0f}% (below it the base cannot draw the concept from words "
+             f"either: {', '.join(summary.get('_below_floor', [])) or 'none'}); per concept the "
+             "mean over training seeds, (min-max) over seeds. Other object: the composition's "
+             "pretrained object drawn as stated, token over words.", "",
+             "| method | concepts | parity, compositions | parity, single | other object vs words |",
+             "|---|---|---|---|---|"]
+    for n in names:
+        s = summary[n]
+        lines.append(f"| {methods[n]['label']} | {s['concepts']} | "
+                     f"{_x_range(s['parity_compositions'], None)} | "
+                     f"{_x_range(s['parity_single'], None)} | "
+                     f"{_x_range(s['other_vs_words'], None)} |")
+    lines += ["", "| concept | words: identity single / compositions / other object | method | "
+              "identity single | identity compositions | parity single | parity compositions | "
+              "other object | other vs words |", "|---|---|---|---|---|---|---|---|---|"]
+    for c, e in per.items():
+        w = e["words"]
+        head = (f"{_fmt('identity', w['single'])} / {_fmt('identity', w['compositions'])} / "
+                f"{_fmt('identity', w['other'])}" + (" (below floor)" if e["below_floor"] else ""))
+        for n in names:
+            r = e[n]
+            lines.append(
+                f"| {c} | {head} | {methods[n]['label']} | "
+                f"{_pct_range(r['single']['identity'], r['single']['identity_range'])} | "
+                f"{_pct_range(r['compositions']['identity'], r['compositions']['identity_range'])} | "
+                f"{_x_range(r['single']['parity'], r['single']['parity_range'])} | "
+                f"{_x_range(r['compositions']['parity'], r['compositions']['parity_range'])} | "
+                f"{_pct_range(r['other']['rate'], r['other']['rate_range'])} | "
+                f"{_x_range(r['other']['vs_words'], r['other']['vs_words_range'])} |")
+            head = ""
+    return lines + [""]
 
 
 def markdown(results: dict) -> str:
@@ -99,15 +180,19 @@ def markdown(results: dict) -> str:
             got = (f"ratio {r['ratio']}" if "ratio" in r else
                    f"drop {_rel(r['drop']).lstrip('+')}" if r.get("drop") is not None else "")
             verdict = {True: "**met**", False: "**not met**", None: "n/a"}[r["met"]]
+            if r["met"] is None and r["plain_ti"] is not None and r["plain_ti"] < TARGET_FLOOR:
+                verdict = f"n/a (plain TI below the {100 * TARGET_FLOOR:.0f}% floor)"
             lines.append(f"- {r['target']}: plain TI {_fmt('coi', r['plain_ti'])}, full "
                          f"{_fmt('coi', r['full'])} ({got}): {verdict}")
         lines.append("")
-    lines += ["## Per concept (all prompts naming it)", "",
+    lines += seed_lines(results) + parity_lines(results)
+    lines += ["## Per concept (all prompts naming it; identity of that concept only)", "",
               "| concept | method | CoI | identity | prompt accuracy | region | attn share |",
               "|---|---|---|---|---|---|---|"]
     for c in results["protocol"]["concepts"]:
         for m in methods.values():
-            pc = m["per_concept"].get(c["name"], {})
+            pc = dict(m["per_concept"].get(c["name"], {}))
+            pc["identity"] = (pc.get("all") or {}).get("identity")
             lines.append(f"| {c['name']} | {m['label']} | " + " | ".join(
                 _fmt(k, pc.get(k)) for k in ("coi", "identity", "accuracy", "region",
                                              "concept_share")) + " |")
@@ -116,7 +201,7 @@ def markdown(results: dict) -> str:
               "| distance to anchor |", "|---|---|---|---|---|---|"]
     for name, per in results["embeddings"].items():
         for emb, a in per.items():
-            lines.append(f"| {name} | {'TI' if emb == 'ti' else 'SI'} | {a['norm']:.3f} "
+            lines.append(f"| {name} | {emb} | {a['norm']:.3f} "
                          f"({a['norm_x_median']:.1f}x) | {a['norm_percentile']:.0f} | "
                          f"{a['nearest_word']} ({a['nearest_word_distance']:.3f}) | "
                          f"{_num(a['anchor_distance'])} |")

@@ -1,7 +1,8 @@
 """Concept photos and trained embeddings for the evaluation, cached by what decides them.
 
-A trained concept lives in `<cache>/concepts/<name>-<ti|si>-<key>/`, where `key` hashes the full
-`TrainConfig`, the base model's content hash and the photos' content hash: re-runs, `--quick` and
+A trained concept lives in `<cache>/concepts/<name>-<recipe>-<key>/`, where `key` hashes the full
+`TrainConfig` (recipe and training seed included), the base model's content hash and the training
+inputs' hash (photos, captions, masks): re-runs, `--quick` and
 the full run reuse whatever matches, and a change to any of them trains afresh. A training cut
 short resumes from its last checkpoint (the train loop's own resume)."""
 
@@ -13,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from compinv_rt.eval.protocol import EMBEDDINGS, WORLD_TEMPLATES, Concept, EvalConfig
+from compinv_rt.eval.protocol import RECIPES, WORLD_TEMPLATES, Concept, EvalConfig
 from compinv_rt.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ def concept_photos(concept: Concept, cache: Path, size: int) -> Path:
         return Path(concept.photos)
     from compinv_rt.world.photos import make_photos
 
-    spec = f"{concept.shape},{concept.colour},{concept.pattern},{concept.background},{size}"
+    # v2: the folder also holds captions.json and masks/
+    spec = f"{concept.shape},{concept.colour},{concept.pattern},{concept.background},{size},v2"
     d = cache / "photos" / f"{concept.name}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
     if not (d / "concept.json").is_file():  # concept.json is written last
         make_photos(d, str(concept.shape), str(concept.colour), concept.pattern or "plain",
@@ -33,16 +35,24 @@ def concept_photos(concept: Concept, cache: Path, size: int) -> Path:
     return d
 
 
-def train_config(concept: Concept, embedding: str, cfg: EvalConfig, world: bool) -> TrainConfig:
-    si = embedding == "si"
+def train_config(concept: Concept, embedding: str, cfg: EvalConfig, world: bool, seed: int = 0,
+                 photos: Path | None = None) -> TrainConfig:
+    """The recipe's training of one concept with one seed. `photos`: where a masks/ folder is
+    looked for (recipes with masks)."""
+    r = RECIPES[embedding]
+    masks = None
+    if r.masks and photos is not None and (Path(photos) / "masks").is_dir():
+        masks = str(Path(photos) / "masks")
     return TrainConfig(
-        token=concept.token(embedding), class_word=concept.class_word,
-        anchor_weight=cfg.si_anchor_weight if si else EMBEDDINGS[embedding],
-        anchors=concept.anchors(cfg.si_anchors) if si else None,
+        token=concept.token(embedding, seed), class_word=concept.class_word,
+        anchor_weight=cfg.si_anchor_weight if r.semantic else 0.0,
+        anchors=(r.anchors or concept.anchors(cfg.si_anchors)) if r.semantic else None,
         steps=cfg.train_steps, batch=cfg.train_batch,
         lr=cfg.train_lr, augment=cfg.augment, variants=cfg.train_variants,
         resolution=cfg.train_resolution, checkpoint_every=max(1, min(100, cfg.train_steps)),
-        templates=WORLD_TEMPLATES if world else None)
+        templates=WORLD_TEMPLATES if world else None, seed=seed,
+        captions="auto" if r.captions else "none", masks=masks, context_token=r.context_token,
+        norm=r.norm, context_weight=r.context_weight, vectors=r.vectors)
 
 
 def cache_key(tc: TrainConfig, model_hash: str, photos_hash: str) -> str:
@@ -67,22 +77,20 @@ def is_complete(folder: Path) -> bool:
 def ensure_trained(concept: Concept, embedding: str, cfg: EvalConfig, model_root: Path,
                    model_hash: str, cache: Path, world: bool,
                    on_status: Callable[[str], None] | None = None,
-                   on_step=None, device: str = "auto") -> tuple[Path, bool]:
+                   on_step=None, device: str = "auto", seed: int = 0) -> tuple[Path, bool]:
     """-> (concept folder, reused). Trains (or finishes training) when no complete match exists."""
-    from compinv_rt.train.data import images_hash, list_images
     from compinv_rt.train.loop import prepare, train_concept
 
     status = on_status or log.info
     photos = concept_photos(concept, cache, size=_model_size(model_root))
-    tc = train_config(concept, embedding, cfg, world)
-    key = cache_key(tc, model_hash, images_hash(list_images(photos)))
-    folder = cache / "concepts" / f"{concept.name}-{embedding}-{key}"
+    tc = train_config(concept, embedding, cfg, world, seed, photos)
+    plan = prepare(tc, photos, str(model_root))  # cheap: reads photos, captions, masks
+    key = cache_key(tc, model_hash, plan.inputs_hash())
+    folder = cache / "concepts" / f"{concept.name.lower()}-{embedding}-{key}"
     if is_complete(folder):
-        status(f"reusing {concept.token(embedding)} from {folder}")
+        status(f"reusing {tc.token} from {folder}")
         return folder, True
-    status(f"training {concept.token(embedding)} ({tc.steps} steps, anchor weight "
-           f"{tc.anchor_weight}) -> {folder}")
-    plan = prepare(tc, photos, str(model_root))
+    status(f"training {tc.token} ({tc.steps} steps, recipe {embedding}, seed {seed}) -> {folder}")
     # the embedding analysis uses the model's own vocabulary (its metadata) when it has one
     train_concept(plan, folder, resume=True, device=device,
                   on_step=on_step, on_status=lambda m: log.info(m))
