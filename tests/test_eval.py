@@ -498,3 +498,131 @@ def test_semantic_inversion_anchor_settings():
         P.EvalConfig(si_anchors="auto:0")
     with pytest.raises(ConfigError):
         P.EvalConfig(si_anchor_weight=-1)
+
+
+# --- random concepts, recipes, word parity, cell keys, floors ----------------------------------
+
+
+def test_random_concepts_cover_the_whole_space_without_filtering():
+    from compinv_rt.world.scenes import COLOURS, PATTERNS, SHAPES
+
+    a, b = P.random_concepts(8, seed=3), P.random_concepts(8, seed=3)
+    assert a == b and len({c.name for c in a}) == 8  # seeded, no repeats
+    assert a != P.random_concepts(8, seed=4)
+    every = P.random_concepts(len(COLOURS) * len(PATTERNS) * len(SHAPES), seed=0)
+    assert {(c.colour, c.pattern, c.shape) for c in every} == {
+        (c, p, s) for c in COLOURS for p in PATTERNS for s in SHAPES}  # nothing filtered out
+    assert all(c.background != "grass" for c in every)  # the prompts' background
+    with pytest.raises(ConfigError, match="--random"):
+        P.random_concepts(0)
+    protocol = P.build_protocol(False, random=4, random_seed=3, objects=1)
+    names = [c.name for c in protocol.concepts]
+    assert names[:3] == [c.name for c in P.DEFAULT_CONCEPTS] and len(names) == 7
+    kinds = [p.kind for p in protocol.prompts]
+    assert kinds.count("single") == 7 and kinds.count("pretrained") == 7
+    assert kinds.count("inverted") == 7  # more than 3 concepts: each with the next
+
+
+def test_class_word_after_a_concept_is_not_doubled(tmp_path):
+    concepts = P.read_concepts(_write(tmp_path, "c.json", CONCEPTS))
+    prompts = P.read_prompts(_write(tmp_path, "p.json", [
+        "a {heart} heart and a blue circle on grass", "a {heart} and a blue circle on grass"]),
+        concepts)
+    by = {c.name: c for c in concepts}
+    assert prompts[0].template == prompts[1].template == "a {heart} and a blue circle on grass"
+    assert prompts[0].render(by, "tokens") == "a <heart-ti> heart and a blue circle on grass"
+
+
+def test_names_are_kept_as_written_and_tokens_are_lower_case(tmp_path):
+    c = P.read_concepts(_write(tmp_path, "c.json", [{**CONCEPTS[0], "name": "My-Heart"}]))[0]
+    assert c.name == "My-Heart" and c.token("ti") == "<my-heart-ti>"
+    assert c.token("cap", seed=2) == "<my-heart-cap-s2>"
+
+
+def test_prompt_kinds_and_method_names():
+    assert P.Prompt("a {x} on grass", ("x",)).kind == "single"
+    assert P.Prompt("a {x} and a blue circle on grass", ("x",)).kind == "pretrained"
+    assert P.Prompt("a {x} and a dog", ("x",), ("dog",)).kind == "pretrained"
+    assert P.Prompt("a {x} and a {y}", ("x", "y")).kind == "inverted"
+    m = P.method("cap_ctxreg+bias")
+    assert (m.embedding, m.spatial, m.trained) == ("cap_ctxreg", "bias", True)
+    assert P.method("full") == P.Method("full", "semantic + bias (full)", "si", "bias")
+    assert not P.method("words").trained
+    for bad in ("nope", "ti+blur", "ti,ti"):
+        with pytest.raises(ConfigError):
+            P.parse_methods(bad)
+
+
+def test_recipes_reach_the_training_config(tmp_path):
+    from compinv_rt.eval.training import train_config
+
+    heart = P.Concept("heart", "heart", shape="heart", colour="orange", pattern="dotted",
+                      background="sand")
+    (tmp_path / "masks").mkdir()
+    cfg = P.EvalConfig()
+    ti = train_config(heart, "ti", cfg, world=True, seed=0, photos=tmp_path)
+    assert (ti.captions, ti.masks, ti.context_weight, ti.norm, ti.anchor_weight) == (
+        "none", None, 0.0, "none", 0.0)
+    cap = train_config(heart, "cap_mask", cfg, world=True, seed=2, photos=tmp_path)
+    assert cap.captions == "auto" and cap.masks == str(tmp_path / "masks") and cap.seed == 2
+    assert cap.token == "<heart-cap_mask-s2>"
+    reg = train_config(heart, "cap_ctxreg", cfg, world=True)
+    assert reg.context_weight == P.CONTEXT_WEIGHT and reg.captions == "auto"
+    assert train_config(heart, "cap_norm", cfg, world=True).norm == "vocab"
+    sparse = train_config(heart, "cap_sparse", cfg, world=True)
+    assert sparse.anchors == "auto:8" and sparse.anchor_weight == cfg.si_anchor_weight
+
+
+def test_cell_key_depends_only_on_what_decides_the_cell():
+    from pathlib import Path
+
+    from compinv_rt.eval.runner import cell_key
+
+    prompt = P.Prompt("a {heart} on grass", ("heart",), id="p")
+    folders = {("heart", "ti", 0): Path("heart-ti-aaa"), ("heart", "ti", 1): Path("heart-ti-bbb")}
+    ti, bias, words = P.method("ti"), P.method("ti+bias"), P.method("words")
+    base = P.EvalConfig()
+    key = lambda m, cfg=base, seed=0: cell_key(cfg, m, prompt, "h", folders, seed, None, None)  # noqa: E731
+    other_si = P.EvalConfig(si_anchor_weight=0.3, si_anchors="attributes", train_steps=9)
+    assert key(ti) == key(ti, other_si)  # TI cells are reused across SI settings
+    assert key(ti) == key(ti, P.EvalConfig(bias_strength=5.0))  # no layout: bias irrelevant
+    assert key(bias) != key(bias, P.EvalConfig(bias_strength=5.0))
+    assert key(ti) != key(ti, P.EvalConfig(samples=3)) and key(ti) != key(ti, seed=1)
+    assert key(words) == key(words, seed=1) and key(words) != key(ti)
+
+
+def _block(identity_by_seed, other_by_seed):
+    seeds = {str(s): {"single": {"identity": i}, "compositions": {"identity": i},
+                      "pretrained": {"other": o}}
+             for s, (i, o) in enumerate(zip(identity_by_seed, other_by_seed))}
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    pc = {"single": {"identity": mean(identity_by_seed)},
+          "compositions": {"identity": mean(identity_by_seed)},
+          "pretrained": {"other": mean(other_by_seed)}}
+    return {"per_concept": {"a": pc}, "per_concept_seeds": {"a": seeds}}
+
+
+def test_word_parity_is_per_seed_mean_and_range_against_the_words():
+    from compinv_rt.eval.runner import word_parity
+
+    protocol = P.Protocol((P.Concept("a", "heart", None, "heart", "red", "plain", "sand"),), ())
+    methods = {"words": _block([0.8], [0.9]), "ti": _block([0.4, 0.8, 0.6], [0.0, 0.9, 0.45])}
+    per, summary = word_parity(methods, protocol)
+    row = per["a"]["ti"]
+    assert row["compositions"]["parity"] == pytest.approx(0.75)
+    assert row["compositions"]["parity_range"] == [0.5, 1.0]
+    assert row["other"]["vs_words"] == pytest.approx(0.5) and row["other"]["vs_words_range"] == [0, 1]
+    assert summary["ti"]["parity_single"] == pytest.approx(0.75) and summary["_below_floor"] == []
+    low = {"words": _block([0.1], [0.9]), "ti": _block([0.1], [0.9])}
+    per, summary = word_parity(low, protocol)
+    assert per["a"]["below_floor"] and summary["ti"]["parity_compositions"] is None
+
+
+def test_no_verdict_below_the_floor():
+    from compinv_rt.eval.report import markdown, targets
+
+    r = _fake_results(0.1, 0.5, 0.11, 0.1)
+    t = targets(r)
+    assert t[0]["ratio"] == 5.0 and t[0]["met"] is None  # 5x of 10 % proves nothing
+    assert t[2]["drop"] == pytest.approx(0.0909, abs=1e-3) and t[2]["met"] is None
+    assert "below the 20% floor" in markdown(r)
