@@ -626,3 +626,31 @@ def test_no_verdict_below_the_floor():
     assert t[0]["ratio"] == 5.0 and t[0]["met"] is None  # 5x of 10 % proves nothing
     assert t[2]["drop"] == pytest.approx(0.0909, abs=1e-3) and t[2]["met"] is None
     assert "below the 20% floor" in markdown(r)
+
+
+def test_e2e_training_seeds_words_and_progress(tiny_model, tmp_path):
+    """Two training seeds of two recipes, the words oracle, progress through generation."""
+    from compinv_rt.eval.runner import run_eval
+
+    protocol = P.build_protocol(False, _write(tmp_path, "c.json", CONCEPTS[:1]), objects=1,
+                                methods=P.parse_methods("words,ti,cap"))
+    cfg = P.EvalConfig(samples=3, steps=2, train_steps=2, train_seeds=2, batch=2)
+    seen = []
+    r = run_eval(protocol, cfg, tmp_path / "run", model=str(tiny_model), device="cpu",
+                 on_progress=lambda done, total, what: seen.append((done, total, what)))
+    assert set(r["trained"]) == {"heart-ti", "heart-ti-s1", "heart-cap", "heart-cap-s1"}
+    cap = json.loads((__import__("pathlib").Path(r["trained"]["heart-cap-s1"]["folder"])
+                      / "artifact.json").read_text())
+    assert cap["config"]["captions"] == "auto" and cap["config"]["seed"] == 1
+    cells = tmp_path / "run" / "cells"
+    assert sorted(p.name for p in (cells / "ti").glob("*.json"))[0].endswith(".json")
+    assert len(list((cells / "ti").glob("*-s1.json"))) == 2 and len(list((cells / "words").glob("*.json"))) == 2
+    words = json.loads(next((cells / "words").glob("*.json")).read_text())
+    assert "<" not in words["text"] and "dotted orange heart" in words["text"]
+    assert r["methods"]["ti"]["seeds"] == 2 and r["methods"]["words"]["seeds"] == 1
+    assert r["methods"]["ti"]["single"]["images"] == 6  # 3 images x 2 seeds
+    assert set(r["word_parity"]["heart"]) >= {"words", "ti", "cap"}
+    assert any("(2/3 images)" in w for _, _, w in seen)  # progress within a cell
+    assert any(d != int(d) for d, _, _ in seen) and seen[-1][0] == seen[-1][1]
+    md = (tmp_path / "run" / "eval.md").read_text()
+    assert "## Word parity" in md and "## Over training seeds" in md
