@@ -298,7 +298,8 @@ def train(
         "none, or a JSON file {\"photo.png\": \"on the sand\"}."),
     masks: Optional[Path] = typer.Option(
         None, help="Folder of subject masks (<photo stem>.png, white = the concept): the loss "
-        "counts the subject, with a soft border."),
+        "counts the subject, with a soft border; or 'auto': from the base model's "
+        "cross-attention to the class word."),
     context_token: bool = typer.Option(
         False, "--context-token/--no-context-token",
         help="Append an auxiliary token to every training prompt, trained jointly and never "
@@ -466,7 +467,7 @@ def eval_(
         None, help="Trainings per concept and recipe (seeds 0..K-1; mean and range; default 1)."),
     methods: Optional[str] = typer.Option(
         None, help="Comma-separated methods: words, RECIPE, RECIPE+bias, RECIPE+guidance (recipes: "
-        "ti, si, cap, mask, cap_mask, ctxtok, cap_si, cap_norm, cap_ctxreg, cap_sparse, cap_vec2) "
+        "ti, si, cap, mask, automask, cap_mask, ctxtok, cap_si, cap_norm, cap_ctxreg, cap_sparse, cap_vec2) "
         "or ti_bias, ti_guidance, full. Default: words,ti,si,ti_bias,ti_guidance,full."),
     objects: Optional[int] = typer.Option(
         None, help="Pretrained objects composed with each concept (default 5, quick 2)."),

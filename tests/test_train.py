@@ -556,3 +556,28 @@ def test_bad_context_options(case, photos, tmp_path):
               "masks": "is not a folder", "context-weight": "--context-weight must be >= 0"}[case]
     _bad(["--images", str(photos), "--token", "<q>", "--class-word", "heart", *args],
          tmp_path / "out", expect)
+
+
+def test_auto_masks_from_the_base_models_attention(tiny_model, photos, tmp_path):
+    from compinv_rt.models.loading import load_model
+    from compinv_rt.train.auto_masks import attention_masks, iou
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.data import list_images, read_images
+    from compinv_rt.train.loop import prepare, train_concept
+
+    m = load_model(str(tiny_model), device="cpu")
+    images = read_images(list_images(photos))
+    masks = attention_masks(m, images, 64, "heart")
+    assert len(masks) == len(images)
+    for mask in masks:
+        assert mask.shape == (64, 64) and mask.min() == 0.0 and mask.max() == 1.0
+    again = attention_masks(m, images, 64, "heart")  # seeded: the same masks again
+    assert all(np.array_equal(a, b) for a, b in zip(masks, again))
+    assert iou(masks[0], masks[0]) == 1.0 and iou(masks[0], 1 - masks[0], 0.5) < 1.0
+    cfg = TrainConfig(token="<am>", class_word="heart", masks="auto", steps=2, batch=1,
+                      resolution=64, variants=2, checkpoint_every=2)
+    plan = prepare(cfg, photos, tiny_model)
+    assert plan.masks is None  # made once the model is loaded
+    train_concept(plan, tmp_path / "am", device="cpu")
+    saved = sorted((tmp_path / "am" / "auto_masks").glob("*.png"))
+    assert [p.stem for p in saved] == [f.stem for f in list_images(photos)]

@@ -53,7 +53,8 @@ class Recipe:
     label: str
     semantic: bool = False  # anchor loss with EvalConfig.si_anchor_weight / si_anchors
     captions: bool = False  # name each photo's background in its prompts (world photos' captions)
-    masks: bool = False  # loss on the subject (the photos folder's masks/)
+    masks: str = ""  # loss on the subject: "photos" (the photos folder's masks/), "auto" (the
+    # base model's attention to the class word) or "" (whole image)
     context_token: bool = False
     norm: str = "none"
     context_weight: float = 0.0
@@ -65,8 +66,9 @@ RECIPES = {r.name: r for r in (
     Recipe("ti", "plain TI"),
     Recipe("si", "TI + semantic", semantic=True),
     Recipe("cap", "TI + captions", captions=True),
-    Recipe("mask", "TI + mask", masks=True),
-    Recipe("cap_mask", "TI + captions + mask", captions=True, masks=True),
+    Recipe("mask", "TI + mask", masks="photos"),
+    Recipe("automask", "TI + attention mask", masks="auto"),
+    Recipe("cap_mask", "TI + captions + mask", captions=True, masks="photos"),
     Recipe("ctxtok", "TI + context token", context_token=True),
     Recipe("cap_si", "captions + semantic", captions=True, semantic=True),
     Recipe("cap_norm", "captions + norm", captions=True, norm="vocab"),

@@ -40,8 +40,8 @@ def train_config(concept: Concept, embedding: str, cfg: EvalConfig, world: bool,
     """The recipe's training of one concept with one seed. `photos`: where a masks/ folder is
     looked for (recipes with masks)."""
     r = RECIPES[embedding]
-    masks = None
-    if r.masks and photos is not None and (Path(photos) / "masks").is_dir():
+    masks = "auto" if r.masks == "auto" else None
+    if r.masks == "photos" and photos is not None and (Path(photos) / "masks").is_dir():
         masks = str(Path(photos) / "masks")
     return TrainConfig(
         token=concept.token(embedding, seed), class_word=concept.class_word,

@@ -216,12 +216,12 @@ def read_captions(spec: str | None, image_files: list[Path]) -> list[str] | None
 
 def read_masks(spec: str | None, image_files: list[Path]) -> list[np.ndarray] | None:
     """Per-photo subject masks (white = the concept) from a folder with a file of the same stem
-    per photo (any of MASK_EXTS), or "auto-detect" via None: no masks. Returned soft: values in
+    per photo (any of MASK_EXTS); None/"none": no masks; "auto": None here (see auto_masks). Returned soft: values in
     [0, 1] at the photo's size, with a blurred border so the loss fades out instead of cutting."""
     from PIL import Image, ImageFilter
 
-    if spec is None or spec.strip().lower() == "none":
-        return None
+    if spec is None or spec.strip().lower() in ("none", "auto"):
+        return None  # auto: made from the base model's attention once it is loaded (auto_masks)
     d = Path(spec)
     if not d.is_dir():
         raise ConfigError(f"--masks {d} is not a folder of mask images")

@@ -228,6 +228,23 @@ def check_out_dir(out: Path, resume: bool) -> None:
 # the loop
 
 
+def _auto_masks(m, plan: Plan, out: Path, status) -> list:
+    """`--masks auto`: masks from the base model's attention to the class word, saved as PNGs
+    next to the artifacts (auto_masks/) so they can be checked."""
+    from compinv_rt.outputs import save_png
+    from compinv_rt.train.auto_masks import attention_masks
+
+    status(f"masks from the base model's attention to {plan.config.class_word!r}")
+    masks = attention_masks(m, plan.images, plan.resolution, plan.config.class_word,
+                            plan.config.seed)
+    from PIL import Image
+
+    for f, mask in zip(plan.image_files, masks):
+        save_png(out / "auto_masks" / f"{f.stem}.png",
+                 Image.fromarray((mask * 255).round().astype(np.uint8)))
+    return masks
+
+
 def _step_generator(seed: int, step: int, micro: int):
     import torch
 
@@ -262,6 +279,9 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
 
     m = load_model(str(plan.files.root), device=device, dtype="fp32")  # training runs in fp32
     tok, te, unet, vae = m.tokenizer, m.text_encoder, m.unet, m.vae
+    masks = plan.masks
+    if (cfg.masks or "").strip().lower() == "auto":
+        masks = _auto_masks(m, plan, out, status)
     table0 = te.get_input_embeddings().weight.detach().clone()  # the real vocabulary, untouched
     init_id = T.single_token_id(tok, cfg.init, "init word")
     anchor_ids = A.resolve_anchor_ids(tok, table0, cfg.anchors, cfg.class_word, init_id)
@@ -286,7 +306,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     # -- data: encode each variant once --------------------------------------------------------
     contexts = plan.prompt_contexts()
     variants = make_variants(plan.images, plan.resolution, cfg.augment, cfg.variants, cfg.seed,
-                             plan.masks, contexts)
+                             masks, contexts)
     status(f"encoding {len(variants)} image variants with the VAE (once)")
     bank = encode_variants(vae, variants, plan.files.vae_scale_factor, m.device, m.dtype)
     placeholder_text = " ".join(T.placeholder_tokens(cfg.token, cfg.vectors))
