@@ -36,8 +36,10 @@ def parse_norm(spec: str | None) -> tuple[str, float | None]:
     s = (spec or "none").strip().lower()
     if s in ("none", "vocab"):
         return s, None
+    import math
+
     value = float(s)
-    if not value > 0 or value != value or value == float("inf"):
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError(s)
     return "fixed", value
 
@@ -63,9 +65,10 @@ class ContextRegularizer:
             for o in others:
                 with_tok.append(t.format(f"{placeholder_text} {class_word} and {o}"))
                 with_word.append(t.format(f"{class_word} and {o}"))
-        enc = lambda texts: tokenizer(texts, padding="max_length",  # noqa: E731
-                                      max_length=tokenizer.model_max_length, truncation=True,
-                                      return_tensors="pt").input_ids
+        def enc(texts):
+            return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+
         self.ids = enc(with_tok)  # (P, T)
         ref_ids = enc(with_word)
         self.n = n_vectors
