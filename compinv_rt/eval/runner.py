@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from compinv_rt.eval.metrics import (WORDS_FLOOR, aggregate, attention_stats, prompt_slots,
-                                    score_image)
+from compinv_rt.eval.metrics import WORDS_FLOOR, aggregate, attention_stats, prompt_slots, score_image
 from compinv_rt.eval.protocol import WORDS, EvalConfig, Protocol
 from compinv_rt.outputs import atomic_write_json, make_grid, remove_stale_temp_files, save_png
 
 log = logging.getLogger(__name__)
 STRIP = 8  # images per cell kept as PNG (the row of the sample grids)
-Progress = Callable[[int, int, str], None]  # (done, total, what)
+Progress = Callable[[float, int, str], None]  # (done, fractional within a cell; total, what)
 
 
 @dataclass
@@ -342,21 +341,21 @@ def word_parity(methods: dict, protocol) -> tuple[dict, dict]:
         return per_concept, summary
     for c in protocol.concepts:
         w = words["per_concept"][c.name]
-        entry = {"words": {"single": w["single"]["identity"],
-                           "compositions": w["compositions"]["identity"],
-                           "other": w["pretrained"]["other"]},
-                 "below_floor": (w["compositions"]["identity"] or 0) < WORDS_FLOOR}
+        oracle = {"single": w["single"]["identity"], "compositions": w["compositions"]["identity"],
+                  "other": w["pretrained"]["other"]}
+        entry: dict = {"words": oracle,
+                       "below_floor": (w["compositions"]["identity"] or 0) < WORDS_FLOOR}
         for name, m in methods.items():
             if name == WORDS:
                 continue
             seeds = m["per_concept_seeds"][c.name].values()
             row = {}
             for g in ("single", "compositions"):
-                vals = [ratio(s[g]["identity"], entry["words"][g]) for s in seeds]
+                vals = [ratio(s[g]["identity"], oracle[g]) for s in seeds]
                 row[g] = {"identity": m["per_concept"][c.name][g]["identity"],
                           "identity_range": _spread([s[g]["identity"] for s in seeds]),
                           "parity": _mean(vals), "parity_range": _spread(vals)}
-            vals = [ratio(s["pretrained"]["other"], entry["words"]["other"]) for s in seeds]
+            vals = [ratio(s["pretrained"]["other"], oracle["other"]) for s in seeds]
             row["other"] = {"rate": m["per_concept"][c.name]["pretrained"]["other"],
                             "rate_range": _spread([s["pretrained"]["other"] for s in seeds]),
                             "vs_words": _mean(vals), "vs_words_range": _spread(vals)}
