@@ -195,3 +195,99 @@ def test_data_parallel_resume_matches_the_recipe(tiny_run):
     t, meta = _load_tensors(tiny_run / "unet_ckpt.safetensors")
     assert meta["step"] == 8
     assert all(bool(v.isfinite().all()) for k, v in t.items() if k.startswith("unet.") and v.is_floating_point())
+
+
+def test_place_captions_state_every_object_where_its_box_is():
+    placed = 0
+    for seed in range(200):
+        sc, _ = S.sample_scene(seed)
+        spec = S.parse_prompt(sc.caption)
+        if not spec.places:
+            continue
+        placed += 1
+        assert all(o.size in sc.caption for o in sc.objects)  # placed captions state sizes too
+        assert list(spec.places) == [o.place(sc.size) for o in sc.objects], sc.caption
+        for o, p in zip(sc.objects, spec.places):
+            assert S.in_place(*o.centre, sc.size, p, margin=0.0)
+    assert 50 <= placed <= 110  # place_prob 0.4 of 200 scenes
+    # every place phrase parses back to its place (a missing axis word means middle / centre)
+    for place, phrase in S.PLACE_PHRASES.items():
+        assert S.parse_prompt(f"a red star {phrase} and a blue circle on grass").places == (place, None)
+    assert S.parse_prompt("a red star on grass").places == ()
+
+
+def test_place_of_and_in_place_agree_on_the_bounds():
+    assert S.place_of(10, 10, 64) == ("top", "left")
+    assert S.place_of(32, 32, 64) == ("middle", "centre")
+    assert S.place_of(60, 32, 64) == ("middle", "right")
+    assert S.in_place(27, 32, 64, ("middle", "left"))  # 0.42: just across the bound, within margin
+    assert not S.in_place(27, 32, 64, ("middle", "left"), margin=0.0)
+    assert not S.in_place(50, 32, 64, ("middle", "left"))
+    assert not S.in_place(10, 60, 64, ("top", "left"))
+
+
+def test_cached_scene_records_keep_boxes_and_captions_are_redrawn():
+    from compinv_rt.world.recipe import _scene_record, caption_for
+
+    sc, _ = S.sample_scene(7)
+    rec = json.loads(json.dumps(_scene_record(sc)))  # as stored in the cache's JSON metadata
+    rng = np.random.default_rng(0)
+    caps = [caption_for(rec, rng, 0.3, 0.5) for _ in range(60)]
+    with_places = [c for c in caps if S.parse_prompt(c).places]
+    assert 15 <= len(with_places) <= 45 and len(set(caps)) > 10
+    for c in with_places:
+        assert list(S.parse_prompt(c).places) == [o.place(sc.size) for o in sc.objects]
+    for c in caps:
+        assert [(o[:2]) for o in S.parse_prompt(c).objects] == [(o.colour, o.shape) for o in sc.objects]
+    # records of older caches (no boxes) never get places
+    old = [rec[0], [o[:4] for o in rec[1]]]
+    assert not any(S.parse_prompt(caption_for(old, rng, 0.3, 1.0)).places for _ in range(20))
+
+
+def test_new_heldout_kinds_are_held_out_and_state_what_they_claim():
+    for kind in ("two-patterns", "three", "positioned"):
+        prompts = S.heldout_prompts(kind, 30)
+        assert len(prompts) == 30 and len(set(prompts)) >= 25, kind
+        for p in prompts:
+            spec = S.parse_prompt(p)
+            pairs = [(c, s) for c, s, _ in spec.objects]
+            assert spec.background and all(c and s for c, s in pairs)
+            if kind == "two-patterns":
+                assert len(pairs) == 2 and all(pt in ("dotted", "striped") for _, _, pt in spec.objects)
+            if kind == "three":
+                assert len(pairs) == 3
+            if kind == "positioned":
+                assert len(spec.places) == len(pairs) and all(spec.places)
+            if kind != "positioned":
+                assert not S.is_train_scene(spec.background, pairs), p
+    combos = S.combination_prompts()
+    assert len(combos) == len(S.COLOURS) * len(S.PATTERNS) * len(S.SHAPES) * len(S.BACKGROUNDS)
+    for (c, pt, s, bg), p in combos[:40]:
+        spec = S.parse_prompt(p)
+        assert spec.background == bg and spec.objects[0][:2] == (c, s)
+        assert spec.objects[0][2] == (None if pt == "plain" else pt)
+
+
+def test_check_scores_places_and_combination_table_lists_worst_cells():
+    from compinv_rt.world.judge import Detection, Judgement
+    from compinv_rt.world.score import check, combination_table
+
+    spec = S.parse_prompt("a small red star at the top left and a large blue circle on the right on grass")
+    star = Detection("star", "red", "plain", 0.9, (2, 2, 20, 20), "left")
+    circ = Detection("circle", "blue", "plain", 0.9, (40, 20, 60, 44), "right")
+    circ_left = Detection("circle", "blue", "plain", 0.9, (2, 40, 20, 60), "left")
+    good = check(spec, Judgement("grass", (star, circ)))
+    assert good["exact"] and good["placed"]
+    bad = check(spec, Judgement("grass", (star, circ_left)))
+    assert bad["objects"] and not bad["placed"] and not bad["exact"]
+    assert "placed" not in check(S.parse_prompt("a red star on grass"), Judgement("grass", (star,)))
+
+    rows = []
+    for (c, pt, s, bg), p in S.combination_prompts():
+        hit = not (c == "red" and s == "star" and pt == "dotted" and bg in ("grass", "sand"))
+        rows += [{"kind": "combinations", "prompt": p, "check": {"exact": hit}}] * 2
+    t = combination_table(rows, worst=3)
+    assert t["combinations"] == 108 and t["passing"] == 107 and t["samples_per_cell"] == 2
+    assert [(w["colour"], w["pattern"], w["shape"], w["exact"]) for w in t["worst"][:2]] == [
+        ("red", "dotted", "star", 0.0)] * 2
+    assert t["worst"][2]["exact"] == 1.0

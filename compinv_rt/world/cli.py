@@ -57,6 +57,11 @@ def train(
     unet_steps: int = typer.Option(5600, help="UNet + text encoder optimizer steps."),
     unet_batch: int = typer.Option(32, help="UNet batch size."),
     unet_lr: float = typer.Option(1e-3, help="UNet + text encoder peak learning rate."),
+    warmup: int = typer.Option(200, help="UNet learning-rate warm-up steps."),
+    place_prob: float = typer.Option(0.4, help="Fraction of training captions that state places and sizes."),
+    init_from: Optional[Path] = typer.Option(
+        None, help="Continue from this diffusers folder (e.g. the shipped model): its VAE replaces the "
+                   "vae/gate stages, its UNet + text encoder start the unet stage."),
     cache_scenes: int = typer.Option(32000, help="Training scenes encoded to latents."),
     gate_threshold: float = typer.Option(0.90, help="VAE gate: judge's exact-object-set accuracy on reconstructions."),
     ckpt_every: int = typer.Option(100, help="Checkpoint every N steps."),
@@ -83,8 +88,15 @@ def train(
                     ("--ckpt-every", ckpt_every)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")
+    if not 0 <= place_prob <= 1:
+        raise ConfigError(f"--place-prob must be in [0, 1], got {place_prob}")
+    if warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {warmup}")
+    if init_from is not None and not (init_from / "model_index.json").is_file():
+        raise ConfigError(f"--init-from {init_from}: not a diffusers folder (model_index.json missing)")
     cfg = RecipeConfig(
-        run_dir=str(run_dir), arch=TINY_ARCH if tiny else ArchConfig(), seed=seed, threads=threads, procs=procs,
+        run_dir=str(run_dir), init_from=str(init_from) if init_from else None, warmup=warmup,
+        place_prob=place_prob, arch=TINY_ARCH if tiny else ArchConfig(), seed=seed, threads=threads, procs=procs,
         vae_steps=vae_steps, vae_lr=vae_lr, unet_steps=unet_steps,
         unet_batch=min(unet_batch, 4) if tiny else unet_batch,
         unet_lr=unet_lr,
@@ -93,6 +105,10 @@ def train(
         **({"vae_scenes": 64, "vae_batch": 4, "gate_scenes": 16} if tiny else {}),  # type: ignore[arg-type]
     )
     bars: dict = {}
+    import sys
+    import time
+
+    plain = not sys.stderr.isatty()  # no bar in a log file: a dated line every 50 steps instead
 
     def progress(stage, i, n, info):
         if stage not in bars:
@@ -101,6 +117,9 @@ def train(
         b.update(i - b.n)
         if info:
             b.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
+        if plain and (i % 50 == 0 or i == n):
+            typer.echo(f"{time.strftime('%H:%M:%S')} {stage} {i}/{n} "
+                       + " ".join(f"{k}={v:.4g}" for k, v in info.items()), err=True)
 
     try:
         result = run_recipe(cfg, chosen, progress, judge_dir=judge, out_dir=out, force=force)
@@ -124,9 +143,13 @@ def score(
     model: Optional[Path] = typer.Option(None, help="Diffusers model folder (default: embedded)."),
     prompts: Optional[Path] = typer.Option(
         None, help="Prompt file, one per line, optional 'kind<TAB>prompt' (default: held-out prompts)."),
-    kinds: str = typer.Option("single,two,novel", help="Held-out prompt kinds when --prompts is not given."),
-    prompts_per_kind: int = typer.Option(25, help="Held-out prompts per kind."),
+    kinds: str = typer.Option(
+        "single,two,novel",
+        help="Held-out prompt kinds when --prompts is not given: single, novel, two, two-patterns, three, "
+             "positioned, combinations (every colour x pattern x shape on each background, 540 prompts)."),
+    prompts_per_kind: int = typer.Option(25, help="Held-out prompts per kind (combinations: always all)."),
     k: int = typer.Option(5, "-k", help="Images per prompt."),
+    combination_k: int = typer.Option(0, help="Images per combinations prompt (0: same as -k)."),
     steps: int = typer.Option(25, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, help="Sampling seed."),
@@ -139,22 +162,19 @@ def score(
     from compinv_rt.world.score import ScoreConfig, default_prompts, markdown_table, read_prompt_file
     from compinv_rt.world.score import score as run_score
 
-    if k < 1 or steps < 1 or prompts_per_kind < 1:
-        raise ConfigError("-k, --steps and --prompts-per-kind must be >= 1")
+    if k < 1 or steps < 1 or prompts_per_kind < 1 or combination_k < 0:
+        raise ConfigError("-k, --steps and --prompts-per-kind must be >= 1, --combination-k >= 0")
     if prompts is not None:
         plist = read_prompt_file(prompts)
     else:
-        chosen = [x.strip() for x in kinds.split(",") if x.strip()]
-        for x in chosen:
-            if x not in ("single", "two", "novel"):
-                raise ConfigError(f"unknown prompt kind {x!r}; expected single, two or novel")
-        plist = default_prompts(chosen, prompts_per_kind, seed)
+        plist = default_prompts([x.strip() for x in kinds.split(",") if x.strip()], prompts_per_kind, seed)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    cfg = ScoreConfig(k=k, prompts_per_kind=prompts_per_kind, steps=steps, guidance=guidance, seed=seed)
-    bar = progress_bar(len(plist) * k, "sampling", unit="it")
+    cfg = ScoreConfig(k=k, prompts_per_kind=prompts_per_kind, steps=steps, guidance=guidance, seed=seed,
+                      combination_k=combination_k or k)
+    bar = progress_bar(sum(cfg.k_for(kind) for kind, _ in plist), "sampling", unit="it")
 
     def progress(i, n):
         bar.update(i - bar.n)
@@ -163,7 +183,7 @@ def score(
         result = run_score(plist, cfg, model_dir=model, judge_dir=judge, out_dir=out, progress=progress)
     finally:
         bar.close()
-    typer.echo(markdown_table(result["summary"]), nl=False)
+    typer.echo(result["markdown"], nl=False)
     typer.echo(f"wrote {out}/score.json, score.md and grid PNGs ({result['seconds']} s)")
 
 

@@ -70,6 +70,10 @@ class RecipeConfig:
     snr_gamma: float = 5.0
     cond_drop: float = 0.1
     size_word_prob: float = 0.3
+    place_prob: float = 0.4  # captions that state every object's place (and size), from its box
+    # a diffusers folder (e.g. the shipped model) to continue from: its VAE replaces the vae/gate
+    # stages and its UNet + text encoder are the starting weights of the unet stage
+    init_from: str | None = None
     ckpt_every: int = 100
     snapshot_every: int = 400
 
@@ -231,9 +235,26 @@ def train_vae(cfg: RecipeConfig, progress: Progress | None = None, steps: int | 
     return vae.eval()
 
 
+def _init_weights(cfg: RecipeConfig, part: str) -> dict:
+    """State dict of one component ("vae", "unet", "text_encoder") of `cfg.init_from`, float32."""
+    from safetensors.torch import load_file
+
+    folder = Path(cfg.init_from) / part
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"--init-from {cfg.init_from}: no {part}/*.safetensors")
+    t = load_file(str(files[0]))
+    return {k: v.float() if v.is_floating_point() else v for k, v in t.items()}
+
+
 def load_vae(cfg: RecipeConfig):
     vae = build_vae(cfg.arch)
     ck = Path(cfg.run_dir) / "vae_ckpt.safetensors"
+    if not ck.is_file() and cfg.init_from:
+        vae.load_state_dict(_init_weights(cfg, "vae"))
+        conf = json.loads((Path(cfg.init_from) / "vae" / "config.json").read_text())
+        vae.register_to_config(scaling_factor=conf["scaling_factor"])
+        return vae.eval()
     if not ck.is_file():
         raise ModelError(f"no VAE checkpoint in {cfg.run_dir}: run the vae stage first")
     t, meta = _load_tensors(ck)
@@ -322,12 +343,15 @@ def build_cache(cfg: RecipeConfig, progress: Progress | None = None, chunk: int 
         recs += meta["scenes"]
     lat = torch.cat(lats)
     std = lat.float().std().item()
-    _save_tensors(out, {"latents": lat}, {"scenes": recs, "std": std, "mean": lat.float().mean().item()})
-    # record the scaling factor with the VAE (SD's 0.18215 plays the same role)
+    # the latent scale (SD's 0.18215): 1/std for a new VAE, the initial model's own otherwise
+    scale = vae.config.scaling_factor if cfg.init_from else 1.0 / std
+    _save_tensors(out, {"latents": lat}, {"scenes": recs, "std": std, "mean": lat.float().mean().item(),
+                                          "scale": scale})
     ck = run / "vae_ckpt.safetensors"
-    t, meta = _load_tensors(ck)
-    meta["scaling_factor"] = 1.0 / std
-    _save_tensors(ck, t, meta)
+    if ck.is_file():  # record the scaling factor with the VAE
+        t, meta = _load_tensors(ck)
+        meta["scaling_factor"] = scale
+        _save_tensors(ck, t, meta)
     for p in parts.iterdir():
         p.unlink()
     parts.rmdir()
@@ -335,13 +359,19 @@ def build_cache(cfg: RecipeConfig, progress: Progress | None = None, chunk: int 
 
 
 def _scene_record(s) -> list:
-    return [s.background, [[o.shape, o.colour, o.pattern, o.size] for o in s.objects]]
+    """[background, [[shape, colour, pattern, size, box], ...], canvas size]: enough to redraw a
+    caption, places included, at every use."""
+    return [s.background, [[o.shape, o.colour, o.pattern, o.size, list(o.box)] for o in s.objects], s.size]
 
 
-def caption_for(rec: list, rng: np.random.Generator, size_word_prob: float) -> str:
-    bg, objs = rec
-    objects = [WorldObject(sh, co, pa, sz) for sh, co, pa, sz in objs]
-    return make_caption(bg, objects, rng, mention_size=bool(rng.random() < size_word_prob))
+def caption_for(rec: list, rng: np.random.Generator, size_word_prob: float, place_prob: float = 0.0) -> str:
+    """A fresh caption for a cached scene: a random template, sizes stated with `size_word_prob`,
+    places (and sizes) with `place_prob` (records without boxes, from older caches, never)."""
+    bg, objs = rec[0], rec[1]
+    objects = [WorldObject(o[0], o[1], o[2], o[3], tuple(o[4]) if len(o) > 4 else (0, 0, 0, 0)) for o in objs]
+    placed = len(rec) > 2 and bool(rng.random() < place_prob)
+    return make_caption(bg, objects, rng, mention_size=placed or bool(rng.random() < size_word_prob),
+                        canvas=rec[2] if placed else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +480,7 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
     t, meta = _load_tensors(cache)
     latents = t["latents"]  # (N, 4, h, w) fp16
     records = meta["scenes"]
-    scale = 1.0 / meta["std"]
+    scale = meta.get("scale") or 1.0 / meta["std"]
     n = latents.shape[0]
 
     torch.manual_seed(cfg.seed)
@@ -473,6 +503,17 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
         _opt_load(opt, tt, m["param_groups"])
         start, history = m["step"], m.get("history", [])
         log.info("UNet resumes at step %d", start)
+    elif cfg.init_from:
+        with torch.no_grad():
+            for mod, ema, part in ((unet, ema_u, "unet"), (text, ema_t, "text_encoder")):
+                w = _init_weights(cfg, part)
+                for m_ in (mod, ema):
+                    missing, unexpected = m_.load_state_dict(w, strict=False)
+                    bad = [k for k in missing + unexpected if not k.endswith("position_ids")]
+                    if bad:
+                        raise ModelError(f"--init-from {cfg.init_from}: {part} does not fit the recipe's "
+                                         f"architecture ({len(bad)} mismatched tensors, e.g. {bad[0]})")
+        log.info("UNet + text encoder start from %s", cfg.init_from)
     tokens = _Tokens()
     empty = tokens([""])[0]
     ac = _alphas_cumprod()
@@ -489,7 +530,7 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
     for step in range(start, total):
         gen, rng = _step_rng(cfg.seed + 7777 * rank, "unet", step)
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
-        caps = [caption_for(records[i], rng, cfg.size_word_prob) for i in idx.tolist()]
+        caps = [caption_for(records[i], rng, cfg.size_word_prob, cfg.place_prob) for i in idx.tolist()]
         ids = tokens(caps)
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.cond_drop
         ids[drop] = empty
@@ -597,6 +638,12 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES, progress: Progress | None = Non
         train_vae(cfg, progress)
     if "gate" in stages:
         result["gate"] = gate_vae(cfg, load_judge(judge_dir))
+    if cfg.init_from and not (run / "gate.json").is_file():
+        # the initial model's VAE passed its gate when it was trained: carry the record over
+        info_file = Path(cfg.init_from) / "shapes_world.json"
+        gate = json.loads(info_file.read_text()).get("gate") if info_file.is_file() else None
+        if gate is not None:
+            _write_json(run / "gate.json", gate)
     if "cache" in stages or "unet" in stages:
         gate_file = run / "gate.json"
         gate = json.loads(gate_file.read_text()) if gate_file.is_file() else None

@@ -29,6 +29,12 @@ PATTERNS = ("plain", "dotted", "striped")
 BACKGROUNDS = ("grass", "sky", "sand", "night", "brick")
 SIZES = ("small", "large")
 POSITIONS = ("left", "centre", "right")
+VERTICAL = ("top", "middle", "bottom")
+# Caption places: an object's box centre, as a fraction of the canvas, is "left"/"top" below
+# PLACE_BOUNDS[0] and "right"/"bottom" above PLACE_BOUNDS[1]. Not thirds: object centres stay
+# about a radius away from the border (large objects: 0.28-0.72), so thirds would almost never
+# call a large object left or right.
+PLACE_BOUNDS = (0.4, 0.6)
 
 COLOUR_RGB = {
     "red": (225, 30, 30),
@@ -69,6 +75,9 @@ class WorldObject:
     def position(self, width: int) -> str:
         return position_word(self.centre[0], width)
 
+    def place(self, size: int) -> tuple[str, str]:
+        return place_of(*self.centre, size)
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -85,6 +94,29 @@ class Scene:
             {**asdict(o), "box": list(o.box), "position": o.position(self.size)} for o in self.objects
         ]
         return d
+
+
+def place_of(x: float, y: float, size: int) -> tuple[str, str]:
+    """(vertical, horizontal) place words of a point: ("top", "left") ... ("bottom", "right")."""
+    lo, hi = PLACE_BOUNDS
+
+    def word(v, words):
+        return words[0] if v < lo * size else words[2] if v > hi * size else words[1]
+
+    return word(y, VERTICAL), word(x, POSITIONS)
+
+
+def in_place(x: float, y: float, size: int, place: tuple[str, str], margin: float = 0.05) -> bool:
+    """Is the point in the stated (vertical, horizontal) place, each region widened by `margin`
+    (fraction of the canvas) so an object drawn just across a boundary still counts?"""
+    lo, hi = PLACE_BOUNDS
+
+    def ok(v, word, words):
+        f = v / size
+        i = words.index(word)
+        return (f < lo + margin) if i == 0 else (f > hi - margin) if i == 2 else (lo - margin < f < hi + margin)
+
+    return ok(y, place[0], VERTICAL) and ok(x, place[1], POSITIONS)
 
 
 def position_word(x: float, width: int) -> str:
@@ -156,32 +188,44 @@ TEMPLATES = (
 PATTERN_WORD = {"plain": "", "dotted": "dotted", "striped": "striped"}
 
 
-def object_phrase(obj: WorldObject, mention_size: bool = False) -> str:
+# (vertical, horizontal) -> phrase; `parse_prompt` inverts it (a missing axis word = middle/centre)
+PLACE_PHRASES = {
+    ("top", "left"): "at the top left", ("top", "centre"): "at the top", ("top", "right"): "at the top right",
+    ("middle", "left"): "on the left", ("middle", "centre"): "in the centre", ("middle", "right"): "on the right",
+    ("bottom", "left"): "at the bottom left", ("bottom", "centre"): "at the bottom",
+    ("bottom", "right"): "at the bottom right",
+}
+
+
+def object_phrase(obj: WorldObject, mention_size: bool = False, place: tuple[str, str] | None = None) -> str:
     words = []
     if mention_size:
         words.append(obj.size)
     if obj.pattern != "plain":
         words.append(PATTERN_WORD[obj.pattern])
     words += [obj.colour, obj.shape]
-    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+    phrase = ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+    return phrase + " " + PLACE_PHRASES[place] if place else phrase
 
 
-def objects_phrase(objects, mention_size: bool = False) -> str:
-    parts = [object_phrase(o, mention_size) for o in objects]
+def objects_phrase(objects, mention_size: bool = False, canvas: int | None = None) -> str:
+    """`canvas` (the image size) set: each object's place, from its box, follows it."""
+    parts = [object_phrase(o, mention_size, o.place(canvas) if canvas else None) for o in objects]
     if len(parts) == 1:
         return parts[0]
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def make_caption(background: str, objects, rng: np.random.Generator | None = None,
-                 mention_size: bool = False) -> str:
-    """A caption naming every object and the background; `rng=None` gives the plain template."""
+                 mention_size: bool = False, canvas: int | None = None) -> str:
+    """A caption naming every object and the background; `rng=None` gives the plain template.
+    With `canvas` (image size) it states every object's place from its ground-truth box."""
     if rng is None:
         template, bg = TEMPLATES[0], BG_PHRASES[background][0]
     else:
         template = TEMPLATES[rng.integers(len(TEMPLATES))]
         bg = BG_PHRASES[background][rng.integers(len(BG_PHRASES[background]))]
-    return template.format(objs=objects_phrase(objects, mention_size), bg=bg)
+    return template.format(objs=objects_phrase(objects, mention_size, canvas), bg=bg)
 
 
 @dataclass(frozen=True)
@@ -190,6 +234,8 @@ class PromptSpec:
 
     background: str | None
     objects: tuple[tuple[str | None, str | None, str | None], ...]  # (colour, shape, pattern)
+    # per object: its stated (vertical, horizontal) place or None; empty when no place is stated
+    places: tuple[tuple[str, str] | None, ...] = ()
 
     @property
     def kind_default(self) -> str:
@@ -199,6 +245,8 @@ class PromptSpec:
 _BG_WORDS = {"grass": "grass", "lawn": "grass", "sky": "sky", "clouds": "sky", "cloudy": "sky",
              "sand": "sand", "beach": "sand", "night": "night", "starry": "night",
              "brick": "brick", "bricks": "brick"}
+_PLACE_WORDS = {"top": "top", "bottom": "bottom", "left": "left", "right": "right",
+                "centre": "centre", "center": "centre", "middle": "centre"}
 
 
 def parse_prompt(prompt: str) -> PromptSpec:
@@ -210,8 +258,12 @@ def parse_prompt(prompt: str) -> PromptSpec:
     words = re.findall(r"[a-z]+", prompt.lower())
     bgs: list[str] = []
     objects = []
+    place_words: list[set] = []  # place words seen after each object's shape word
     colour = pattern = None
     for w in words:
+        if w in _PLACE_WORDS and objects:
+            place_words[-1].add(_PLACE_WORDS[w])
+            continue
         if w in COLOURS:
             colour = w
         elif w in ("dotted", "dots", "spotted"):
@@ -222,6 +274,7 @@ def parse_prompt(prompt: str) -> PromptSpec:
             pattern = "plain"
         elif w in SHAPES or (w.endswith("s") and w[:-1] in SHAPES):
             objects.append((colour, w if w in SHAPES else w[:-1], pattern))
+            place_words.append(set())
             colour = pattern = None
         elif w in _BG_WORDS:
             bgs.append(_BG_WORDS[w])
@@ -229,7 +282,12 @@ def parse_prompt(prompt: str) -> PromptSpec:
     bg = None
     if bgs:
         bg = "night" if "night" in bgs else bgs[0]
-    return PromptSpec(bg, tuple(objects))
+    places: tuple = ()
+    if any(place_words):
+        places = tuple(
+            ((({"top", "bottom"} & pw or {"middle"}).pop(), ({"left", "right"} & pw or {"centre"}).pop())
+             if pw else None) for pw in place_words)
+    return PromptSpec(bg, tuple(objects), places)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +454,7 @@ class WorldConfig:
     count_probs: tuple[float, float, float] = (0.5, 0.4, 0.1)  # 1, 2, 3 objects
     pattern_prob: float = 0.2  # probability that an object is dotted or striped
     size_word_prob: float = 0.3  # probability that the caption states object sizes
+    place_prob: float = 0.4  # probability that the caption states every object's place (and size)
 
 
 def _layout(rng, n, size, sizes):
@@ -466,7 +525,10 @@ def sample_scene(
         items.sort(key=lambda t: t[0].centre[0])  # left to right, so captions read naturally
         objs = [o for o, _ in items]
         mention = bool(rng.random() < config.size_word_prob)
-        caption = make_caption(bg, objs, rng, mention_size=mention)
+        # a separate stream decides places, so images stay those of earlier versions for each seed
+        placed = bool(np.random.default_rng([seed, 1]).random() < config.place_prob)
+        caption = make_caption(bg, objs, rng, mention_size=mention or placed,
+                               canvas=config.size if placed else None)
         scene = Scene(bg, tuple(objs), caption, config.size, seed, mention)
         image = render_scene(scene, rng, [m for _, m in items])
         return scene, image
@@ -487,36 +549,86 @@ def sample_batch(seeds, split: str = "train", config: WorldConfig = WorldConfig(
 # Held-out prompts
 
 
+HELDOUT_KINDS = ("single", "novel", "two", "two-patterns", "three", "positioned")
+
+
+def _pool_single():
+    return [((p,), bg) for p in train_pairs() for bg in BACKGROUNDS if is_heldout_combo(p, bg)]
+
+
+def _pool_two():
+    tp = train_pairs()
+    return [((a, b), bg) for i, a in enumerate(tp) for b in tp[i + 1:] if is_heldout_pairing(a, b)
+            for bg in BACKGROUNDS if not is_heldout_combo(a, bg) and not is_heldout_combo(b, bg)]
+
+
+def _pool_three():
+    """Three seen colour-shapes, each seen on the background, at least one pairing held out."""
+    tp = train_pairs()
+    out = []
+    for i, a in enumerate(tp):
+        for j in range(i + 1, len(tp)):
+            for b_ in tp[j + 1:]:
+                trio = (a, tp[j], b_)
+                if not any(is_heldout_pairing(x, y) for x, y in ((a, tp[j]), (a, b_), (tp[j], b_))):
+                    continue
+                out += [(trio, bg) for bg in BACKGROUNDS if not any(is_heldout_combo(p, bg) for p in trio)]
+    return out
+
+
 def heldout_prompts(kind: str, n: int, seed: int = 0) -> list[str]:
     """`n` deterministic held-out prompts of one kind.
 
     - "single": one seen colour-shape on a background it was never shown on in training;
     - "novel": one held-out colour-shape pair (never seen in training) on any background;
-    - "two": two seen colour-shapes whose pairing was never shown together in training.
+    - "two": two seen colour-shapes whose pairing was never shown together in training;
+    - "two-patterns": a "two" pairing with both objects' patterns stated (dotted or striped);
+    - "three": three seen colour-shapes with at least one held-out pairing among them;
+    - "positioned": a "single" or "two" scene (alternately) with every object's size and place
+      stated, taken from a real layout of the world's sampler (seeded).
     Prompts use the plain template "a {colour} {shape}[ and a ...] {bg phrase}".
     """
     rng = np.random.default_rng(seed)
     pool: list
     if kind == "single":
-        pool = [(p, bg) for p in train_pairs() for bg in BACKGROUNDS if is_heldout_combo(p, bg)]
-        pool = [[(p,), bg] for p, bg in pool]
+        pool = _pool_single()
     elif kind == "novel":
-        pool = [[(p,), bg] for p in sorted(HELDOUT_PAIRS) for bg in BACKGROUNDS]
-    elif kind == "two":
-        tp = train_pairs()
-        pool = []
-        for i, a in enumerate(tp):
-            for b in tp[i + 1:]:
-                if is_heldout_pairing(a, b):
-                    for bg in BACKGROUNDS:
-                        if not is_heldout_combo(a, bg) and not is_heldout_combo(b, bg):
-                            pool.append([(a, b), bg])
+        pool = [((p,), bg) for p in sorted(HELDOUT_PAIRS) for bg in BACKGROUNDS]
+    elif kind in ("two", "two-patterns"):
+        pool = _pool_two()
+    elif kind == "three":
+        pool = _pool_three()
+    elif kind == "positioned":
+        return _positioned_prompts(n, rng)
     else:
-        raise ValueError(f"unknown prompt kind {kind!r}; expected single, novel or two")
+        raise ValueError(f"unknown prompt kind {kind!r}; expected one of {', '.join(HELDOUT_KINDS)}")
     idx = rng.permutation(len(pool))[: min(n, len(pool))]
     out = []
     for i in sorted(idx):
         pairs, bg = pool[i]
-        objs = [WorldObject(s, c) for c, s in pairs]
+        pats = ["plain"] * len(pairs)
+        if kind == "two-patterns":
+            pats = [("dotted", "striped")[rng.integers(2)] for _ in pairs]
+        objs = [WorldObject(s, c, pt) for (c, s), pt in zip(pairs, pats)]
         out.append(make_caption(bg, objs))
     return out
+
+
+def _positioned_prompts(n: int, rng: np.random.Generator) -> list[str]:
+    pools = (_pool_single(), _pool_two())
+    picks = [rng.permutation(len(p)) for p in pools]
+    out = []
+    for i in range(n):
+        pool, order = pools[i % 2], picks[i % 2]
+        pairs, bg = pool[order[(i // 2) % len(pool)]]
+        scene, _ = sample_scene(int(rng.integers(2**31)), "any", background=bg,
+                                objects=[(c, s, "plain") for c, s in pairs])
+        out.append(make_caption(bg, scene.objects, mention_size=True, canvas=scene.size))
+    return out
+
+
+def combination_prompts() -> list[tuple[tuple[str, str, str, str], str]]:
+    """Every colour x pattern x shape on every background, in words: ((colour, pattern, shape,
+    background), prompt), held-out pairs and combinations included."""
+    return [((c, pt, s, bg), make_caption(bg, [WorldObject(s, c, pt)]))
+            for s in SHAPES for c in COLOURS for pt in PATTERNS for bg in BACKGROUNDS]

@@ -20,10 +20,19 @@ from typing import Callable
 import numpy as np
 
 from compinv_rt.errors import ConfigError, ModelError
-from compinv_rt.world.scenes import PromptSpec, heldout_prompts, parse_prompt
+from compinv_rt.world.scenes import (
+    BACKGROUNDS,
+    HELDOUT_KINDS,
+    PromptSpec,
+    combination_prompts,
+    heldout_prompts,
+    in_place,
+    parse_prompt,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_KINDS = ("single", "two", "novel")
+KINDS = HELDOUT_KINDS + ("combinations",)  # combinations: every colour x pattern x shape x background
 
 
 @dataclass(frozen=True)
@@ -35,17 +44,26 @@ class ScoreConfig:
     seed: int = 0
     batch: int = 32  # images per pipeline call
     size: int = 64
+    combination_k: int = 0  # images per "combinations" prompt (0: k); 540 prompts make k costly
+
+    def k_for(self, kind: str) -> int:
+        return self.combination_k or self.k if kind == "combinations" else self.k
 
 
-def _match(stated, detected) -> bool:
-    """Is there a one-to-one assignment of stated objects to detections that agrees?"""
+def _match(stated, detected, places=(), size: int = 64) -> bool:
+    """Is there a one-to-one assignment of stated objects to detections that agrees (attributes,
+    and the stated place of each object where `places` gives one)?"""
     if len(detected) < len(stated):
         return False
+    places = tuple(places) or (None,) * len(stated)
     for perm in itertools.permutations(range(len(detected)), len(stated)):
         ok = True
-        for (colour, shape, pattern), j in zip(stated, perm):
+        for (colour, shape, pattern), place, j in zip(stated, places, perm):
             d = detected[j]
             if (colour and d.colour != colour) or (shape and d.shape != shape) or (pattern and d.pattern != pattern):
+                ok = False
+                break
+            if place and not in_place((d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2, size, place):
                 ok = False
                 break
         if ok:
@@ -53,14 +71,21 @@ def _match(stated, detected) -> bool:
     return False
 
 
-def check(spec: PromptSpec, judgement) -> dict:
+def check(spec: PromptSpec, judgement, size: int = 64) -> dict:
+    """Verdict on one sample. `exact`: background, count and every stated object (attributes and,
+    where stated, place) right. `placed` (only for prompts that state places): every stated
+    object found in its stated place, ignoring background and extra objects."""
     bg = spec.background is None or judgement.background == spec.background
     count = len(judgement.objects) == len(spec.objects)
     objects = _match(spec.objects, judgement.objects)
     colours = _match([(c, None, None) for c, _, _ in spec.objects], judgement.objects)
     shapes = _match([(None, s, None) for _, s, _ in spec.objects], judgement.objects)
-    return {"exact": bg and count and objects, "background": bg, "count": count,
-            "objects": objects, "colours": colours, "shapes": shapes}
+    out = {"exact": bg and count and objects, "background": bg, "count": count,
+           "objects": objects, "colours": colours, "shapes": shapes}
+    if spec.places:
+        out["placed"] = _match(spec.objects, judgement.objects, spec.places, size)
+        out["exact"] = out["exact"] and out["placed"]
+    return out
 
 
 def prompt_kind(spec: PromptSpec) -> str:
@@ -68,8 +93,17 @@ def prompt_kind(spec: PromptSpec) -> str:
 
 
 def default_prompts(kinds=DEFAULT_KINDS, per_kind: int = 25, seed: int = 0) -> list[tuple[str, str]]:
-    """(kind, prompt) pairs from the held-out split."""
-    return [(kind, p) for kind in kinds for p in heldout_prompts(kind, per_kind, seed)]
+    """(kind, prompt) pairs from the held-out split; "combinations" adds all 540 cells."""
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ConfigError(f"unknown prompt kind {kind!r}; expected some of {', '.join(KINDS)}")
+    out = []
+    for kind in kinds:
+        if kind == "combinations":
+            out += [(kind, p) for _, p in combination_prompts()]
+        else:
+            out += [(kind, p) for p in heldout_prompts(kind, per_kind, seed)]
+    return out
 
 
 def read_prompt_file(path: str | Path) -> list[tuple[str, str]]:
@@ -140,28 +174,65 @@ def grid_image(images: np.ndarray, cols: int, scale: int = 2):
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Per kind: samples, prompts and the fraction of samples passing each check (a check only
+    some samples have, like `placed`, is a fraction of those)."""
     kinds: dict = {}
     for r in rows:
-        kd = kinds.setdefault(r["kind"], {"samples": 0, "prompts": set()})
+        kd = kinds.setdefault(r["kind"], {"samples": 0, "prompts": set(), "hits": {}, "n": {}})
         kd["samples"] += 1
         kd["prompts"].add(r["prompt"])
         for key, v in r["check"].items():
-            kd[key] = kd.get(key, 0) + int(v)
-    out = {}
-    for kind, kd in kinds.items():
-        n = kd.pop("samples")
-        prompts = kd.pop("prompts")
-        out[kind] = {"samples": n, "prompts": len(prompts), **{k: v / n for k, v in kd.items()}}
-    return out
+            kd["hits"][key] = kd["hits"].get(key, 0) + int(v)
+            kd["n"][key] = kd["n"].get(key, 0) + 1
+    return {kind: {"samples": kd["samples"], "prompts": len(kd["prompts"]),
+                   **{k: v / kd["n"][k] for k, v in kd["hits"].items()}} for kind, kd in kinds.items()}
 
 
 def markdown_table(summary: dict) -> str:
-    cols = ["exact", "objects", "background", "count", "colours", "shapes"]
+    cols = ["exact", "placed", "objects", "background", "count", "colours", "shapes"]
     lines = ["| kind | prompts | samples | " + " | ".join(cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for kind, s in summary.items():
         lines.append(f"| {kind} | {s['prompts']} | {s['samples']} | "
-                     + " | ".join(f"{100 * s[c]:.1f}%" for c in cols) + " |")
+                     + " | ".join(f"{100 * s[c]:.1f}%" if c in s else "-" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def combination_table(rows: list[dict], worst: int = 10, bar: float = 0.8, min_backgrounds: int = 4) -> dict:
+    """Per colour x pattern x shape cell: exact rate on each background. A combination passes when
+    it reaches `bar` on at least `min_backgrounds` backgrounds; the `worst` cells are listed."""
+    cells: dict = {}
+    for r in rows:
+        if r["kind"] != "combinations":
+            continue
+        spec = parse_prompt(r["prompt"])
+        (colour, shape, pattern), bg = spec.objects[0], spec.background
+        key = (colour, pattern or "plain", shape)
+        hit, n = cells.setdefault(key, {}).get(bg, (0, 0))
+        cells[key][bg] = (hit + int(r["check"]["exact"]), n + 1)
+    rates = {key: {bg: h / n for bg, (h, n) in per.items()} for key, per in cells.items()}
+    flat = sorted(((rate, key, bg) for key, per in rates.items() for bg, rate in per.items()),
+                  key=lambda t: (t[0], t[1], t[2]))
+    passing = [key for key, per in rates.items() if sum(v >= bar for v in per.values()) >= min_backgrounds]
+    return {
+        "combinations": len(rates),
+        "passing": len(passing),
+        "bar": bar,
+        "min_backgrounds": min_backgrounds,
+        "samples_per_cell": max((n for per in cells.values() for _, n in per.values()), default=0),
+        "worst": [{"colour": k[0], "pattern": k[1], "shape": k[2], "background": bg, "exact": rate}
+                  for rate, k, bg in flat[:worst]],
+        "cells": {" ".join(k): per for k, per in sorted(rates.items())},
+    }
+
+
+def combination_markdown(table: dict) -> str:
+    lines = [f"{table['passing']} of {table['combinations']} colour x pattern x shape combinations reach "
+             f"{100 * table['bar']:.0f} % exact on at least {table['min_backgrounds']} of {len(BACKGROUNDS)} "
+             f"backgrounds ({table['samples_per_cell']} samples per cell).", "",
+             "| worst cells | background | exact |", "|---|---|---|"]
+    for w in table["worst"]:
+        lines.append(f"| {w['pattern']} {w['colour']} {w['shape']} | {w['background']} | {100 * w['exact']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,26 +255,33 @@ def score(
     t0 = time.time()
     pipe = pipe or load_pipeline(model_dir)
     judge = load_judge(judge_dir)
-    texts = [p for _, p in prompts]
+    jobs = [(kind, prompt, j) for kind, prompt in prompts for j in range(cfg.k_for(kind))]
     with torch.no_grad():
-        images = sample_images(pipe, texts, cfg.k, cfg, progress)
+        images = sample_images(pipe, [p for _, p, _ in jobs], 1, cfg, progress)
     verdicts = judge(images)
     rows = []
-    for i, v in enumerate(verdicts):
-        kind, prompt = prompts[i // cfg.k]
+    for (kind, prompt, j), v in zip(jobs, verdicts):
         spec = parse_prompt(prompt)
-        rows.append({"kind": kind, "prompt": prompt, "index": i % cfg.k,
-                     "check": check(spec, v), "judgement": v.to_json()})
+        if kind == "combinations":  # a cell's unstated pattern is "plain", and is checked
+            spec = PromptSpec(spec.background, tuple((c, sh, p or "plain") for c, sh, p in spec.objects))
+        rows.append({"kind": kind, "prompt": prompt, "index": j,
+                     "check": check(spec, v, cfg.size), "judgement": v.to_json()})
     summary = summarize(rows)
     result = {"config": cfg.__dict__, "model": str(model_dir or "embedded"),
               "seconds": round(time.time() - t0, 1), "summary": summary, "samples": rows}
+    md = markdown_table(summary)
+    if any(r["kind"] == "combinations" for r in rows):
+        result["combinations"] = combination_table(rows)
+        md += "\n" + combination_markdown(result["combinations"])
+    result["markdown"] = md
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "score.json").write_text(json.dumps(result, indent=1))
-        (out / "score.md").write_text(markdown_table(summary))
+        (out / "score.md").write_text(md)
         for kind in summary:
-            idx = [i for i, r in enumerate(rows) if r["kind"] == kind][: 8 * cfg.k]
-            grid_image(images[idx], cols=cfg.k * 2).save(out / f"grid_{kind}.png")
+            kk = cfg.k_for(kind)
+            idx = [i for i, r in enumerate(rows) if r["kind"] == kind][: 8 * kk]
+            grid_image(images[idx], cols=kk * 2).save(out / f"grid_{kind}.png")
     result["images"] = images
     return result
