@@ -291,3 +291,48 @@ def test_check_scores_places_and_combination_table_lists_worst_cells():
     assert [(w["colour"], w["pattern"], w["shape"], w["exact"]) for w in t["worst"][:2]] == [
         ("red", "dotted", "star", 0.0)] * 2
     assert t["worst"][2]["exact"] == 1.0
+
+
+def test_gpu_mode_path_on_cpu_init_from_and_compact_resume(tiny_run, tmp_path):
+    """The GPU code path (device, bf16 autocast) runs on the CPU; a run continues from an exported
+    model, and a compact checkpoint (fp16, no optimizer) resumes a fresh run directory."""
+    from safetensors.torch import load_file
+
+    from compinv_rt.world.recipe import _load_tensors
+
+    init = tiny_run / "model"
+    run = tmp_path / "v2"
+    common = ["train", "--tiny", "--stages", "cache,unet", "--cache-scenes", "16", "--procs", "1",
+              "--device", "cpu", "--precision", "bf16", "--unet-lr", "1e-4", "--warmup", "1",
+              "--ckpt-every", "1", "--snapshot-every", "2", "--seed", "1", "--force"]
+    r = CliRunner().invoke(world_app, common + ["--run-dir", str(run), "--init-from", str(init),
+                                                "--unet-steps", "2"])
+    assert r.exit_code == 0, r.output
+    t, meta = _load_tensors(run / "unet_ckpt.safetensors")
+    assert meta["step"] == 2
+    # started from the exported weights, not from the (seed 1) random initialisation
+    w0 = load_file(str(init / "unet" / "diffusion_pytorch_model.safetensors"))
+    key = "conv_in.weight"
+    assert (t["unet." + key] - w0[key].float()).abs().max() < 5e-3
+    assert all(bool(v.isfinite().all()) for v in t.values() if v.is_floating_point())
+    lat, lmeta = _load_tensors(run / "latents.safetensors")
+    vae_cfg = json.loads((init / "vae" / "config.json").read_text())
+    assert lmeta["scale"] == vae_cfg["scaling_factor"]
+    assert all(len(o) == 5 for rec in lmeta["scenes"] for o in rec[1])  # boxes kept
+
+    ck = tmp_path / "compact.safetensors"
+    r = CliRunner().invoke(world_app, ["checkpoint", "--run-dir", str(run), "--out", str(ck)])
+    assert r.exit_code == 0, r.output
+    c, cmeta = _load_tensors(ck)
+    assert cmeta["step"] == 2 and not any(k.startswith("opt.") for k in c)
+    assert all(v.dtype.is_floating_point is False or v.dtype.itemsize == 2 for v in c.values())
+    run2 = tmp_path / "v2b"
+    r = CliRunner().invoke(world_app, common + ["--run-dir", str(run2), "--init-from", str(init),
+                                                "--resume-from", str(ck), "--unet-steps", "3"])
+    assert r.exit_code == 0, r.output
+    t2, meta2 = _load_tensors(run2 / "unet_ckpt.safetensors")
+    assert meta2["step"] == 3 and any(k.startswith("opt.") for k in t2)
+    assert (t2["ema_unet." + key] - c["ema_unet." + key].float()).abs().max() < 5e-3
+
+    r = CliRunner().invoke(world_app, common + ["--run-dir", str(tmp_path / "bad"), "--device", "tpu"])
+    assert r.exit_code == 1 and "error:" in r.output and "--device" in r.output

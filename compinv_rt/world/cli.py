@@ -67,7 +67,11 @@ def train(
     ckpt_every: int = typer.Option(100, help="Checkpoint every N steps."),
     snapshot_every: int = typer.Option(400, help="Keep an EMA snapshot every N UNet steps."),
     threads: int = typer.Option(1, help="torch CPU threads per process (1 is fastest when the CPU is shared)."),
-    procs: int = typer.Option(2, help="Data-parallel processes for the UNet stage (batch = procs x unet-batch)."),
+    procs: int = typer.Option(2, help="Data-parallel CPU processes for the UNet stage (batch = procs x unet-batch)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto. On a GPU: --procs 1 and a large --unet-batch."),
+    precision: str = typer.Option("auto", help="fp32 or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)."),
+    resume_from: Optional[Path] = typer.Option(
+        None, help="A compact checkpoint (`world checkpoint`) to continue from when RUN_DIR has none."),
     seed: int = typer.Option(0, help="Seed of everything."),
     tiny: bool = typer.Option(False, help="Tiny architecture and data (smoke tests)."),
     judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
@@ -96,8 +100,8 @@ def train(
         raise ConfigError(f"--init-from {init_from}: not a diffusers folder (model_index.json missing)")
     cfg = RecipeConfig(
         run_dir=str(run_dir), init_from=str(init_from) if init_from else None, warmup=warmup,
-        place_prob=place_prob, arch=TINY_ARCH if tiny else ArchConfig(), seed=seed, threads=threads, procs=procs,
-        vae_steps=vae_steps, vae_lr=vae_lr, unet_steps=unet_steps,
+        place_prob=place_prob, device=device, precision=precision, arch=TINY_ARCH if tiny else ArchConfig(),
+        seed=seed, threads=threads, procs=procs, vae_steps=vae_steps, vae_lr=vae_lr, unet_steps=unet_steps,
         unet_batch=min(unet_batch, 4) if tiny else unet_batch,
         unet_lr=unet_lr,
         cache_scenes=cache_scenes, gate_threshold=gate_threshold, ckpt_every=ckpt_every,
@@ -122,7 +126,11 @@ def train(
                        + " ".join(f"{k}={v:.4g}" for k, v in info.items()), err=True)
 
     try:
-        result = run_recipe(cfg, chosen, progress, judge_dir=judge, out_dir=out, force=force)
+        from compinv_rt.world.recipe import resolve_device
+
+        resolve_device(cfg)  # a bad --device / --precision fails before any work
+        result = run_recipe(cfg, chosen, progress, judge_dir=judge, out_dir=out, force=force,
+                            resume_from=resume_from)
     finally:
         for b in bars.values():
             b.close()
@@ -135,6 +143,23 @@ def train(
         typer.echo(f"UNet trained to step {result['unet']['steps']}")
     if "export" in result:
         typer.echo(f"model written to {result['export']}")
+
+
+@world_app.command()
+@user_errors
+def checkpoint(
+    run_dir: Path = typer.Option(..., help="Training run whose UNet checkpoint to copy."),
+    out: Path = typer.Option(..., help="Compact checkpoint file to write (overwritten)."),
+):
+    """Write a compact resumable checkpoint (weights + EMA in fp16, no optimizer state)."""
+    from compinv_rt.errors import ModelError
+    from compinv_rt.world.recipe import RecipeConfig, compact_checkpoint
+
+    cfg_file = run_dir / "recipe.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"no training run at {run_dir} (recipe.json missing)")
+    path = compact_checkpoint(RecipeConfig.from_json(json.loads(cfg_file.read_text())), out)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 @world_app.command()

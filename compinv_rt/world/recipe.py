@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from compinv_rt.errors import ConfigError, ModelError
+from compinv_rt.outputs import atomic_write_bytes, atomic_write_json
 from compinv_rt.world.model import ArchConfig, build_text_encoder, build_unet, build_vae, export_model
 from compinv_rt.world.scenes import (
     WorldConfig,
@@ -47,6 +47,8 @@ class RecipeConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (cuda when available)
+    precision: str = "auto"  # fp32 or bf16 (autocast of the forward pass); auto: bf16 on CUDA, fp32 on CPU
     procs: int = 2  # data-parallel CPU processes for the UNet stage (effective batch procs * unet_batch)
     world: WorldConfig = field(default_factory=WorldConfig)
     # VAE
@@ -96,13 +98,10 @@ class RecipeConfig:
 
 
 def _save_tensors(path: Path, tensors: dict, meta: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                  metadata={"meta": json.dumps(meta)}))
 
 
 def _load_tensors(path: Path) -> tuple[dict, dict]:
@@ -115,21 +114,20 @@ def _load_tensors(path: Path) -> tuple[dict, dict]:
 
 
 def _opt_tensors(opt) -> tuple[dict, list]:
+    """The optimizer's state as "opt.{param}.{name}" tensors, the layout `train.loop` restores."""
+    import torch
+
     sd = opt.state_dict()
-    out = {}
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            out[f"opt.{i}.{k}"] = v if hasattr(v, "shape") else __import__("torch").tensor(v)
+    out = {f"opt.{i}.{k}": torch.as_tensor(v) for i, st in sd["state"].items() for k, v in st.items()}
     return out, sd["param_groups"]
 
 
-def _opt_load(opt, tensors: dict, groups: list) -> None:
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
+def _opt_load(opt, tensors: dict) -> None:
+    """Restore the optimizer when the checkpoint has its state (a compact one does not: restart)."""
+    from compinv_rt.train.loop import _restore_optimizer
+
+    if any(k.startswith("opt.") for k in tensors):
+        _restore_optimizer(opt, tensors)
 
 
 def _prefixed(prefix: str, module) -> dict:
@@ -141,10 +139,7 @@ def _unprefixed(prefix: str, tensors: dict) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def _step_rng(seed: int, stage: str, step: int):
@@ -152,6 +147,29 @@ def _step_rng(seed: int, stage: str, step: int):
 
     s = (seed * 1_000_003 + step * 7919 + {"vae": 1, "unet": 2}[stage]) % (2**63)
     return torch.Generator().manual_seed(s), np.random.default_rng(s)
+
+
+def resolve_device(cfg: RecipeConfig):
+    """(torch.device, autocast dtype or None) for the recipe's `device` and `precision`."""
+    import torch
+
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu, cuda, cuda:N or auto, got {cfg.device!r}")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be fp32, bf16 or auto, got {cfg.precision!r}")
+    return device, (torch.bfloat16 if precision == "bf16" else None)
 
 
 def _lr(base: float, step: int, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -199,7 +217,7 @@ def train_vae(cfg: RecipeConfig, progress: Progress | None = None, steps: int | 
     if ck.is_file():
         t, meta = _load_tensors(ck)
         vae.load_state_dict(_unprefixed("vae.", t))
-        _opt_load(opt, t, meta["param_groups"])
+        _opt_load(opt, t)
         start = meta["step"]
         log.info("VAE resumes at step %d", start)
     if start >= total:
@@ -317,7 +335,8 @@ def build_cache(cfg: RecipeConfig, progress: Progress | None = None, chunk: int 
     out = run / "latents.safetensors"
     if out.is_file():
         return out
-    vae = load_vae(cfg)
+    device, _ = resolve_device(cfg)
+    vae = load_vae(cfg).to(device)
     parts = run / "cache_parts"
     parts.mkdir(parents=True, exist_ok=True)
     base = cfg.seed * 10_000_000 + 3_000_000
@@ -331,7 +350,7 @@ def build_cache(cfg: RecipeConfig, progress: Progress | None = None, chunk: int 
         lat = []
         with torch.no_grad():
             for i in range(0, len(images), 100):
-                lat.append(vae.encode(_images_tensor(images[i:i + 100])).latent_dist.mean)
+                lat.append(vae.encode(_images_tensor(images[i:i + 100]).to(device)).latent_dist.mean.cpu())
         meta = {"scenes": [_scene_record(s) for s in scenes]}
         _save_tensors(p, {"latents": torch.cat(lat).half()}, meta)
         if progress:
@@ -483,24 +502,24 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
     scale = meta.get("scale") or 1.0 / meta["std"]
     n = latents.shape[0]
 
+    device, amp = resolve_device(cfg)
+    if world > 1 and device.type != "cpu":
+        raise ConfigError("data-parallel processes (--procs > 1) are CPU only; on a GPU use one process "
+                          "and a large --unet-batch")
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg.arch)
     text = build_text_encoder(cfg.arch)
     ema_u, ema_t = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
-    for p in list(ema_u.parameters()) + list(ema_t.parameters()):
-        p.requires_grad_(False)
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, betas=(0.9, 0.99), fused=True)
     ck = run / "unet_ckpt.safetensors"
     start = 0
     history: list = []
+    tt: dict = {}
     if ck.is_file():
         tt, m = _load_tensors(ck)
         unet.load_state_dict(_unprefixed("unet.", tt))
         text.load_state_dict(_unprefixed("text.", tt), strict=False)
         ema_u.load_state_dict(_unprefixed("ema_unet.", tt))
         ema_t.load_state_dict(_unprefixed("ema_text.", tt), strict=False)
-        _opt_load(opt, tt, m["param_groups"])
         start, history = m["step"], m.get("history", [])
         log.info("UNet resumes at step %d", start)
     elif cfg.init_from:
@@ -514,6 +533,15 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
                         raise ModelError(f"--init-from {cfg.init_from}: {part} does not fit the recipe's "
                                          f"architecture ({len(bad)} mismatched tensors, e.g. {bad[0]})")
         log.info("UNet + text encoder start from %s", cfg.init_from)
+    for mod in (unet, text, ema_u, ema_t):
+        mod.to(device)
+    for p in list(ema_u.parameters()) + list(ema_t.parameters()):
+        p.requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, betas=(0.9, 0.99), fused=True)
+    _opt_load(opt, tt)
+    del tt
+    latents = latents.to(device)
     tokens = _Tokens()
     empty = tokens([""])[0]
     ac = _alphas_cumprod()
@@ -534,15 +562,17 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
         ids = tokens(caps)
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.cond_drop
         ids[drop] = empty
-        z0 = latents[idx].float() * scale
-        noise = torch.randn(z0.shape, generator=gen)
+        # every random draw on the CPU generator: the same batches on any device
+        noise = torch.randn((cfg.unet_batch, *latents.shape[1:]), generator=gen).to(device)
         ts = torch.randint(0, ac.shape[0], (cfg.unet_batch,), generator=gen)
-        a = ac[ts].view(-1, 1, 1, 1)
+        a = ac[ts].view(-1, 1, 1, 1).to(device)
+        z0 = latents[idx.to(device)].float() * scale
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         for g in opt.param_groups:
             g["lr"] = _lr(cfg.unet_lr, step, cfg.warmup, total, floor=0.3)
-        enc = text(ids).last_hidden_state  # (B, 77, hidden)
-        pred = unet(zt, ts, enc).sample
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            enc = text(ids.to(device)).last_hidden_state  # (B, 77, hidden)
+            pred = unet(zt, ts.to(device), enc).sample.float()
         snr = a.view(-1) / (1 - a.view(-1))
         w = torch.clamp(snr, max=cfg.snr_gamma) / snr
         loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
@@ -589,6 +619,20 @@ def train_unet(cfg: RecipeConfig, progress: Progress | None = None, steps: int |
     return {"steps": total if total > start else start, "history": history}
 
 
+def compact_checkpoint(cfg: RecipeConfig, out: str | Path) -> Path:
+    """A resumable copy of the UNet checkpoint small enough to commit: weights and EMA in fp16, no
+    optimizer state (a resume restarts AdamW's moments). `train --resume-from` reads it."""
+    ck = Path(cfg.run_dir) / "unet_ckpt.safetensors"
+    if not ck.is_file():
+        raise ModelError(f"no UNet checkpoint in {cfg.run_dir}")
+    t, meta = _load_tensors(ck)
+    keep = {k: v.half() if v.is_floating_point() else v for k, v in t.items() if not k.startswith("opt.")}
+    meta = {"step": meta["step"], "history": meta.get("history", []), "recipe": cfg.to_json()}
+    out = Path(out)
+    _save_tensors(out, keep, meta)
+    return out
+
+
 def list_snapshots(cfg: RecipeConfig) -> list[Path]:
     return sorted((Path(cfg.run_dir) / "snapshots").glob("step*.safetensors"))
 
@@ -618,8 +662,10 @@ def export_snapshot(cfg: RecipeConfig, out_dir: str | Path, snapshot: str | Path
 
 
 def run_recipe(cfg: RecipeConfig, stages=STAGES, progress: Progress | None = None, judge_dir=None,
-               out_dir=None, force: bool = False) -> dict:
-    """Run the given stages in order; the UNet stages refuse a VAE that failed its gate."""
+               out_dir=None, force: bool = False, resume_from: str | Path | None = None) -> dict:
+    """Run the given stages in order; the UNet stages refuse a VAE that failed its gate.
+    `resume_from`: a compact checkpoint (`compact_checkpoint`) the unet stage continues from when
+    the run has no checkpoint of its own."""
     from compinv_rt.world.judge import load_judge
 
     for s in stages:
@@ -633,6 +679,14 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES, progress: Progress | None = Non
         if old.get("arch") != json.loads(json.dumps(cfg.to_json()))["arch"]:
             raise ConfigError(f"{run} holds a run with another architecture; use another --run-dir")
     _write_json(cfg_path, cfg.to_json())
+    ck = run / "unet_ckpt.safetensors"
+    if resume_from is not None and not ck.is_file():
+        if not Path(resume_from).is_file():
+            raise ConfigError(f"--resume-from {resume_from}: no such file")
+        t, meta = _load_tensors(Path(resume_from))
+        if meta.get("recipe", {}).get("arch") != json.loads(json.dumps(cfg.to_json()))["arch"]:
+            raise ConfigError(f"--resume-from {resume_from}: a checkpoint of another architecture")
+        _save_tensors(ck, t, meta)
     result: dict = {}
     if "vae" in stages:
         train_vae(cfg, progress)
@@ -658,7 +712,3 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES, progress: Progress | None = Non
     if "export" in stages:
         result["export"] = str(export_snapshot(cfg, out_dir or run / "model"))
     return result
-
-
-def replace_config(cfg: RecipeConfig, **kw) -> RecipeConfig:
-    return replace(cfg, **kw)
