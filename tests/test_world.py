@@ -336,3 +336,8 @@ def test_gpu_mode_path_on_cpu_init_from_and_compact_resume(tiny_run, tmp_path):
 
     r = CliRunner().invoke(world_app, common + ["--run-dir", str(tmp_path / "bad"), "--device", "tpu"])
     assert r.exit_code == 1 and "error:" in r.output and "--device" in r.output
+
+
+def test_score_rejects_unknown_kinds():
+    r = CliRunner().invoke(world_app, ["score", "--kinds", "single,four"])
+    assert r.exit_code == 1 and "error:" in r.output and "four" in r.output

@@ -302,6 +302,7 @@ def curve(
     judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
     out: Path = typer.Option(Path("outputs/world-curve"), help="Folder for curve.json, curve.md, curve.png."),
     snapshots: str = typer.Option("", help="Comma-separated snapshot steps to score (default: all, see --every)."),
+    kinds: str = typer.Option("single,two,novel", help="Held-out prompt kinds (as for `world score`)."),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
 ):
     """Learning curve: score every EMA snapshot of a run on the held-out prompts."""
@@ -330,7 +331,8 @@ def curve(
         chosen = [s for s in snaps if int(s.stem.replace("step", "")) in wanted]
         if not chosen:
             raise ModelError(f"none of the snapshots {sorted(wanted)} exist in {run_dir}/snapshots")
-    plist = default_prompts(("single", "two", "novel"), prompts_per_kind, 0)
+    chosen_kinds = [x.strip() for x in kinds.split(",") if x.strip()]
+    plist = default_prompts(chosen_kinds, prompts_per_kind, 0)
     scfg = ScoreConfig(k=k, prompts_per_kind=prompts_per_kind, steps=steps, guidance=guidance)
     rows = []
     out.mkdir(parents=True, exist_ok=True)
@@ -344,12 +346,12 @@ def curve(
                      "detail": res["summary"]})
         typer.echo(f"step {step}: " + ", ".join(f"{kd} {100 * s['exact']:.1f}%" for kd, s in res["summary"].items()))
         (out / "curve.json").write_text(json.dumps(rows, indent=1))
-    kinds = [kd for kd in ("single", "two", "novel") if kd in rows[0]]
-    md = ["| step | " + " | ".join(f"{kd} exact" for kd in kinds) + " | samples per kind |",
-          "|---|" + "---|" * (len(kinds) + 1)]
+    kinds_ = [kd for kd in chosen_kinds if kd in rows[0]]
+    md = ["| step | " + " | ".join(f"{kd} exact" for kd in kinds_) + " | samples per kind |",
+          "|---|" + "---|" * (len(kinds_) + 1)]
     for r in rows:
-        md.append(f"| {r['step']} | " + " | ".join(f"{100 * r[kd]:.1f}%" for kd in kinds)
-                  + f" | {r['samples'][kinds[0]]} |")
+        md.append(f"| {r['step']} | " + " | ".join(f"{100 * r[kd]:.1f}%" for kd in kinds_)
+                  + f" | {r['samples'][kinds_[0]]} |")
     (out / "curve.md").write_text("\n".join(md) + "\n")
     import matplotlib
 
@@ -357,7 +359,7 @@ def curve(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for kd in kinds:
+    for kd in kinds_:
         ax.plot([r["step"] for r in rows], [100 * r[kd] for r in rows], marker="o", label=kd)
     ax.set_xlabel("UNet steps")
     ax.set_ylabel("exact (%)")
