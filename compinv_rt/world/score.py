@@ -211,17 +211,24 @@ def combination_table(rows: list[dict], worst: int = 10, bar: float = 0.8, min_b
         hit, n = cells.setdefault(key, {}).get(bg, (0, 0))
         cells[key][bg] = (hit + int(r["check"]["exact"]), n + 1)
     rates = {key: {bg: h / n for bg, (h, n) in per.items()} for key, per in cells.items()}
-    flat = sorted(((rate, key, bg) for key, per in rates.items() for bg, rate in per.items()),
-                  key=lambda t: (t[0], t[1], t[2]))
+    mean = {key: sum(per.values()) / len(per) for key, per in rates.items()}
+    # worst first; among equal cells, those of the combinations that fail most overall
+    flat = sorted(((rate, mean[key], key, bg) for key, per in rates.items() for bg, rate in per.items()))
     passing = [key for key, per in rates.items() if sum(v >= bar for v in per.values()) >= min_backgrounds]
+    by_pattern: dict = {}
+    for (_, pattern, _), per in cells.items():
+        h, n = by_pattern.get(pattern, (0, 0))
+        by_pattern[pattern] = (h + sum(x for x, _ in per.values()), n + sum(y for _, y in per.values()))
     return {
         "combinations": len(rates),
         "passing": len(passing),
         "bar": bar,
         "min_backgrounds": min_backgrounds,
         "samples_per_cell": max((n for per in cells.values() for _, n in per.values()), default=0),
-        "worst": [{"colour": k[0], "pattern": k[1], "shape": k[2], "background": bg, "exact": rate}
-                  for rate, k, bg in flat[:worst]],
+        "cells_at_zero": sum(1 for rate, *_ in flat if rate == 0),
+        "exact_by_pattern": {p: h / n for p, (h, n) in sorted(by_pattern.items())},
+        "worst": [{"colour": k[0], "pattern": k[1], "shape": k[2], "background": bg, "exact": rate,
+                   "combination_mean": m} for rate, m, k, bg in flat[:worst]],
         "cells": {" ".join(k): per for k, per in sorted(rates.items())},
     }
 
@@ -229,10 +236,13 @@ def combination_table(rows: list[dict], worst: int = 10, bar: float = 0.8, min_b
 def combination_markdown(table: dict) -> str:
     lines = [f"{table['passing']} of {table['combinations']} colour x pattern x shape combinations reach "
              f"{100 * table['bar']:.0f} % exact on at least {table['min_backgrounds']} of {len(BACKGROUNDS)} "
-             f"backgrounds ({table['samples_per_cell']} samples per cell).", "",
-             "| worst cells | background | exact |", "|---|---|---|"]
+             f"backgrounds ({table['samples_per_cell']} samples per cell); {table['cells_at_zero']} cells at 0 %; "
+             "exact by pattern: " + ", ".join(f"{p} {100 * v:.1f} %" for p, v in table["exact_by_pattern"].items())
+             + ".", "",
+             "| worst cells | background | exact | combination, all backgrounds |", "|---|---|---|---|"]
     for w in table["worst"]:
-        lines.append(f"| {w['pattern']} {w['colour']} {w['shape']} | {w['background']} | {100 * w['exact']:.0f}% |")
+        lines.append(f"| {w['pattern']} {w['colour']} {w['shape']} | {w['background']} | {100 * w['exact']:.0f}% "
+                     f"| {100 * w['combination_mean']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
