@@ -184,7 +184,7 @@ def score(
 ):
     """Sample K images per prompt, judge them, report accuracy per prompt kind."""
     from compinv_rt.errors import ConfigError
-    from compinv_rt.world.score import ScoreConfig, default_prompts, markdown_table, read_prompt_file
+    from compinv_rt.world.score import ScoreConfig, default_prompts, read_prompt_file
     from compinv_rt.world.score import score as run_score
 
     if k < 1 or steps < 1 or prompts_per_kind < 1 or combination_k < 0:

@@ -168,7 +168,8 @@ def shapes_world_vocabulary() -> list[str]:
     """The words of the shapes world's captions: the trained vocabulary of the embedded model (a
     text encoder trained from scratch, whose other 49k rows are untrained)."""
     words = set(S.COLOURS) | set(S.SHAPES) | set(S.SIZES) | set(S.POSITIONS) | {"dotted", "striped"}
-    for text in list(S.TEMPLATES) + [p for ps in S.BG_PHRASES.values() for p in ps]:
+    phrases = list(S.PLACE_PHRASES.values()) + [p for ps in S.BG_PHRASES.values() for p in ps]
+    for text in list(S.TEMPLATES) + phrases:
         words |= set(re.findall(r"[a-z]+", text.replace("{objs}", "").replace("{bg}", "")))
     return sorted(words | {"a", "an", "and"})
 

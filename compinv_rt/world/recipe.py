@@ -87,8 +87,8 @@ class RecipeConfig:
     def from_json(d: dict) -> "RecipeConfig":
         d = dict(d)
         d["arch"] = ArchConfig.from_json(d.get("arch", {}))
-        w = d.get("world", {})
-        d["world"] = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in w.items()})
+        w: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get("world", {}).items()}
+        d["world"] = WorldConfig(**w)
         fields = RecipeConfig.__dataclass_fields__
         return RecipeConfig(**{k: v for k, v in d.items() if k in fields})
 
@@ -246,7 +246,8 @@ def train_vae(cfg: RecipeConfig, progress: Progress | None = None, steps: int | 
         opt.step()
         done = step + 1
         if progress:
-            progress("vae", done, total, {"loss": loss.item(), **info, "s_per_step": (time.time() - t0) / (done - start)})
+            progress("vae", done, total,
+                     {"loss": loss.item(), **info, "s_per_step": (time.time() - t0) / (done - start)})
         if done % cfg.ckpt_every == 0 or done == total:
             ot, groups = _opt_tensors(opt)
             _save_tensors(ck, {**_prefixed("vae.", vae), **ot}, {"step": done, "param_groups": groups})
@@ -257,6 +258,8 @@ def _init_weights(cfg: RecipeConfig, part: str) -> dict:
     """State dict of one component ("vae", "unet", "text_encoder") of `cfg.init_from`, float32."""
     from safetensors.torch import load_file
 
+    if not cfg.init_from:
+        raise ConfigError("no --init-from model to take weights from")
     folder = Path(cfg.init_from) / part
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -257,7 +257,7 @@ def parse_prompt(prompt: str) -> PromptSpec:
     """
     words = re.findall(r"[a-z]+", prompt.lower())
     bgs: list[str] = []
-    objects = []
+    objects: list[tuple[str | None, str, str | None]] = []
     place_words: list[set] = []  # place words seen after each object's shape word
     colour = pattern = None
     for w in words:

@@ -277,12 +277,13 @@ def score(
         rows.append({"kind": kind, "prompt": prompt, "index": j,
                      "check": check(spec, v, cfg.size), "judgement": v.to_json()})
     summary = summarize(rows)
-    result = {"config": cfg.__dict__, "model": str(model_dir or "embedded"),
-              "seconds": round(time.time() - t0, 1), "summary": summary, "samples": rows}
+    result: dict = {"config": cfg.__dict__, "model": str(model_dir or "embedded"),
+                    "seconds": round(time.time() - t0, 1), "summary": summary, "samples": rows}
     md = markdown_table(summary)
     if any(r["kind"] == "combinations" for r in rows):
-        result["combinations"] = combination_table(rows)
-        md += "\n" + combination_markdown(result["combinations"])
+        table = combination_table(rows)
+        result["combinations"] = table
+        md += "\n" + combination_markdown(table)
     result["markdown"] = md
     if out_dir is not None:
         out = Path(out_dir)
