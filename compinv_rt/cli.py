@@ -81,7 +81,8 @@ def generate(
     ray: bool = typer.Option(False, "--ray", help="--jobs: run on Ray (one actor per worker)."),
     ray_address: Optional[str] = typer.Option(None, help="--ray: cluster address (default: start a local Ray)."),
     workers: int = typer.Option(2, help="--ray: number of actors."),
-    gpus_per_worker: float = typer.Option(0, help="--ray: GPUs per actor (0 on CPU-only clusters)."),
+    gpus_per_worker: Optional[float] = typer.Option(
+        None, help="--ray: GPUs per actor (default: 1 with a CUDA device, 0 on CPU)."),
 ):
     """Generate images: one PNG and one JSON sidecar per image, plus a grid."""
     from compinv_rt.errors import ConfigError
@@ -215,7 +216,9 @@ def export(
         ..., "--format", help="Artifact to build; triton = a Triton model repository around the "
         "TensorRT plan (on CUDA with TensorRT) or else the ONNX engine."),
     model: Optional[str] = typer.Option(None, help="Local diffusers SD 1.x/2.x folder (default: embedded)."),
-    precision: Precision = typer.Option(Precision.fp32, help="Weights and activations precision."),
+    precision: Precision = typer.Option(
+        Precision.auto, help="Weights and activations precision: auto (fp16 on CUDA, fp32 on CPU, "
+        "as generate), fp32, fp16 or bf16. The model is loaded at this precision."),
     batch_sizes: str = typer.Option("1,2,4,8", help="Image batch sizes: one static bucket each."),
     dynamic: bool = typer.Option(False, "--dynamic", help="One dynamic batch range instead of buckets."),
     height: Optional[int] = typer.Option(None, help="Image height (default: the model's native size)."),
@@ -254,7 +257,8 @@ def export(
 
         require_tensorrt()
     check_writable_dir(out)
-    loaded = load_model(str(files.root), device=device)
+    # Loaded at the export's precision: an fp32 engine from fp16-rounded weights is not fp32.
+    loaded = load_model(str(files.root), device=device, dtype=precision)
     options = ExportOptions(exporter.value, opset, optimization_level).for_format(fmt)
     engine_dir, reused = export_engine(fmt, loaded, spec, profiles, out, options, force=force,
                                        on_status=lambda msg: typer.echo(msg, err=True))
@@ -314,6 +318,10 @@ def train(
     checkpoint_every: int = typer.Option(100, help="Checkpoint interval in steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    format: str = typer.Option(
+        "diffusers", "--format", help="Portable embedding copies besides the folder's own "
+        "embeddings.safetensors: diffusers (learned_embeds.safetensors), a1111 (<name>.pt + "
+        "<name>.safetensors, AUTOMATIC1111's layout) or both."),
 ):
     """Learn a new token from a few photos: textual inversion + semantic inversion (anchor loss)."""
     from compinv_rt.errors import ConfigError
@@ -332,6 +340,10 @@ def train(
                       seed=seed, checkpoint_every=checkpoint_every, templates=tpl,
                       captions=captions, masks=None if masks is None else str(masks),
                       context_token=context_token, norm=norm, context_weight=context_weight)
+    from compinv_rt.train.portable import EmbeddingFormat, write_portable
+
+    if format not in {f.value for f in EmbeddingFormat}:
+        raise ConfigError(f"--format must be diffusers, a1111 or both, got {format!r}")
     # Everything cheap is checked before weights load or anything is written.
     plan = prepare(cfg, images, model)
     check_out_dir(out, resume)
@@ -350,6 +362,7 @@ def train(
                                on_status=lambda msg: typer.echo(msg, err=True))
     finally:
         bar.close()
+    portable = write_portable(out, format)
     rec = result.record
     carrying = ", ".join(f"{a['word']} ({a['coefficient']:.3f})" for a in rec["anchors"]
                          if a["carries_weight"]) or "none"
@@ -360,6 +373,7 @@ def train(
                f"{rec['anchor_target_distance']:.4f}")
     typer.echo(f"reconstruction loss {loss['first_10pct_mean'][0]:.4f} -> "
                f"{loss['last_10pct_mean'][0]:.4f} (first/last 10% of steps)")
+    typer.echo(f"embedding copies ({format}): {', '.join(p.name for p in portable)}")
 
 
 @app.command()
@@ -378,7 +392,8 @@ def doctor():
 def bench(
     model: Optional[str] = typer.Option(None, help="Local diffusers SD folder (default: embedded)."),
     arch: Optional[str] = typer.Option(
-        None, help="sd15 or sd21: an architecture-true model with RANDOM weights (latency only)."),
+        None, help="sd15 or sd21: an architecture-true model with RANDOM weights (latency only); "
+        "sd15-proxy: SD 1.5's topology, narrow (a CPU smoke test)."),
     backends: str = typer.Option("torch,onnxruntime", help="Comma-separated backends to compare."),
     batch_sizes: str = typer.Option("1,4,8", help="Images per batch."),
     steps: int = typer.Option(25, help="Denoising steps per generation."),
@@ -434,7 +449,8 @@ def bench(
                       tuple(flags[b] for b in bias.split(",")), repeats, engines_root=engines,
                       baseline=baseline, precisions=precision_list)
     result = run_bench(model, cfg, device=device, label=label,
-                       on_status=lambda msg: typer.echo(msg, err=True))
+                       on_status=lambda msg: typer.echo(msg, err=True),
+                       on_cell=lambda partial: write_report(partial, out))
     paths = write_report(result, out)
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"results: {paths['json']}, {paths['markdown']}, {paths['plot']}")

@@ -38,24 +38,46 @@ def _torch() -> Check:
     return Check("torch", True, f"{torch.__version__}; {cuda}; devices: {', '.join(devices)}")
 
 
-def _plain(name: str, dist: str, missing: str) -> Check:
+def _install(extra: str) -> str:
+    return f"pip install 'compinv-rt[{extra}]'"
+
+
+def _plain(name: str, dist: str, missing: str, extra: str | None = None) -> Check:
     v = _version(dist)
-    return Check(name, v is not None, v or f"not installed: {missing}")
+    hint = f" ({_install(extra)})" if extra else ""
+    return Check(name, v is not None, v or f"not installed: {missing}{hint}")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def _onnxruntime() -> Check:
-    v = _version("onnxruntime") or _version("onnxruntime-gpu")
+    gpu_build = _version("onnxruntime-gpu")
+    v = gpu_build or _version("onnxruntime")
     if v is None:
-        return Check("onnxruntime", False, "not installed: onnxruntime backend unavailable")
+        return Check("onnxruntime", False, "not installed: onnxruntime backend unavailable "
+                     f"({_install('gpu')} on NVIDIA GPUs, else {_install('cpu')})")
     import onnxruntime as ort
 
-    return Check("onnxruntime", True, f"{v}; providers: {', '.join(ort.get_available_providers())}")
+    providers = ort.get_available_providers()
+    detail = f"{v}; providers: {', '.join(providers)}"
+    if _cuda_available() and "CUDAExecutionProvider" not in providers:
+        # The CPU wheel on a GPU machine: the onnxruntime backend would refuse --device cuda.
+        detail += (f"; no CUDA provider: pip uninstall onnxruntime && {_install('gpu')}")
+        return Check("onnxruntime", False, detail)
+    return Check("onnxruntime", True, detail)
 
 
 def _tensorrt() -> Check:
     if importlib.util.find_spec("tensorrt") is None:
-        return Check("tensorrt", False,
-                     "not installed: TensorRT export and backend unavailable (needs NVIDIA GPU + TensorRT)")
+        return Check("tensorrt", False, "not installed: TensorRT export and backend unavailable "
+                     f"(needs an NVIDIA GPU; {_install('tensorrt')})")
     try:
         import tensorrt as trt
 
@@ -97,10 +119,12 @@ def run_checks() -> list[Check]:
         _plain("diffusers", "diffusers", "generation unavailable"),
         _plain("transformers", "transformers", "generation unavailable"),
         _onnxruntime(),
-        _plain("onnx", "onnx", "ONNX export unavailable"),
-        _plain("polygraphy", "polygraphy", "graph folding and TensorRT builds unavailable"),
+        _plain("onnx", "onnx", "ONNX export unavailable", "gpu" if _cuda_available() else "cpu"),
+        _plain("polygraphy", "polygraphy", "graph folding and TensorRT builds unavailable",
+               "gpu" if _cuda_available() else "cpu"),
         _tensorrt(),
-        _plain("ray", "ray", "generate --jobs --ray unavailable"),
+        _plain("ray", "ray", "generate --jobs --ray unavailable", "scaleout"),
+        _plain("matplotlib", "matplotlib", "train's loss curve and bench/eval plots unavailable"),
         _clip_vocab(),
         _default_model(),
     ]

@@ -1,7 +1,7 @@
 """`generate --jobs FILE --ray`: the same job file on a Ray cluster, one actor per worker.
 
 Ray Data reads the pending items; `map_batches` runs `RayJobWorker`, a callable class that opens
-the model and backend once per actor (with `num_gpus` when GPUs are asked for). Outputs go to one
+the model and backend once per actor (with `num_gpus`: by default 1 per actor on CUDA). Outputs go to one
 shared location (a folder every worker sees, or a pyarrow URI). Idempotence comes from the same
 rule as the local path: each image is `<job>_<index>.png` + `.json`, the sidecar written last, and
 a retried batch skips what is done; Ray Data restarts a killed actor and retries its batch.
@@ -45,9 +45,30 @@ class RayJobWorker:
                 "problems": np.array([json.dumps(summary.problems)] * len(items))}
 
 
+def gpus_per_actor(requested: float | None, device: str) -> float:
+    """GPUs Ray reserves per actor. Default: 1 on CUDA, 0 on CPU. Ray then gives each actor its
+    own GPU (CUDA_VISIBLE_DEVICES), so `cuda` inside it is that GPU. With 0 GPUs on CUDA, Ray
+    would not know any actor uses a GPU: every one would land on cuda:0, so it is refused."""
+    import torch
+
+    cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if requested is None:
+        requested = 1.0 if cuda else 0.0
+    if requested < 0:
+        raise ConfigError(f"--gpus-per-worker must be >= 0, got {requested}")
+    if cuda and requested == 0:
+        raise ConfigError("--gpus-per-worker 0 with a CUDA device: Ray would not know the actors "
+                          "use a GPU and all of them would run on cuda:0; give a GPU share (e.g. 1 "
+                          "or 0.5) or --device cpu")
+    if cuda and ":" in str(device):
+        raise ConfigError(f"--device {device} with --ray: Ray assigns each actor its GPU; "
+                          "pass --device cuda")
+    return requested
+
+
 def run_on_ray(items: list[Item], sink_uri: str, config: JobsConfig, summary: JobsSummary,
                on_image=lambda name: None, address: str | None = None, workers: int = 2,
-               gpus_per_worker: float = 0) -> JobsSummary:
+               gpus_per_worker: float | None = None) -> JobsSummary:
     import logging
 
     import ray
@@ -60,6 +81,7 @@ def run_on_ray(items: list[Item], sink_uri: str, config: JobsConfig, summary: Jo
                           "--engine DIR: every worker loads that engine and none rebuilds it")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    gpus_per_worker = gpus_per_actor(gpus_per_worker, options.device)
     if not items:
         return summary
     # Workers may run elsewhere: absolute paths.

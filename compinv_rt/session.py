@@ -121,6 +121,7 @@ class GeneratedImage:
     spatial: dict  # the sidecar's spatial block
     backend: str
     attention: torch.Tensor | None = None  # (T, h, w) mean cross-attention (--save-attention)
+    provider: str | None = None  # onnxruntime: the execution provider that actually ran
 
     @property
     def request(self) -> Request:
@@ -295,7 +296,7 @@ class GenerationSession:
         return [GeneratedImage(
             task, image, prep.text, cfg, prep.concepts, prep.layout,
             task.request.spatial.sidecar(cfg.steps, prep.layout, history, j), pipe.backend.name,
-            None if maps is None else maps[j])
+            None if maps is None else maps[j], getattr(pipe.backend, "provider", None))
             for j, (task, prep, image) in enumerate(zip(batch, preps, images))]
 
     def generate(self, request: Request, on_step: StepCallback | None = None) -> list[GeneratedImage]:
@@ -309,6 +310,8 @@ class GenerationSession:
         req = result.request
         concepts = [{"folder": str(c.folder), "token": c.token, "vectors": c.vectors}
                     for c in result.concepts]
+        if result.provider:
+            extra = {"provider": result.provider, **extra}
         return image_metadata(req.prompt, req.negative_prompt, result.seed,
                               result.sampling.as_dict(), self.model, result.backend,
                               concepts=concepts, spatial=result.spatial, **extra)

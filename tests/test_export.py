@@ -84,12 +84,45 @@ def test_trt_builder_settings_without_tensorrt(tmp_path):
     assert s.profiles[1]["sample"] == ((8, 4, 16, 16),) * 3
     assert s.profiles[0]["attention_bias"][0] == (2, 77, 16, 16)
     kw = s.create_config_kwargs()
-    assert kw["fp16"] is True and kw["bf16"] is False and kw["builder_optimization_level"] == 4
+    # Strongly typed network: no fp16/bf16 builder flags (gone in TensorRT 11), no TF32 for fp16.
+    assert "fp16" not in kw and "bf16" not in kw and kw["tf32"] is False
+    assert kw["builder_optimization_level"] == 4
     assert kw["load_timing_cache"] is None  # no cache yet
     (tmp_path / "cache.bin").write_bytes(b"x")
     assert s.create_config_kwargs()["load_timing_cache"] == str(tmp_path / "cache.bin")
     dyn = trt_build_settings(spec, batch_profiles([1, 2, 4, 8], dynamic=True), 3, tmp_path / "c")
     assert dyn.profiles[0]["sample"] == ((2, 4, 16, 16), (8, 4, 16, 16), (16, 4, 16, 16))
+
+
+def test_trt_build_is_strongly_typed(tmp_path, monkeypatch):
+    """The polygraphy calls a build makes (recorded; TensorRT itself is absent here)."""
+    import polygraphy.backend.trt as ptrt
+
+    from compinv_rt.export.tensorrt import build_tensorrt_engine, trt_build_settings
+
+    seen = {}
+    monkeypatch.setattr(ptrt, "network_from_onnx_path",
+                        lambda path, **kw: seen.setdefault("network", kw) and "net")
+    monkeypatch.setattr(ptrt, "CreateConfig", lambda **kw: seen.setdefault("config", kw))
+    monkeypatch.setattr(ptrt, "engine_bytes_from_network", lambda net, config, **kw: b"plan")
+    spec = UNetIOSpec(4, 4, 77, 64, 16, 16, Precision.fp16)
+    settings = trt_build_settings(spec, batch_profiles([1, 2], dynamic=False), 3, tmp_path / "c.bin")
+    assert build_tensorrt_engine(tmp_path / "unet.onnx", settings, tmp_path) == "unet.plan"
+    assert seen["network"] == {"strongly_typed": True}
+    assert not {"fp16", "bf16"} & set(seen["config"]) and len(seen["config"]["profiles"]) == 2
+
+
+def test_trt_engines_and_timing_caches_are_per_gpu_model_and_version(tmp_path):
+    from compinv_rt.export.manifest import compute_capability, cuda_device_tag
+    from compinv_rt.export.tensorrt import timing_cache_path
+
+    h100 = cuda_device_tag("NVIDIA H100 80GB HBM3", (9, 0))
+    h200 = cuda_device_tag("NVIDIA H200", (9, 0))
+    assert h100 != h200 and h200 == "cuda-sm90-nvidia-h200"
+    assert compute_capability(h100) == compute_capability(h200) == "90"
+    assert _request(device=h100).key != _request(device=h200).key
+    caches = {timing_cache_path(tmp_path, t, v) for t in (h100, h200) for v in ("10.13.0", "11.1.0")}
+    assert len(caches) == 4
 
 
 # --- real exports of the tiny model --------------------------------------------------------
@@ -391,6 +424,17 @@ def test_triton_repository_maps_plans_to_compute_capabilities(onnx_engine, tmp_p
     model_dir = write_triton_repository(engines, tmp_path / "repo")
     cfg = (model_dir / "config.pbtxt").read_text()
     assert 'platform: "tensorrt_plan"' in cfg and "graphs: true" in cfg
+    # Every batch bucket is reachable: the instance group lists each of the manifest's profiles.
+    import re
+
+    from compinv_rt.export.manifest import profiles_of
+
+    manifest_profiles = profiles_of(json.loads((engines[0] / "manifest.json").read_text()))
+    assert len(manifest_profiles) == 3
+    listed = re.search(r"profile: \[ (.*?) \]", cfg).group(1)
+    assert listed == ", ".join(f'"{i}"' for i in range(len(manifest_profiles)))
+    ranges = re.findall(r"#   profile (\d+): (\d+)-(\d+)", cfg)
+    assert [(int(a), int(b)) for _, a, b in ranges] == [(p.min, p.max) for p in manifest_profiles]
     assert '{ key: "9.0" value: "model_sm90.plan" }' in cfg and '{ key: "8.0" value: "model_sm80.plan" }' in cfg
     assert "TYPE_FP16 dims: [ -1, 4, 16, 16 ]" in cfg and 'name: "timestep" data_type: TYPE_FP32' in cfg
     assert (model_dir / "1" / "model_sm80.plan").read_bytes() == b"80"

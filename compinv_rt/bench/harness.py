@@ -53,11 +53,16 @@ class Cell:
     e2e_s: float
     images_per_s: float
     peak_rss_mb: float
-    peak_cuda_mb: float
+    peak_cuda_mb: float  # torch allocator peak, increase over the cell's start (CUDA only)
     step_speedup: float | None = None  # stock p50 / this p50
     e2e_speedup: float | None = None  # stock e2e / this e2e
     precision: str = "fp32"
     e2e_speedup_same_precision: float | None = None  # vs stock at this cell's precision
+    # Device-wide (every allocator: torch, ONNX Runtime, TensorRT) peak increase over the cell's
+    # start, and what was resident at its start (loaded models, engines). CUDA only.
+    peak_device_mb: float = 0.0
+    resident_device_mb: float = 0.0
+    provider: str | None = None  # onnxruntime: the execution provider that actually ran
 
 
 @dataclass
@@ -106,10 +111,12 @@ def layout_spatial(prompt: str, strength: float, steps: int):
 
 
 def _measure(run, device, repeats: int, timer: StepTimer, batch: int):
-    run()  # warm-up: compilation, engine load, allocator
-    timer.times.clear()
     e2e = []
+    # The warm-up is inside the memory section: ONNX Runtime's arena, CUDA-graph pools and
+    # compile workspaces are allocated there.
     with PeakMemory(device) as mem:
+        run()  # warm-up: compilation, engine load, allocator
+        timer.times.clear()
         for _ in range(repeats):
             _sync(device)
             t0 = time.perf_counter()
@@ -119,7 +126,8 @@ def _measure(run, device, repeats: int, timer: StepTimer, batch: int):
     e2e_s = statistics.median(e2e)
     return dict(step_ms_p50=1000 * _percentile(timer.times, 0.5),
                 step_ms_p90=1000 * _percentile(timer.times, 0.9), e2e_s=e2e_s,
-                images_per_s=batch / e2e_s, peak_rss_mb=mem.rss_mb, peak_cuda_mb=mem.cuda_mb)
+                images_per_s=batch / e2e_s, peak_rss_mb=mem.rss_mb, peak_cuda_mb=mem.cuda_mb,
+                peak_device_mb=mem.device_mb, resident_device_mb=mem.resident_mb)
 
 
 def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int, Cell]:
@@ -133,11 +141,19 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
     timer = StepTimer(pipe.unet.forward, model.device)
     pipe.unet.forward = timer  # instance attribute: times every UNet call of the stock loop
     if cfg.baseline == "compiled":
-        pipe.unet.to(memory_format=torch.channels_last)
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
-        pipe.unet.forward = torch.compile(timer.fn, mode=mode)
-        timer.fn = pipe.unet.forward
-        pipe.unet.forward = timer
+        # Like for like with our compile backend: the same compile_unet settings (mode, static
+        # shapes but for a dynamic batch dimension), channels_last on CUDA.
+        from compinv_rt.runtime.compiled_backends import compile_unet, mark_batch_dynamic
+
+        if model.device.type == "cuda":
+            pipe.unet.to(memory_format=torch.channels_last)
+        compiled = compile_unet(timer.fn, model.device)
+
+        def stock_compiled(sample, timestep, encoder_hidden_states, *args, **kwargs):
+            mark_batch_dynamic(sample, encoder_hidden_states)
+            return compiled(sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+        timer.fn = stock_compiled
     cells = {}
     for batch in cfg.batch_sizes:
         on_status(f"{STOCK} {model.precision.value}: batch {batch}")
@@ -155,7 +171,9 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
 
 
 def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", label: str = "",
-              on_status=lambda msg: None) -> BenchResult:
+              on_status=lambda msg: None, on_cell=lambda result: None) -> BenchResult:
+    """`on_cell(result)` after every measured cell (the CLI rewrites its report: a run stopped by
+    a timeout keeps what it measured)."""
     from compinv_rt import __version__
     from compinv_rt.errors import BackendUnavailable
     from compinv_rt.models.loading import LoadedModel, load_model
@@ -185,6 +203,7 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
     for precision, m in models.items():
         stock[precision] = _stock_cells(str(m.root), m, cfg, on_status)
         result.cells.extend(stock[precision].values())
+        on_cell(result)
     reference = stock[model.precision.value]
     for cells in list(stock.values())[1:]:
         for batch, cell in cells.items():
@@ -206,6 +225,7 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
             result.meta["skipped"].append(f"{backend} {precision}: {exc}")
             on_status(f"skipped: {exc}")
             continue
+        provider = getattr(session.unet(height, width, cfg.guidance > 1), "provider", None)
         timer = session.wrap_unet(height, width, cfg.guidance > 1,
                                   lambda unet: StepTimer(unet, model.device))
         for with_bias in cfg.bias:
@@ -214,17 +234,21 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
                        else SpatialConfig())
             tasks = session.tasks(Request(cfg.prompt, 0, batch, sampling=sampling, spatial=spatial))
 
-            def run():
+            def run(session=session, tasks=tasks):
                 session.run_batch(tasks)
 
             cell = Cell(backend, batch, with_bias, cfg.steps,
                         **_measure(run, model.device, cfg.repeats, timer, batch),
-                        precision=precision)
+                        precision=precision, provider=provider)
             base = reference[batch]
             cell.step_speedup = base.step_ms_p50 / cell.step_ms_p50
             cell.e2e_speedup = base.e2e_s / cell.e2e_s
             cell.e2e_speedup_same_precision = stock[precision][batch].e2e_s / cell.e2e_s
             result.cells.append(cell)
+            on_cell(result)
+        del run, session, timer, tasks  # free this backend's memory before the next one opens
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
     return result
 
 

@@ -29,13 +29,22 @@ def markdown(result: BenchResult) -> str:
     for c in result.cells:
         same = "-" if c.backend == STOCK else speed(c.e2e_speedup_same_precision)
         lines.append(
-            f"| {c.backend} | {c.precision} | {c.batch} | {'on' if c.bias else 'off'} | "
+            f"| {c.backend}{f' ({c.provider})' if c.provider else ''} | {c.precision} | {c.batch} | "
+            f"{'on' if c.bias else 'off'} | "
             f"{c.step_ms_p50:.1f} | {c.step_ms_p90:.1f} | {c.e2e_s:.2f} | {c.images_per_s:.2f} | "
-            f"{c.peak_rss_mb:.0f}{f' (+{c.peak_cuda_mb:.0f} CUDA)' if c.peak_cuda_mb else ''} | "
+            f"{c.peak_rss_mb:.0f}{_cuda_memory(c)} | "
             f"{speed(c.step_speedup)} | {speed(c.e2e_speedup)} | {same} |")
     for line in m.get("skipped", []):
         lines.append(f"\nSkipped: {line}")
     return "\n".join(lines) + "\n"
+
+
+def _cuda_memory(c) -> str:
+    """Increase over the cell's start: torch's allocator, and device-wide (ORT/TRT included)."""
+    if not (c.peak_cuda_mb or c.peak_device_mb):
+        return ""
+    return (f" (+{c.peak_cuda_mb:.0f} torch CUDA, +{c.peak_device_mb:.0f} device, "
+            f"{c.resident_device_mb:.0f} resident)")
 
 
 def plot(result: BenchResult, path: Path) -> None:
@@ -48,6 +57,8 @@ def plot(result: BenchResult, path: Path) -> None:
 
     reference = result.meta["dtype"]
     cells = [c for c in result.cells if c.backend != STOCK or c.precision != reference]
+    if not cells:  # a partial report (only the baseline measured so far): nothing to compare
+        return
     batches = sorted({c.batch for c in cells})
     series = sorted({(c.backend, c.precision, c.bias) for c in cells})
     colours = {b: plt.cm.tab10(i) for i, b in enumerate(sorted({s[0] for s in series}))}
@@ -83,5 +94,5 @@ def write_report(result: BenchResult, out_dir: Path) -> dict[str, Path]:
              "plot": out_dir / "results.png"}
     atomic_write_text(paths["json"], json.dumps(result.to_dict(), indent=2) + "\n")
     atomic_write_text(paths["markdown"], markdown(result))
-    plot(result, paths["plot"])
+    plot(result, paths["plot"])  # absent while only the stock baseline is measured
     return paths

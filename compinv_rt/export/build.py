@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -72,6 +73,42 @@ def engine_request(fmt: EngineFormat, model, spec: UNetIOSpec, profiles: list[Ba
                          tool_versions(fmt), device_tag(fmt, str(model.device)), dict(options))
 
 
+def find_engine(fmt: EngineFormat, model, spec: UNetIOSpec, out_root: Path,
+                batch: int) -> tuple[Path, dict] | None:
+    """A verified engine in `out_root` that serves this model, IO spec (size, precision), device
+    and tool versions, whatever batch profiles or export options it was built with (every backend
+    splits and pads batches to its profiles): so `generate` uses what `export` built instead of
+    building its own. The newest that takes `batch` whole. Returns (folder, verified manifest)."""
+    from compinv_rt.models.loading import content_hash
+
+    if fmt is EngineFormat.tensorrt:
+        require_tensorrt()  # its version is part of the match
+    unet_hash, io = content_hash(unet_files(model.files)), spec.to_dict()
+    tag, versions = device_tag(fmt, str(model.device)), tool_versions(fmt)
+    found = []
+    for manifest in Path(out_root).glob(f"{fmt.value}-*/manifest.json"):
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if (m.get("unet_hash"), m.get("io"), m.get("device"), m.get("versions")) != (unet_hash, io, tag, versions):
+            continue
+        # ONNX Runtime takes any batch (the graph's batch axis is dynamic); compiled engines must
+        # take this batch whole (padding up is fine, splitting it is a slower engine than a build).
+        if fmt is not EngineFormat.onnx and not any(p.get("max", 0) >= batch for p in m.get("profiles", [])):
+            continue
+        try:
+            m = verify_engine(manifest.parent, unet_hash=unet_hash, fmt=fmt, device=str(model.device))
+        except EngineMismatch as exc:
+            log.warning("skipping engine %s: %s", manifest.parent, exc)
+            continue
+        found.append((m.get("created", ""), str(manifest.parent), m))
+    if not found:
+        return None
+    best = max(found, key=lambda f: f[:2])
+    return Path(best[1]), best[2]
+
+
 def export_engine(fmt: EngineFormat, model, spec: UNetIOSpec, profiles: list[BatchProfile],
                   out_root: Path, options: dict | None = None, force: bool = False,
                   on_status=None) -> tuple[Path, bool]:
@@ -111,12 +148,12 @@ def _build(fmt, model, spec, profiles, out_dir: Path, options: dict) -> tuple[li
                             options["opset"])
         return files, {}
     if fmt is EngineFormat.tensorrt:
-        from compinv_rt.export.tensorrt import build_tensorrt_engine, trt_build_settings
+        from compinv_rt.export.tensorrt import build_tensorrt_engine, timing_cache_path, trt_build_settings
 
         onnx_files = export_onnx(model.unet, spec, dynamic, out_dir,
                                  OnnxExporter(options["exporter"]), options["opset"])
-        # The timing cache is per GPU and shared by every build on it: it lives beside the engines.
-        cache = out_dir.parent / f".timing-cache-{device_tag(fmt, str(model.device))}.bin"
+        cache = timing_cache_path(out_dir.parent, str(device_tag(fmt, str(model.device))),
+                                  str(tool_versions(fmt)["tensorrt"]))
         settings = trt_build_settings(spec, profiles, options["optimization_level"], cache)
         plan = build_tensorrt_engine(out_dir / onnx_files[0], settings, out_dir)
         return [*onnx_files, plan], {}

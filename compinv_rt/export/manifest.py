@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -58,15 +59,31 @@ def tool_versions(fmt: EngineFormat) -> dict[str, str | None]:
     return versions
 
 
+def cuda_device_tag(name: str, capability: tuple[int, int]) -> str:
+    """"cuda-sm90-nvidia-h200": the compute capability alone would let an H100 and an H200 share
+    a TensorRT plan and timing cache, though their tactics differ (memory bandwidth, SM count)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"cuda-sm{capability[0]}{capability[1]}-{slug}"
+
+
+def compute_capability(tag: str) -> str:
+    """"cuda-sm90-..." -> "90"."""
+    m = re.match(r"cuda-sm(\d+)", tag or "")
+    if not m:
+        raise EngineMismatch(f"{tag!r} is not a CUDA device tag")
+    return m.group(1)
+
+
 def device_tag(fmt: EngineFormat, device: str) -> str | None:
-    """Where a device-specific artifact can run: CUDA compute capability, or the CPU architecture."""
+    """Where a device-specific artifact can run: the CUDA device model, or the CPU architecture.
+    (The TensorRT version is in the key through `versions`.)"""
     if fmt is EngineFormat.onnx:
         return None  # an ONNX file is portable
     if str(device).startswith("cuda"):
         import torch
 
-        major, minor = torch.cuda.get_device_capability(torch.device(device))
-        return f"cuda-sm{major}{minor}"
+        dev = torch.device(device)
+        return cuda_device_tag(torch.cuda.get_device_name(dev), torch.cuda.get_device_capability(dev))
     return f"cpu-{platform.machine()}"
 
 

@@ -2,6 +2,12 @@
 
 Everything up to the TensorRT calls is plain data (`TrtBuildSettings`) so it is unit-tested on
 machines without TensorRT; `build_tensorrt_engine` imports tensorrt lazily.
+
+Precision: the network is *strongly typed*: the ONNX graph is already exported in the engine's
+dtype (fp32, fp16 or bf16, export/onnx_export.py), and TensorRT keeps those types. The weak-typing
+builder flags (`fp16=`, `bf16=` in CreateConfig) are deprecated since TensorRT 10.12 and gone in
+11.x; strong typing works on 10.x and 11.x alike, so the `[tensorrt]` extra needs no upper pin.
+TF32 (a math mode for fp32 MatMuls, not a type) stays allowed for fp32 engines.
 """
 
 from __future__ import annotations
@@ -23,14 +29,19 @@ class TrtBuildSettings:
     timing_cache: Path
 
     def create_config_kwargs(self) -> dict:
-        """Keyword arguments for polygraphy.backend.trt.CreateConfig, minus the Profile objects."""
+        """Keyword arguments for polygraphy.backend.trt.CreateConfig, minus the Profile objects.
+        No fp16/bf16 flags: the network is strongly typed (see the module's docstring)."""
         return {
-            "fp16": self.precision is Precision.fp16,
-            "bf16": self.precision is Precision.bf16,
             "tf32": self.precision is Precision.fp32,
             "builder_optimization_level": self.optimization_level,
             "load_timing_cache": str(self.timing_cache) if self.timing_cache.is_file() else None,
         }
+
+
+def timing_cache_path(engines_root: Path, device_tag: str, trt_version: str) -> Path:
+    """One timing cache per GPU model (the device tag names it, not just its compute capability)
+    and TensorRT version, shared by every build on it; it lives beside the engines."""
+    return Path(engines_root) / f".timing-cache-{device_tag}-trt{trt_version}.bin"
 
 
 def trt_build_settings(spec: UNetIOSpec, profiles: list[BatchProfile], optimization_level: int,
@@ -61,7 +72,8 @@ def build_tensorrt_engine(onnx_path: Path, settings: TrtBuildSettings, out_dir: 
     config = CreateConfig(profiles=profiles, **settings.create_config_kwargs())
     settings.timing_cache.parent.mkdir(parents=True, exist_ok=True)
     try:
-        plan = engine_bytes_from_network(network_from_onnx_path(str(onnx_path)), config=config,
+        network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+        plan = engine_bytes_from_network(network, config=config,
                                          save_timing_cache=str(settings.timing_cache))
     except Exception as exc:
         raise ExportError(f"TensorRT build failed: {str(exc).splitlines()[0]}") from exc

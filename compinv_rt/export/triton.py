@@ -13,16 +13,18 @@ import shutil
 from pathlib import Path
 
 from compinv_rt.errors import ConfigError
-from compinv_rt.export.iospec import INPUTS, OUTPUTS, UNetIOSpec
-from compinv_rt.export.manifest import read_manifest
+from compinv_rt.export.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
+from compinv_rt.export.manifest import compute_capability, profiles_of, read_manifest
 from compinv_rt.export.onnx_export import EXTERNAL_DATA_FILE, ONNX_FILE
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
 
-def config_pbtxt(name: str, platform: str, spec: UNetIOSpec, max_unet_batch: int,
+def config_pbtxt(name: str, platform: str, spec: UNetIOSpec, profiles: list[BatchProfile],
                  cc_files: dict[str, str] | None = None) -> str:
-    """The model configuration. Batch is an explicit (-1) dimension, as in the engine."""
+    """The model configuration. Batch is an explicit (-1) dimension, as in the engine. A TensorRT
+    plan's instance group lists every optimization profile (Triton picks the one the request's
+    shapes fit; without the list it uses profile 0 only, so only the first batch bucket works)."""
 
     def tensor(n):
         dims = ", ".join(str(d) for d in (-1, *spec.shapes(1)[n][1:]))
@@ -35,11 +37,14 @@ def config_pbtxt(name: str, platform: str, spec: UNetIOSpec, max_unet_batch: int
     if cc_files:
         entries = ",\n".join(f'  {{ key: "{k}" value: "{v}" }}' for k, v in sorted(cc_files.items()))
         lines += ["cc_model_filenames [", entries, "]"]
-    lines.append("instance_group [ { count: 1 kind: KIND_GPU } ]" if platform == "tensorrt_plan"
-                 else "instance_group [ { count: 1 kind: KIND_AUTO } ]")
     if platform == "tensorrt_plan":
+        listed = ", ".join(f'"{i}"' for i in range(len(profiles)))
+        lines.append(f"instance_group [ {{ count: 1 kind: KIND_GPU profile: [ {listed} ] }} ]")
         lines.append("optimization { cuda { graphs: true } }")
-    lines.append(f"# UNet batch = 2 x images with classifier-free guidance; largest profile: {max_unet_batch}")
+    else:
+        lines.append("instance_group [ { count: 1 kind: KIND_AUTO } ]")
+    lines.append("# UNet batch = 2 x images with classifier-free guidance. Profiles (UNet batch min-max):")
+    lines += [f"#   profile {i}: {p.min}-{p.max}" for i, p in enumerate(profiles)]
     return "\n".join(lines) + "\n"
 
 
@@ -56,7 +61,9 @@ def write_triton_repository(engine_dirs: list[Path], repo: Path, name: str = "un
         raise ConfigError("the engines were built from different models")
     fmt = formats.pop()
     spec = UNetIOSpec.from_dict(manifests[0][1]["io"])
-    max_batch = max(p["max"] for _, m in manifests for p in m["profiles"])
+    profiles = profiles_of(manifests[0][1])
+    if any(profiles_of(m) != profiles for _, m in manifests):
+        raise ConfigError("the engines have different batch profiles; export them with the same --batch-sizes")
     version = repo / name / "1"
     version.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
@@ -66,14 +73,17 @@ def write_triton_repository(engine_dirs: list[Path], repo: Path, name: str = "un
         shutil.copy2(src / ONNX_FILE, version / "model.onnx")
         if (src / EXTERNAL_DATA_FILE).exists():  # the graph refers to its data by this name
             shutil.copy2(src / EXTERNAL_DATA_FILE, version / EXTERNAL_DATA_FILE)
-        text = config_pbtxt(name, "onnxruntime_onnx", spec, max_batch)
+        text = config_pbtxt(name, "onnxruntime_onnx", spec, profiles)
     else:
         cc_files = {}
         for src, m in manifests:
-            sm = m["device"].removeprefix("cuda-sm")  # e.g. "90" -> Triton's key "9.0"
+            sm = compute_capability(m["device"])  # e.g. "90" -> Triton's key "9.0"
             key = f"{sm[:-1]}.{sm[-1]}"
+            if key in cc_files:  # Triton tells GPUs apart by compute capability only
+                raise ConfigError(f"two plans for compute capability {key} (e.g. H100 and H200): "
+                                  "a Triton model takes one plan per capability")
             cc_files[key] = f"model_sm{sm}.plan"
             shutil.copy2(src / "unet.plan", version / cc_files[key])
-        text = config_pbtxt(name, "tensorrt_plan", spec, max_batch, cc_files)
+        text = config_pbtxt(name, "tensorrt_plan", spec, profiles, cc_files)
     atomic_write_text(repo / name / "config.pbtxt", text)
     return repo / name

@@ -125,6 +125,16 @@ SD_ARCHS: dict[str, dict[str, Any]] = {
                   num_attention_heads=16, hidden_act="gelu", projection_dim=512),
         vae_size=768, prediction_type="v_prediction",
     ),
+    # SD 1.5's topology (4 levels, 2 layers per block, 768-wide 77-token cross-attention) at a
+    # fraction of the width and 64x64 pixels: exercises the SD 1.5 code paths on a CPU in seconds
+    # (benchmarks/gpu_smoke.sh --device cpu). Not a latency proxy for the real size.
+    "sd15-proxy": dict(
+        unet=dict(sample_size=8, cross_attention_dim=768, attention_head_dim=8),
+        blocks=(32, 64, 128, 128),
+        text=dict(hidden_size=768, intermediate_size=1536, num_hidden_layers=2,
+                  num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768),
+        vae_size=64, vae_blocks=(32, 32, 64, 64), prediction_type="epsilon",
+    ),
 }
 
 
@@ -137,14 +147,14 @@ def sd_components(arch: str, seed: int = 0) -> Components:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
+        block_out_channels=cfg.get("blocks", (320, 640, 1280, 1280)),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         **cfg["unet"],
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512),
+        block_out_channels=cfg.get("vae_blocks", (128, 256, 512, 512)),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=cfg["vae_size"],
     )

@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: the exported ONNX UNet, with IO binding straight to torch tensors."""
+"""ONNX Runtime backend: the exported ONNX UNet, with IO binding straight to torch tensors, on the
+CPU provider or (onnxruntime-gpu, the `[gpu]` extra) the TensorRT / CUDA providers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,41 @@ from compinv_rt.export.iospec import INPUTS, OUTPUTS, UNetIOSpec
 from compinv_rt.export.onnx_export import ONNX_FILE
 
 
+def requested_providers(device: torch.device, available: list[str], engine_dir: Path | None = None) -> list:
+    """The providers to ask for, best first: on CUDA, TensorRT (when onnxruntime-gpu has it) then
+    CUDA; on CPU, the CPU provider only. Raises before anything is built or exported when
+    onnxruntime cannot serve the device at all (e.g. the CPU wheel for --device cuda)."""
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise BackendUnavailable(
+            f"onnxruntime here has no CUDA provider (has {', '.join(available)}); install the GPU "
+            "build (pip install 'compinv-rt[gpu]', which replaces onnxruntime by onnxruntime-gpu) "
+            "or use --device cpu")
+    index = device.index or 0
+    providers: list = []
+    if "TensorrtExecutionProvider" in available:
+        # No trt_fp16_enable: the graph's own dtypes (the engine's precision) are kept.
+        trt: dict = {"device_id": index}
+        if engine_dir is not None:  # its engines are cached beside the ONNX file
+            trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(Path(engine_dir) / "ort-trt"))
+        providers.append(("TensorrtExecutionProvider", trt))
+    providers.append(("CUDAExecutionProvider", {"device_id": index}))
+    return providers
+
+
+def check_device(device: torch.device) -> None:
+    """Cheap check before an export: can onnxruntime here serve this device at all?"""
+    import onnxruntime as ort
+
+    requested_providers(device, ort.get_available_providers())
+
+
 class OnnxRuntimeBackend:
+    """`provider` is the execution provider the session actually runs on (read back from the
+    session, not assumed): a CUDA provider that fails to load (missing cuDNN, driver mismatch)
+    makes onnxruntime fall back to CPU with a log line only; here that is an error."""
+
     name = "onnxruntime"
 
     def __init__(self, engine_dir: Path, spec: UNetIOSpec, device: torch.device, threads: int = 0):
@@ -22,21 +57,21 @@ class OnnxRuntimeBackend:
         self.spec, self.device = spec, device
         if spec.precision.value == "bf16":
             raise BackendUnavailable("the onnxruntime backend runs fp32 or fp16 engines, not bf16")
-        available = ort.get_available_providers()
-        if device.type == "cuda":
-            if "CUDAExecutionProvider" not in available:
-                raise BackendUnavailable(
-                    f"onnxruntime here has no CUDA provider (has {', '.join(available)}); "
-                    "install onnxruntime-gpu or use --device cpu")
-            providers: list = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
-        else:
-            providers = ["CPUExecutionProvider"]
+        providers = requested_providers(device, ort.get_available_providers(), engine_dir)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Same thread budget as torch (OMP_NUM_THREADS / torch.set_num_threads), one knob for all.
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(Path(engine_dir) / ONNX_FILE), opts,
                                             providers=providers)
+        active = self.session.get_providers()
+        wanted = [p[0] if isinstance(p, tuple) else p for p in providers]
+        if active[0] not in wanted:
+            raise BackendUnavailable(
+                f"onnxruntime could not start {' or '.join(wanted)} on {device} (the session runs on "
+                f"{', '.join(active)}; see onnxruntime's log for why, e.g. a missing CUDA/cuDNN "
+                "library); refusing to fall back to the CPU silently")
+        self.provider = active[0]
         self._np_types = {torch.float32: np.float32, torch.float16: np.float16}
         self._defaults: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -64,5 +99,11 @@ class OnnxRuntimeBackend:
                           dtype=self.spec.dtype("noise_pred"), device=self.device)
         binding.bind_output(OUTPUTS[0], dev, idx, self._np_types[out.dtype], tuple(out.shape),
                             out.data_ptr())
+        if self.device.type == "cuda":
+            # The inputs were written on torch's stream; onnxruntime runs on its own stream and
+            # would read them before those kernels finished. (Its output is synchronized: ORT
+            # waits for its stream before run_with_iobinding returns.)
+            torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
         return out.to(sample.dtype)

@@ -61,6 +61,10 @@ def open_backend(name: Backend | str, model: LoadedModel, height: int, width: in
         return CompileBackend(model.unet, model.device)
 
     fmt = name.engine_format
+    if name is Backend.onnxruntime:  # before any export: can onnxruntime serve this device?
+        from compinv_rt.runtime.ort_backend import check_device
+
+        check_device(model.device)
     wanted = UNetIOSpec.for_model(model.files, height, width, model.precision)
     if engine is not None:
         from compinv_rt.models.loading import content_hash
@@ -73,17 +77,24 @@ def open_backend(name: Backend | str, model: LoadedModel, height: int, width: in
                 f"engine {engine} was built for {spec.latent_height}x{spec.latent_width} latents; "
                 f"this run needs {wanted.latent_height}x{wanted.latent_width} ({height}x{width} images)")
     else:
-        from compinv_rt.export.build import ExportOptions, export_engine
+        from compinv_rt.export.build import ExportOptions, export_engine, find_engine
 
         spec = wanted
-        # ONNX Runtime takes any batch; static engines get exactly the bucket this run needs.
-        profiles = batch_profiles([1, 64] if fmt is EngineFormat.onnx
-                                  else [images_per_batch], dynamic=fmt is EngineFormat.onnx,
-                                  guidance=guidance)
-        engine_dir, reused = export_engine(fmt, model, spec, profiles, engines_root,
-                                           ExportOptions().for_format(fmt), on_status=on_status)
-        if on_status:
-            on_status(f"{'reusing' if reused else 'built'} engine {engine_dir}")
+        unet_batch = images_per_batch * (2 if guidance else 1)
+        found = find_engine(fmt, model, spec, engines_root, unet_batch)  # e.g. from `export`
+        if found is not None:
+            engine_dir, profiles = found[0], profiles_of(found[1])
+            if on_status:
+                on_status(f"reusing engine {engine_dir}")
+        else:
+            # ONNX Runtime takes any batch; static engines get exactly the bucket this run needs.
+            profiles = batch_profiles([1, 64] if fmt is EngineFormat.onnx
+                                      else [images_per_batch], dynamic=fmt is EngineFormat.onnx,
+                                      guidance=guidance)
+            engine_dir, reused = export_engine(fmt, model, spec, profiles, engines_root,
+                                               ExportOptions().for_format(fmt), on_status=on_status)
+            if on_status:
+                on_status(f"{'reusing' if reused else 'built'} engine {engine_dir}")
 
     if name is Backend.onnxruntime:
         from compinv_rt.runtime.ort_backend import OnnxRuntimeBackend

@@ -1,12 +1,23 @@
 """TensorRT backend: a deserialized plan, torch tensors bound by address, CUDA graphs for static
-shapes. One execution context per optimization profile (batch bucket).
+profiles.
 
-Written against TensorRT 10's Python API (set_input_shape / set_tensor_address /
-execute_async_v3); TensorRT cannot be installed on the development machines, so this module is
-exercised only by the tests marked `tensorrt`, on a GPU machine."""
+Written against TensorRT 10.1+'s Python API (set_input_shape / set_tensor_address /
+execute_async_v3, USER_MANAGED device memory). One execution context per optimization profile
+(batch bucket); all contexts share ONE device-memory block of `device_memory_size_v2` bytes (the
+largest any profile needs), since only one runs at a time on one stream: N profiles cost the
+activation memory of one, not N.
+
+A context remembers the last shapes and addresses it was given, so every call checks that the
+context is bound to this call's batch and rebinds if not: with a dynamic profile, batches
+2 -> 4 -> 2 run the third call on batch-2 buffers, not on the batch-4 bindings. Every boolean
+result of TensorRT is checked. TensorRT is imported lazily and every CUDA call goes through
+`CudaOps` (torch.cuda), so tests/test_trt_runtime.py runs all of this logic on CPU with a stand-in
+`tensorrt` module and a recording torch.cuda.
+"""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,6 +28,33 @@ from compinv_rt.export.tensorrt import PLAN_FILE
 from compinv_rt.runtime.bucketing import run_bucketed
 
 
+class CudaOps:
+    """The CUDA calls the backend makes, in one place."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def capture(self):
+        """Capture a CUDA graph; inside, `stream()` is the capture stream. Yields the graph."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yield graph
+
+
+def _torch_dtypes(trt) -> dict:
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+    if hasattr(trt.DataType, "BF16"):
+        table[trt.DataType.BF16] = torch.bfloat16
+    return table
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
@@ -24,58 +62,104 @@ class TensorRTBackend:
                  device: torch.device, cuda_graphs: bool = True):
         import tensorrt as trt
 
-        self.spec, self.profiles, self.device = spec, profiles, device
+        self.spec, self.profiles, self.device = spec, list(profiles), device
         self.cuda_graphs = cuda_graphs
+        self.cuda = CudaOps(device)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine((Path(engine_dir) / PLAN_FILE).read_bytes())
         if self.engine is None:
             raise EngineMismatch(f"TensorRT could not deserialize {engine_dir}/{PLAN_FILE}")
-        # All contexts share one device-memory block: only one runs at a time.
+        self._check_engine(trt, engine_dir)
+        # One scratch block for every context (USER_MANAGED): sized for the largest profile.
+        self.device_memory = torch.empty(int(self.engine.device_memory_size_v2), dtype=torch.uint8,
+                                         device=device)
+        stream = self.cuda.stream()
         self._contexts = {}
-        stream = torch.cuda.current_stream(device).cuda_stream
-        for index, profile in enumerate(profiles):
-            ctx = self.engine.create_execution_context()
-            ctx.set_optimization_profile_async(index, stream)
+        for index, profile in enumerate(self.profiles):
+            ctx = self.engine.create_execution_context(
+                trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is None:
+                raise RuntimeError(f"TensorRT could not create an execution context for profile {index}")
+            ctx.set_device_memory(self.device_memory.data_ptr(), self.device_memory.numel())
+            self._ok(ctx.set_optimization_profile_async(index, stream),
+                     f"set_optimization_profile_async({index})")
             self._contexts[profile] = ctx
+        self.cuda.synchronize()  # the profile switch is asynchronous
+        self._bound: dict[BatchProfile, int] = {}  # context -> batch its shapes/addresses are for
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, object] = {}
 
-    def _bind(self, batch: int):
-        """Static buffers for one batch size, bound once; CUDA graphs replay on these addresses."""
+    def _check_engine(self, trt, engine_dir) -> None:
+        """The plan must be the engine the manifest describes: profiles and IO dtypes."""
+        engine = self.engine
+        if engine.num_optimization_profiles != len(self.profiles):
+            raise EngineMismatch(f"{engine_dir}/{PLAN_FILE} has {engine.num_optimization_profiles} "
+                                 f"optimization profiles, its manifest lists {len(self.profiles)}")
+        dtypes = _torch_dtypes(trt)
+        for name in INPUTS + OUTPUTS:
+            got = dtypes.get(engine.get_tensor_dtype(name))
+            if got != self.spec.dtype(name):
+                raise EngineMismatch(f"{engine_dir}/{PLAN_FILE}: tensor {name} is "
+                                     f"{engine.get_tensor_dtype(name)}, the manifest says {self.spec.dtype(name)}")
+        for index, profile in enumerate(self.profiles):
+            lo, _, hi = engine.get_tensor_profile_shape(INPUTS[0], index)
+            if (lo[0], hi[0]) != (profile.min, profile.max):
+                raise EngineMismatch(f"{engine_dir}/{PLAN_FILE}: profile {index} takes batches "
+                                     f"{lo[0]}-{hi[0]}, the manifest says {profile.min}-{profile.max}")
+
+    @staticmethod
+    def _ok(result, what: str) -> None:
+        if not result:
+            raise RuntimeError(f"TensorRT {what} failed (see the TensorRT log above)")
+
+    def _buffers_for(self, batch: int) -> dict[str, torch.Tensor]:
+        bufs = self._buffers.get(batch)
+        if bufs is None:
+            shapes = self.spec.shapes(batch)
+            bufs = {n: torch.empty(shapes[n], dtype=self.spec.dtype(n), device=self.device)
+                    for n in INPUTS + OUTPUTS}
+            self._buffers[batch] = bufs
+        return bufs
+
+    def _context_for(self, batch: int):
+        """The profile's context, bound (shapes + addresses) to this batch's buffers."""
         profile = next(p for p in self.profiles if p.accepts(batch))
-        ctx = self._contexts[profile]
-        shapes = self.spec.shapes(batch)
-        bufs = {n: torch.empty(shapes[n], dtype=self.spec.dtype(n), device=self.device)
-                for n in INPUTS + OUTPUTS}
-        for n in INPUTS:
-            ctx.set_input_shape(n, shapes[n])
-        for n, t in bufs.items():
-            ctx.set_tensor_address(n, t.data_ptr())
-        self._buffers[batch] = bufs
+        ctx, bufs = self._contexts[profile], self._buffers_for(batch)
+        if self._bound.get(profile) != batch:
+            self._bound.pop(profile, None)  # a failure below leaves it unbound, not half-bound
+            for n in INPUTS:
+                shape = tuple(bufs[n].shape)
+                self._ok(ctx.set_input_shape(n, shape), f"set_input_shape({n}, {shape})")
+            for n, t in bufs.items():
+                self._ok(ctx.set_tensor_address(n, t.data_ptr()), f"set_tensor_address({n})")
+            self._bound[profile] = batch
         return ctx, profile, bufs
+
+    def _execute(self, ctx) -> None:
+        self._ok(ctx.execute_async_v3(self.cuda.stream()), "execute_async_v3")
 
     def _run(self, *inputs):
         batch = inputs[0].shape[0]
-        if batch in self._buffers:
-            profile = next(p for p in self.profiles if p.accepts(batch))
-            ctx, bufs = self._contexts[profile], self._buffers[batch]
-        else:
-            ctx, profile, bufs = self._bind(batch)
+        ctx, profile, bufs = self._context_for(batch)
         for n, x in zip(INPUTS, inputs):
             bufs[n].copy_(x)
-        stream = torch.cuda.current_stream(self.device)
         if self.cuda_graphs and profile.static:
+            # A graph replays fixed addresses and shapes: only static profiles, whose context is
+            # bound to one batch forever. Order: bind, one plain run (TensorRT's shape-dependent
+            # set-up must not be captured, and it gives this call's output), sync, then capture;
+            # later calls replay.
             graph = self._graphs.get(batch)
             if graph is None:
-                ctx.execute_async_v3(stream.cuda_stream)  # warm-up outside capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream)
+                self._execute(ctx)
+                self.cuda.synchronize()
+                with self.cuda.capture() as graph:
+                    self._execute(ctx)
                 self._graphs[batch] = graph
-            graph.replay()
-        elif not ctx.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
+            else:
+                graph.replay()
+        else:
+            self._execute(ctx)
         return bufs[OUTPUTS[0]].clone()
 
     @torch.inference_mode()

@@ -26,12 +26,27 @@ class CaptureAttnProcessor(BiasAttnProcessor):
         super().__init__()
         self.name = name
         self.sink = sink
+        self._upcast = (False, False)
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, attention_bias=None, bias_gain=None,
+                 bias_cache=None):
+        # SD 2.x sets upcast_attention: Q.K^T overflows fp16 there (diffusers' own
+        # get_attention_scores computes it in fp32); upcast_softmax likewise for the softmax.
+        # (Keywords spelled out: diffusers drops those a processor's signature does not declare.)
+        self._upcast = (attn.upcast_attention, attn.upcast_softmax)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                attention_bias=attention_bias, bias_gain=bias_gain,
+                                bias_cache=bias_cache)
 
     def attend(self, query, key, value, mask):
+        upcast_qk, upcast_softmax = self._upcast
+        if upcast_qk:
+            query, key = query.float(), key.float()
         scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5  # (N, heads, h*w, T)
         if mask is not None:
-            scores = scores + mask
-        probs = scores.softmax(dim=-1)
+            scores = scores + mask.to(scores.dtype)
+        probs = (scores.float() if upcast_softmax else scores).softmax(dim=-1).to(value.dtype)
         self.sink(self.name, probs)
         return probs @ value
 

@@ -30,10 +30,10 @@ class AttentionRecorder:
         self.total = p if self.total is None else self.total + p
         self.calls += 1
 
-    def maps(self) -> torch.Tensor:  # (B, T, h, w): mean attention probability per pixel
+    def maps(self) -> torch.Tensor:  # (B, T, h, w): mean attention probability per pixel, on CPU
         if self.total is None:
             raise RuntimeError("no cross-attention was recorded")
-        return self.total / self.calls
+        return (self.total / self.calls).cpu()  # its readers (numpy, PIL) need host memory
 
 
 def prompt_token_labels(tokenizer, prompt: str) -> list[tuple[int, str]]:
@@ -88,7 +88,7 @@ def heatmap_grid(image, maps: torch.Tensor, labels: list[tuple[int, str]], tile:
 
     positions = [p for p, _ in labels]
     shares = attention_shares(maps, positions)
-    sel = maps[positions].float()  # (n, h, w)
+    sel = maps[positions].float().cpu()  # (n, h, w); numpy below needs host memory
     scale = sel.max().clamp_min(1e-12)
     cols = min(len(labels) + 1, 6)
     rows = math.ceil((len(labels) + 1) / cols)
