@@ -1,23 +1,13 @@
 """Packing many generation items into full UNet batches.
 
-Items that share everything the scheduler and the UNet shapes depend on (size, steps, sampler,
-guidance) can share a batch; prompts, seeds, negative prompts and biases are per item.
+Items with equal keys (session.BatchKey: size, steps, sampler, guidance, spatial mode) can share a
+batch; prompts, seeds, negative prompts and biases are per item.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import groupby
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    height: int
-    width: int
-    steps: int
-    scheduler: str
-    guidance: float
 
 
 def pack(items: list, key, max_batch: int) -> Iterator[tuple[object, list]]:
