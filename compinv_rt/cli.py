@@ -6,6 +6,7 @@ torch, diffusers and friends are imported inside the commands that need them.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -86,6 +87,22 @@ def generate(
 ):
     """Generate images: one PNG and one JSON sidecar per image, plus a grid."""
     from compinv_rt.errors import ConfigError
+    from compinv_rt.schemas import check_generate
+
+    # Every option typed and bounded before anything heavy is imported (an error in < 1 s).
+    check_generate(prompt=prompt, num_images=1 if jobs else num_images, steps=steps,
+                   guidance=guidance, seed=seed, negative_prompt=negative_prompt, height=height,
+                   width=width, device=device, precision=precision, max_batch=max_batch,
+                   workers=workers,
+                   gpus_per_worker=gpus_per_worker, bias_strength=bias_strength, out=out,
+                   jobs=jobs is not None)
+    if resume and jobs is None:
+        raise ConfigError("--resume continues a --jobs run; a PROMPT run has nothing to resume")
+    if engine is not None and backend in (Backend.torch, Backend.compile):
+        raise ConfigError(f"--engine is for --backend onnxruntime, tensorrt or aoti, not "
+                          f"{backend.value}")
+    if backend is Backend.onnxruntime and precision == "bf16":
+        raise ConfigError("--backend onnxruntime runs fp32 or fp16 engines, not --precision bf16")
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
     from compinv_rt.runtime.pipeline import SamplingConfig
 
@@ -116,7 +133,12 @@ def generate(
     if concept:
         from compinv_rt.train.artifact import check_concepts
 
-        check_concepts(concept, files)  # complete, trained on this model, distinct tokens
+        arts = check_concepts(concept, files)  # complete, trained on this model, distinct tokens
+    from compinv_rt.schemas import check_concept_tokens
+
+    known = {a["token"].lower() for a in arts} if concept else set()
+    check_concept_tokens(prompt, known)
+    check_concept_tokens(negative_prompt, known, "the negative prompt")
     from compinv_rt.spatial.plan import SpatialConfig
 
     spatial_config = SpatialConfig.from_options(
@@ -125,9 +147,11 @@ def generate(
     import time
 
     folder = Path(out) if out is not None else Path("outputs") / time.strftime("%Y%m%d-%H%M%S")
-    from compinv_rt.outputs import check_writable_dir
+    from compinv_rt.outputs import check_writable_dir, remove_stale_temp_files
 
     check_writable_dir(folder)
+    if folder.is_dir():
+        remove_stale_temp_files(folder)  # left by a killed run
 
     from compinv_rt.generation import generate_to_folder
     from compinv_rt.session import GenerationSession, Request, SessionOptions
@@ -155,7 +179,7 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
                    precision="auto"):
     """`generate --jobs`: many jobs packed into UNet batches, streamed to disk, resumable."""
     from compinv_rt.errors import ConfigError
-    from compinv_rt.jobs import JobsSummary, pending_items, read_jobs
+    from compinv_rt.jobs import JobsSummary, read_jobs
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
     from compinv_rt.sinks import open_sink
 
@@ -168,12 +192,36 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
     for line in problems:
         typer.echo(f"error: {line}", err=True)
     files = inspect_model_dir(resolve_model_dir(model))
+    from compinv_rt.outputs import FolderLock, remove_if_empty
+
+    local = "://" not in str(out)
+    created = local and not Path(out).exists()
     sink = open_sink(out).prepare()
+    # One run per folder at a time: a second run (two --resume) is refused, not run twice.
+    lock = FolderLock(out) if local else contextlib.nullcontext()
     summary = JobsSummary(problems=list(problems))
-    items = pending_items(jobs, out, files, resume, summary, exists=sink.exists)
-    from compinv_rt.jobs import JobsConfig, concept_folders
+    try:
+        with lock:
+            _run_jobs(jobs, out, files, resume, summary, sink, device, precision, backend, engine,
+                      max_batch, scheduler, bias_strength, bias_steps, ray)
+    finally:
+        if created:
+            remove_if_empty(out)  # a run that wrote nothing leaves nothing
+    for line in summary.problems[len(problems):]:
+        typer.echo(f"error: {line}", err=True)
+    listed = ", listed in failures.jsonl" if summary.problems else ""
+    typer.echo(f"wrote {summary.written} images to {out}/ ({summary.skipped} already done, "
+               f"{len(summary.problems)} problem(s){listed})")
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _run_jobs(jobs, out, files, resume, summary, sink, device, precision, backend, engine,
+              max_batch, scheduler, bias_strength, bias_steps, ray):
+    from compinv_rt.jobs import JobsConfig, concept_folders, pending_items, write_failures
     from compinv_rt.session import SessionOptions
 
+    items = pending_items(jobs, out, files, resume, summary, exists=sink.exists)
     config = JobsConfig(SessionOptions(str(files.root), device, precision, backend, engine,
                                        max_batch=max_batch),
                         scheduler.value, concept_folders(jobs), bias_strength, bias_steps)
@@ -189,24 +237,26 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
             JobRunner(sink, config).run(items, summary, on_image=lambda name: bar.update(1))
     finally:
         bar.close()
-    for line in summary.problems[len(problems):]:
-        typer.echo(f"error: {line}", err=True)
-    typer.echo(f"wrote {summary.written} images to {out}/ ({summary.skipped} already done, "
-               f"{len(summary.problems)} problem(s))")
-    if not summary.ok:
-        raise typer.Exit(1)
+        write_failures(sink, summary)
 
 
 def _int_list(text: str, option: str) -> list[int]:
-    from compinv_rt.errors import ConfigError
+    from compinv_rt.schemas import check_int_list
 
+    return check_int_list(text, option)
+
+
+def _check_size_and_device(height, width, device) -> None:
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.schemas import check_device, check_option
+
+    for opt, v in (("--height", height), ("--width", width)):
+        if v is not None:
+            check_option(opt, v, ge=1, limit="max_size")
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{option} takes positive integers, got {text!r}")
-    return values
+        check_device(device)
+    except ValueError as exc:
+        raise ConfigError(f"--device: {exc}, got {device!r}") from None
 
 
 @app.command()
@@ -237,6 +287,7 @@ def export(
     from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
     from compinv_rt.outputs import check_writable_dir
 
+    _check_size_and_device(height, width, device)
     profiles = batch_profiles(_int_list(batch_sizes, "--batch-sizes"), dynamic)
     target = format
     if target is ExportTarget.triton:
@@ -325,6 +376,20 @@ def train(
 ):
     """Learn a new token from a few photos: textual inversion + semantic inversion (anchor loss)."""
     from compinv_rt.errors import ConfigError
+    from compinv_rt.schemas import SEED_MAX, check_device, check_option
+
+    for opt, v in (("--anchor-weight", anchor_weight), ("--recon-weight", recon_weight),
+                   ("--anchor-l1", anchor_l1), ("--lr", lr)):
+        check_option(opt, v)
+    check_option("--steps", steps, limit="max_train_steps")
+    check_option("--batch", batch, limit="max_batch")
+    check_option("--vectors", vectors, limit="max_vectors")
+    check_option("--resolution", resolution or 1, limit="max_size")
+    check_option("--seed", seed, ge=0, le=SEED_MAX)
+    try:
+        check_device(device)
+    except ValueError as exc:
+        raise ConfigError(f"--device: {exc}, got {device!r}") from None
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import check_out_dir, prepare, train_concept
 

@@ -9,6 +9,23 @@ import sys
 import typer
 
 
+def _flags_without_metavar() -> None:
+    """typer 0.29 prints `<bool>` after flags that take no value (--resume, --help); show none."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "_compinv", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and self.metavar is None else shown(self, ctx)
+
+    display_type_rich._compinv = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_without_metavar()
+
+
 def typer_app(name: str, help: str) -> typer.Typer:
     """The project's CLI policy, for the app and every sub-app: help when called bare, no shell
     completion install, and no rich tracebacks (user errors are one line, see user_errors)."""

@@ -32,3 +32,16 @@ class EngineMismatch(CompinvError):
 
 class OutputError(CompinvError):
     """The output location cannot be written."""
+
+
+class NonFiniteError(CompinvError):
+    """NaN or Inf where numbers must be finite (latents, images, losses, embeddings)."""
+
+
+class NonFiniteOutput(NonFiniteError):
+    """Some images of a batch came out non-finite. `images` holds the good ones (None where bad),
+    so batch callers can keep the rest and fail only the items at `bad`."""
+
+    def __init__(self, bad: list[int], images: list):
+        self.bad, self.images = bad, images
+        super().__init__(f"non-finite values (NaN/Inf) in image(s) {bad} of the batch")

@@ -25,16 +25,28 @@ def generate_to_folder(session: GenerationSession, request: Request, out: Path,
     stem = slug(request.prompt)
     out = Path(out)
     pngs, sidecars, heatmaps = [], [], []
-    for r in results:
-        png = save_png(out / f"{stem}_{r.seed}.png", r.image)
-        extra: dict = {"index": r.index, "image": png.name}
-        if r.attention is not None:
-            grid_img, shares = _attention_outputs(session, r)
-            heatmaps.append(save_png(out / f"{stem}_{r.seed}_attention.png", grid_img))
-            extra["attention"] = {"heatmaps": heatmaps[-1].name, "share": shares}
-        sidecars.append(atomic_write_json(png.with_suffix(".json"), session.sidecar(r, **extra)))
-        pngs.append(png)
-    grid = save_png(out / f"{stem}_{request.seed}_grid.png", make_grid([r.image for r in results]))
+    written = None  # a PNG whose sidecar is not written yet
+    try:
+        for r in results:
+            png = written = save_png(out / f"{stem}_{r.seed}.png", r.image)
+            extra: dict = {"index": r.index, "image": png.name}
+            if r.attention is not None:
+                grid_img, shares = _attention_outputs(session, r)
+                heatmaps.append(save_png(out / f"{stem}_{r.seed}_attention.png", grid_img))
+                extra["attention"] = {"heatmaps": heatmaps[-1].name, "share": shares}
+            sidecars.append(atomic_write_json(png.with_suffix(".json"),
+                                              session.sidecar(r, **extra)))
+            pngs.append(png)
+            written = None
+        grid = save_png(out / f"{stem}_{request.seed}_grid.png",
+                        make_grid([r.image for r in results]))
+    except OSError as exc:  # disk full, permission denied: say what is kept
+        from compinv_rt.outputs import disk_error
+
+        if written is not None:
+            written.unlink(missing_ok=True)
+        raise disk_error(exc, f"kept {len(sidecars)} complete image(s) with sidecars in {out}/ "
+                              "(no grid); no partial file is left") from None
     return GenerationResult(pngs, sidecars, grid, heatmaps)
 
 

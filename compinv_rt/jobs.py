@@ -10,17 +10,12 @@ duplicated.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compinv_rt.errors import CompinvError, ConfigError
 from compinv_rt.session import Request, SessionOptions
-
-FIELDS = {"prompt", "concepts", "layout", "seed", "n", "negative_prompt", "steps", "guidance",
-          "height", "width", "id"}
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 @dataclass(frozen=True)
@@ -64,50 +59,29 @@ class JobsSummary:
         return not self.problems
 
 
-def _typed(obj: dict, key: str, kind, default, check=None, what=""):
-    if key not in obj:
-        return default
-    v = obj[key]
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
-    if not isinstance(v, kind) or isinstance(v, bool):
-        raise ValueError(f"'{key}' must be {what or kind.__name__}, got {v!r}")
-    if check is not None and not check(v):
-        raise ValueError(f"'{key}' must be {what}, got {v!r}")
-    return v
-
-
 def parse_job(text: str, line: int, defaults: dict) -> Job:
+    """One JSONL line -> Job; ValueError (one line naming the field) if it breaks the schema
+    (compinv_rt.schemas.JobLine: types, bounds, finite numbers, safe ids)."""
+    from compinv_rt.schemas import SEED_MAX, check_job_line, loads_strict
+
     try:
-        obj = json.loads(text)
+        obj = loads_strict(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg})") from None
-    if not isinstance(obj, dict):
-        raise ValueError("each line must be a JSON object")
-    unknown = sorted(set(obj) - FIELDS)
-    if unknown:
-        raise ValueError(f"unknown field(s) {unknown}; known: {sorted(FIELDS)}")
-    prompt = _typed(obj, "prompt", str, None)
-    if not prompt or not prompt.strip():
-        raise ValueError("'prompt' is missing or empty")
-    job_id = _typed(obj, "id", str, f"line{line:05d}", _ID.match, "letters, digits, _ . - (<= 100)")
-    concepts = obj.get("concepts", [])
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
-        raise ValueError("'concepts' must be a list of concept folders")
-    positive = lambda v: v >= 1  # noqa: E731
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    j = check_job_line(obj)
+    seed = defaults["seed"] + line if j.seed is None else j.seed
+    if seed + j.n - 1 > SEED_MAX:
+        raise ValueError(f"seed: --seed + line number + n - 1 must be <= {SEED_MAX}, got {seed}")
     return Job(
-        line=line, id=job_id, prompt=prompt,
-        seed=_typed(obj, "seed", int, defaults["seed"] + line, None, "an integer"),
-        n=_typed(obj, "n", int, 1, positive, "an integer >= 1"),
-        negative_prompt=_typed(obj, "negative_prompt", str, ""),
-        steps=_typed(obj, "steps", int, defaults["steps"], positive, "an integer >= 1"),
-        guidance=_typed(obj, "guidance", float, defaults["guidance"], lambda v: v >= 0, "a number >= 0"),
-        height=_typed(obj, "height", int, None, positive, "a positive integer"),
-        width=_typed(obj, "width", int, None, positive, "a positive integer"),
-        concepts=tuple(concepts),
-        layout=_typed(obj, "layout", str, None),
+        line=line, id=j.id or f"line{line:05d}", prompt=j.prompt, seed=seed, n=j.n,
+        negative_prompt=j.negative_prompt,
+        steps=defaults["steps"] if j.steps is None else j.steps,
+        guidance=float(defaults["guidance"] if j.guidance is None else j.guidance),
+        height=j.height, width=j.width,
+        concepts=(j.concepts,) if isinstance(j.concepts, str) else tuple(j.concepts),
+        layout=j.layout,
     )
 
 
@@ -117,9 +91,7 @@ def read_jobs(path: Path, defaults: dict) -> tuple[list[Job], list[str]]:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read jobs file {path}: {exc}") from None
-    jobs: list[Job] = []
-    problems: list[str] = []
-    seen: dict[str, int] = {}
+    jobs, problems, seen = [], [], {}
     for no, text in enumerate(lines, start=1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
@@ -133,6 +105,12 @@ def read_jobs(path: Path, defaults: dict) -> tuple[list[Job], list[str]]:
             problems.append(f"{path}:{no}: {exc}")
     if not jobs and not problems:
         raise ConfigError(f"jobs file {path} holds no jobs")
+    from compinv_rt.schemas import limits
+
+    total, top = sum(j.n for j in jobs), limits().max_jobs_images
+    if total > top:
+        raise ConfigError(f"jobs file {path} asks for {total} images; the limit max_jobs_images is "
+                          f"{top} (split the file, or raise it with COMPINV_LIMITS)")
     return jobs, problems
 
 
@@ -188,6 +166,33 @@ def job_request(job: Job, config: JobsConfig) -> Request:
                    tuple(job.concepts), spatial)
 
 
+KILL_AFTER_ENV = "COMPINV_TEST_KILL_AFTER"  # "N:MARKER", for the kill tests only (kill_hook)
+
+
+def kill_hook():
+    """The kill tests' fault: with COMPINV_TEST_KILL_AFTER="N:MARKER" the process generating
+    items kills itself (SIGKILL) after its N-th finished item, once per MARKER file; None when
+    unset. A self-kill is deterministic and hits only this run (a local run, or one Ray worker)."""
+    import os
+
+    spec = os.environ.get(KILL_AFTER_ENV)
+    if not spec:
+        return None
+    n, _, marker = spec.partition(":")
+    count = [0]
+
+    def hook():
+        import signal
+
+        count[0] += 1
+        if count[0] >= int(n) and not (marker and os.path.exists(marker)):
+            if marker:
+                open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
 class JobRunner:
     """Everything one process needs to generate items: a GenerationSession (the model, its
     concepts and backends, opened once). The same object runs the local path and each Ray actor
@@ -199,8 +204,14 @@ class JobRunner:
         self.sink, self.config = sink, config
         self.session = GenerationSession.open(config.options)
         # Every concept of the file joins the text encoder once; prompts without its token are
-        # unaffected, so one model serves all jobs.
-        self.session.load_concepts(config.concepts)
+        # unaffected, so one model serves all jobs. A concept that cannot be loaded is tried
+        # again by the jobs that name it, which then fail alone (the session reports them).
+        for folder in config.concepts:
+            try:
+                self.session.load_concepts([folder])
+            except CompinvError:
+                pass
+        self._after_item = kill_hook()  # counts this process's items over all run() calls
 
     def run(self, items: list[Item], summary: JobsSummary,
             on_image: Callable[[str], None] = lambda name: None) -> JobsSummary:
@@ -232,13 +243,33 @@ class JobRunner:
         for result in self.session.run(tasks, on_error=on_error):
             job = jobs[id(result.request)]
             item = Item(job, result.index)
-            self.sink.write_png(f"{item.name}.png", result.image)
             meta = self.session.sidecar(result, job_id=job.id, index=item.index, line=job.line,
                                         image=f"{item.name}.png")
-            self.sink.write_json(f"{item.name}.json", meta)  # written last: marks the item done
+            try:
+                self.sink.write_png(f"{item.name}.png", result.image)
+                self.sink.write_json(f"{item.name}.json", meta)  # written last: marks it done
+            except OSError as exc:
+                from compinv_rt.outputs import disk_error
+
+                raise disk_error(exc, f"{summary.written} image(s) of this run are complete in "
+                                      f"{self.sink.uri}; --resume finishes the rest") from None
             summary.written += 1
             on_image(item.name)
+            if self._after_item is not None:
+                self._after_item()
         return summary
+
+
+FAILURES = "failures.jsonl"
+
+
+def write_failures(sink, summary: JobsSummary) -> None:
+    """One JSON line per failed job or bad line in `<out>/failures.jsonl` (the others ran); a
+    run without failures removes the file of an earlier run."""
+    if summary.problems:
+        sink.write(FAILURES, "".join(json.dumps({"error": p}) + "\n" for p in summary.problems).encode())
+    elif isinstance(getattr(sink, "root", None), Path) and sink.exists(FAILURES):
+        (sink.root / FAILURES).unlink(missing_ok=True)
 
 
 def concept_folders(jobs: list[Job]) -> tuple[str, ...]:

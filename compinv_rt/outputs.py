@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -26,7 +27,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The pid in the name lets a later run remove temp files of a killed run, never a live one's.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
@@ -44,8 +46,13 @@ def atomic_write_text(path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj) -> str:
+    """Valid JSON only: NaN/Infinity are refused (ValueError), never written."""
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
 def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return atomic_write_text(path, json_text(obj))
 
 
 def save_png(path, image) -> Path:
@@ -118,10 +125,76 @@ def image_metadata(prompt: str, negative_prompt: str, seed: int, settings: dict,
     }
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def disk_error(exc: OSError, kept: str) -> OutputError:
+    """A write that failed for lack of space or permission, as one line saying what was kept."""
+    where = f" {exc.filename}" if exc.filename else ""
+    return OutputError(f"cannot write{where}: {exc.strerror or exc}; {kept}")
+
+
+class FolderLock:
+    """An exclusive lock on an output folder (`.compinv.lock`, flock): a second run on the same
+    folder (two `--resume`s) is refused instead of redoing the same work. The kernel drops the
+    lock when the process dies, so a killed run never blocks the next one."""
+
+    NAME = ".compinv.lock"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / self.NAME
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            raise OutputError(f"{self.path.parent} is in use by another compinv-rt run (pid "
+                              f"{holder}); wait for it to finish or use another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
+        return False
+
+
+def remove_if_empty(folder) -> None:
+    """Remove a folder this run created if the run left nothing in it."""
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass  # not empty, or already gone
+
+
 def remove_stale_temp_files(folder: Path) -> int:
-    """Temp files of atomic writes interrupted by a crash (`.name.XXXX.tmp`)."""
+    """Temp files of atomic writes interrupted by a crash (`.name.PID.XXXX.tmp`) whose process is
+    gone; a temp file of a run still writing here is kept."""
     n = 0
     for p in Path(folder).glob(".*.tmp"):
+        pid = p.name.split(".")[-3]
+        if pid.isdigit() and pid_alive(int(pid)):
+            continue
         p.unlink(missing_ok=True)
         n += 1
     return n

@@ -90,9 +90,13 @@ def run_on_ray(items: list[Item], sink_uri: str, config: JobsConfig, summary: Jo
         engine=None if options.engine is None else Path(options.engine).absolute())
     config = dataclasses.replace(config, options=options)
     local = address is None
+    from compinv_rt.jobs import KILL_AFTER_ENV
+
+    # Workers do not inherit the driver's environment: pass on the kill tests' hook if set.
+    env = {k: os.environ[k] for k in (KILL_AFTER_ENV,) if k in os.environ}
     ray.init(address=address, num_cpus=max(workers, os.cpu_count() or 1) if local else None,
              include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             configure_logging=False)
+             configure_logging=False, runtime_env={"env_vars": env} if env else None)
     try:
         import ray.data
 

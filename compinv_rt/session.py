@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compinv_rt.errors import CompinvError, ConfigError
+from compinv_rt.errors import CompinvError, ConfigError, NonFiniteError, NonFiniteOutput
 from compinv_rt.export.iospec import Precision
 from compinv_rt.runtime.pipeline import SamplingConfig
 from compinv_rt.runtime.registry import DEFAULT_ENGINES, Backend
@@ -288,16 +288,27 @@ class GenerationSession:
                                 [t.request.spatial.strength for t in batch], module,
                                 (height // f, width // f), self.model.files.text_len,
                                 key.guidance_config, key.save_attention, key.bias_decay)
-        images = pipe.generate([p.text for p in preps], [t.seed for t in batch], cfg,
-                               negative_prompts=[p.negative for p in preps], on_step=on_step,
-                               **inputs.kwargs())
+        try:
+            images = pipe.generate([p.text for p in preps], [t.seed for t in batch], cfg,
+                                   negative_prompts=[p.negative for p in preps], on_step=on_step,
+                                   **inputs.kwargs())
+        except NonFiniteOutput as exc:  # NaN/Inf never reach disk: fail those requests only
+            images = exc.images
+            bad: dict[int, list[Task]] = {}
+            for j in exc.bad:
+                bad.setdefault(id(batch[j].request), []).append(batch[j])
+            for tasks_of in bad.values():
+                seeds = ", ".join(str(t.seed) for t in tasks_of)
+                self._fail(tasks_of[0].request, NonFiniteError(
+                    f"image(s) of seed {seeds} came out non-finite (NaN/Inf; a diverged concept "
+                    "embedding or extreme settings?): nothing written for them"), failed, on_error)
         maps = inputs.attention_recorder.maps() if inputs.attention_recorder is not None else None
         history = inputs.latent_hook.history if inputs.latent_hook is not None else None
         return [GeneratedImage(
             task, image, prep.text, cfg, prep.concepts, prep.layout,
             task.request.spatial.sidecar(cfg.steps, prep.layout, history, j), pipe.backend.name,
             None if maps is None else maps[j], getattr(pipe.backend, "provider", None))
-            for j, (task, prep, image) in enumerate(zip(batch, preps, images))]
+            for j, (task, prep, image) in enumerate(zip(batch, preps, images)) if image is not None]
 
     def generate(self, request: Request, on_step: StepCallback | None = None) -> list[GeneratedImage]:
         """All images of one request (errors raised)."""
@@ -338,9 +349,16 @@ class GenerationSession:
     # --- internals -----------------------------------------------------------------------
 
     def _prepare(self, request: Request) -> _Prepared:
+        from compinv_rt.schemas import check_concept_tokens, check_prompt_length
+
         concepts = self.load_concepts(request.concepts)
+        known = {c.token.lower() for c in concepts}
+        check_concept_tokens(request.prompt, known)  # a <token> without its concept
+        check_concept_tokens(request.negative_prompt, known, "the negative prompt")
         text = self.expand(request.prompt, concepts)
         negative = self.expand(request.negative_prompt, concepts)
+        check_prompt_length(self.model.tokenizer, text)  # never cut without a word
+        check_prompt_length(self.model.tokenizer, negative, "the negative prompt")
         layout = self._layouts(request.spatial, text, lambda phrase: self.expand(phrase, concepts))
         return _Prepared(text, negative, concepts, layout)
 

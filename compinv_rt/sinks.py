@@ -20,7 +20,7 @@ def _png_bytes(image) -> bytes:
 
 
 def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode()
+    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
 
 
 class LocalSink:

@@ -10,6 +10,17 @@ os.environ.setdefault("COMPINV_CACHE", os.path.join(os.path.dirname(__file__), "
 import pytest
 import torch
 
+# Hypothesis profiles for tests/test_fuzz.py: `ci` (default) is derandomized and bounded so the
+# suite stays fast; `long` (HYPOTHESIS_PROFILE=long) is random and multiplies every example count
+# by COMPINV_FUZZ_SCALE (default 20).
+from hypothesis import settings as _hyp  # noqa: E402
+
+_hyp.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+_hyp.register_profile("long", deadline=None, print_blob=True)
+_hyp.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+FUZZ_SCALE = (int(os.environ.get("COMPINV_FUZZ_SCALE", "20"))
+              if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 1)
+
 # Tests run two xdist workers on two cores: one thread each avoids OpenMP oversubscription,
 # which otherwise slows small-model runs several-fold.
 torch.set_num_threads(1)

@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from compinv_rt.cli import app
-from compinv_rt.jobs import read_jobs
+from compinv_rt.jobs import KILL_AFTER_ENV, read_jobs
 from compinv_rt.runtime.batching import pack
 
 runner = CliRunner()
@@ -109,21 +108,19 @@ def test_resume_after_kill_9_loses_and_duplicates_nothing(tiny_model, tmp_path):
             str(tiny_model), "--max-batch", "1", "--steps", "6"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.json"))) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(out.glob("*.json")))
-    assert 3 <= done_before < 16, "the run must be interrupted part-way for this test to mean anything"
+    # The run kills itself (SIGKILL) after its 5th image: deterministic (jobs.kill_hook).
+    proc = subprocess.run([*args, "--out", str(out)], env={**env, KILL_AFTER_ENV: "5"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(list(out.glob("*.json"))) == 5
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
 
     subprocess.run([*args, "--out", str(out), "--resume"], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     names = sorted(p.name for p in out.iterdir())
     expected = sorted(f"j{i:02d}_000.{ext}" for i in range(16) for ext in ("png", "json"))
     assert names == expected  # nothing lost, nothing duplicated, no temp files left
+    assert {n: (out / n).stat().st_mtime_ns for n in done} == done  # finished images untouched
 
     clean = tmp_path / "clean"
     subprocess.run([*args, "--out", str(clean)], env=env, check=True,

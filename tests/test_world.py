@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from compinv_rt.world import scenes as S
@@ -121,7 +122,8 @@ def test_photos_write_images_and_concept(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A few steps of every stage of the recipe on the tiny architecture."""
+    """A few steps of every stage of the recipe on the tiny architecture. Shared and read-only:
+    a test that trains further works on its own copy (`_copy_run`)."""
     run = tmp_path_factory.mktemp("tinyrun")
     args = ["train", "--run-dir", str(run), "--tiny", "--vae-steps", "4", "--unet-steps", "4",
             "--cache-scenes", "24", "--ckpt-every", "2", "--snapshot-every", "2", "--procs", "1"]
@@ -133,8 +135,21 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+def _copy_run(tiny_run, tmp_path):
+    """A private copy of the tiny run (mtimes kept) and its recipe config pointing at the copy."""
+    import dataclasses
+    import shutil
+
+    from compinv_rt.world.recipe import RecipeConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = RecipeConfig.from_json(json.loads((run / "recipe.json").read_text()))
+    return run, dataclasses.replace(cfg, run_dir=str(run))
+
+
 @pytest.mark.slow
-def test_recipe_smoke_and_resume(tiny_run):
+def test_recipe_smoke_and_resume(tiny_run, tmp_path):
     from compinv_rt.world.recipe import RecipeConfig, _load_tensors, list_snapshots
 
     gate = json.loads((tiny_run / "gate.json").read_text())
@@ -144,12 +159,36 @@ def test_recipe_smoke_and_resume(tiny_run):
     cfg = RecipeConfig.from_json(json.loads((tiny_run / "recipe.json").read_text()))
     assert [p.name for p in list_snapshots(cfg)] == ["step000002.safetensors", "step000004.safetensors"]
     # resuming to 6 steps continues from the checkpoint rather than starting over
-    r = CliRunner().invoke(world_app, ["train", "--run-dir", str(tiny_run), "--tiny", "--stages", "unet",
+    run, _ = _copy_run(tiny_run, tmp_path)
+    r = CliRunner().invoke(world_app, ["train", "--run-dir", str(run), "--tiny", "--stages", "unet",
                                        "--unet-steps", "6", "--ckpt-every", "2", "--force", "--procs", "1"])
     assert r.exit_code == 0, r.output
-    _, meta = _load_tensors(tiny_run / "unet_ckpt.safetensors")
+    _, meta = _load_tensors(run / "unet_ckpt.safetensors")
     assert meta["step"] == 6
-    assert (tiny_run / "snapshots" / "step000006.safetensors").is_file()
+    assert (run / "snapshots" / "step000006.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_recipe_resume_is_bit_identical_to_an_uninterrupted_run(tiny_run, tmp_path):
+    """Resuming 4 -> 6 steps gives exactly the weights of 0 -> 6 steps, and skips the done work:
+    the snapshots of steps 2 and 4 are not written again."""
+    import shutil
+
+    from compinv_rt.world.recipe import _load_tensors, train_unet
+
+    resumed, cfg_resumed = _copy_run(tiny_run, tmp_path / "a")
+    fresh, cfg_fresh = _copy_run(tiny_run, tmp_path / "b")
+    (fresh / "unet_ckpt.safetensors").unlink()  # the same latent cache, no UNet progress
+    shutil.rmtree(fresh / "snapshots")
+    done = {p.name: p.stat().st_mtime_ns for p in (resumed / "snapshots").iterdir()}
+    train_unet(cfg_resumed, steps=6)
+    train_unet(cfg_fresh, steps=6)
+    assert {n: (resumed / "snapshots" / n).stat().st_mtime_ns for n in done} == done
+    a, meta_a = _load_tensors(resumed / "unet_ckpt.safetensors")
+    b, meta_b = _load_tensors(fresh / "unet_ckpt.safetensors")
+    assert meta_a["step"] == meta_b["step"] == 6 and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.slow
@@ -185,14 +224,14 @@ def test_check_requires_every_stated_attribute():
 
 
 @pytest.mark.slow
-def test_data_parallel_resume_matches_the_recipe(tiny_run):
+def test_data_parallel_resume_matches_the_recipe(tiny_run, tmp_path):
     """Two data-parallel processes (gloo) continue the tiny run and write one checkpoint."""
-    from compinv_rt.world.recipe import RecipeConfig, _load_tensors, train_unet_parallel
+    from compinv_rt.world.recipe import _load_tensors, train_unet_parallel
 
-    cfg = RecipeConfig.from_json(json.loads((tiny_run / "recipe.json").read_text()))
+    run, cfg = _copy_run(tiny_run, tmp_path)
     res = train_unet_parallel(cfg, 2, steps=8)
     assert res["steps"] == 8
-    t, meta = _load_tensors(tiny_run / "unet_ckpt.safetensors")
+    t, meta = _load_tensors(run / "unet_ckpt.safetensors")
     assert meta["step"] == 8
     assert all(bool(v.isfinite().all()) for k, v in t.items() if k.startswith("unet.") and v.is_floating_point())
 

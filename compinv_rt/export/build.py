@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -122,9 +123,11 @@ def export_engine(fmt: EngineFormat, model, spec: UNetIOSpec, profiles: list[Bat
             verify_engine(target, request, device=str(model.device))
             return target, True
         except EngineMismatch as exc:
-            raise EngineMismatch(f"{exc} (pass --force to rebuild it)") from None
+            raise EngineMismatch(f"{exc} (delete {target} to rebuild it, or `compinv-rt "
+                                 "export --force`)") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{request.dirname}."))
+    remove_stale_builds(target.parent)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{request.dirname}.{os.getpid()}."))
     try:
         if on_status:
             on_status(f"building {fmt.value} engine {request.dirname}")
@@ -136,6 +139,20 @@ def export_engine(fmt: EngineFormat, model, spec: UNetIOSpec, profiles: list[Bat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target, False
+
+
+def remove_stale_builds(root: Path) -> list[Path]:
+    """Temp folders of builds whose process is gone (killed mid-export): `.<dirname>.<pid>.XXXX`.
+    A build still running in another process keeps its folder."""
+    from compinv_rt.outputs import pid_alive
+
+    removed = []
+    for p in Path(root).glob(".*-*.*.*"):
+        parts = p.name.split(".")
+        if p.is_dir() and len(parts) >= 4 and parts[2].isdigit() and not pid_alive(int(parts[2])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _build(fmt, model, spec, profiles, out_dir: Path, options: dict) -> tuple[list[str], dict]:

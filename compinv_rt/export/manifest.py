@@ -20,7 +20,7 @@ from compinv_rt.errors import EngineMismatch
 from compinv_rt.export.iospec import INPUTS, BatchProfile, UNetIOSpec
 from compinv_rt.outputs import atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a seal binds the engine files' hashes to the key
 MANIFEST = "manifest.json"
 
 
@@ -131,11 +131,20 @@ class EngineRequest:
         return f"{self.format.value}-{self.key[:16]}"
 
 
+def seal(key: str, artifacts: dict) -> str:
+    """Binds the engine files' hashes to the key: the key is known before the build (it names the
+    cache folder), the files only after; a swapped file fails this even with its hash updated."""
+    blob = json.dumps({"key": key, "artifacts": artifacts}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
 def write_manifest(engine_dir: Path, request: EngineRequest, artifacts: list[str], extra: dict) -> Path:
+    hashes = {name: file_sha256(engine_dir / name) for name in artifacts}
     manifest = {
         "key": request.key,
+        "seal": seal(request.key, hashes),
         **request.identity(),
-        "artifacts": {name: file_sha256(engine_dir / name) for name in artifacts},
+        "artifacts": hashes,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
@@ -146,12 +155,16 @@ def read_manifest(engine_dir: Path) -> dict:
     path = Path(engine_dir) / MANIFEST
     if not path.is_file():
         raise EngineMismatch(f"{engine_dir} is not an engine folder: {MANIFEST} is missing")
+    from compinv_rt.schemas import check_manifest, loads_strict
+
     try:
-        manifest = json.loads(path.read_text())
-        manifest["key"], manifest["io"], manifest["artifacts"]  # noqa: B018 - required fields
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise EngineMismatch(f"{path} is corrupt ({exc})") from None
-    return manifest
+        manifest = loads_strict(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EngineMismatch(f"{path} is corrupt (not valid JSON: {exc})") from None
+    if isinstance(manifest, dict) and manifest.get("schema") != SCHEMA_VERSION:
+        raise EngineMismatch(f"{path} has schema {manifest.get('schema')!r}; this compinv-rt "
+                             f"reads schema {SCHEMA_VERSION}: re-export the engine")
+    return check_manifest(manifest, path)
 
 
 def profiles_of(manifest: dict) -> list[BatchProfile]:
@@ -177,7 +190,7 @@ def verify_engine(engine_dir: Path, expected: EngineRequest | None = None, *,
         EngineFormat(m["format"]), m["unet_hash"], UNetIOSpec.from_dict(m["io"]),
         tuple(profiles_of(m)), m["versions"], m["device"], m.get("options", {}),
     ).key
-    if recomputed != m["key"]:
+    if recomputed != m["key"] or seal(m["key"], m["artifacts"]) != m["seal"]:
         raise EngineMismatch(f"{engine_dir}/{MANIFEST} was edited: its key does not match its content")
     if expected is not None and m["key"] != expected.key:
         raise EngineMismatch(f"engine {engine_dir} (key {m['key'][:16]}) does not match this model "

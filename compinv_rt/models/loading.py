@@ -262,12 +262,22 @@ class LoadedModel:
 def pick_device(name: str = "auto"):
     import torch
 
+    from compinv_rt.errors import BackendUnavailable, ConfigError
+    from compinv_rt.schemas import DEVICE
+
+    if not DEVICE.match(str(name)):
+        raise ConfigError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from compinv_rt.errors import BackendUnavailable
 
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailable("--device cuda asked for, but torch sees no CUDA device")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise BackendUnavailable(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA "
+                                 "device(s), numbered from 0")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        raise BackendUnavailable("--device mps asked for, but torch sees no MPS device")
     return torch.device(name)
 
 

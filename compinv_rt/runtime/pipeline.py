@@ -83,8 +83,18 @@ class Pipeline:
 
         vae = self.model.vae
         images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        return [Image.fromarray(a) for a in (images * 255).round().astype("uint8")]
+        # A NaN would become a black pixel: such images are refused (the rest of the batch kept).
+        finite = torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(images).flatten(1).all(1)
+        images = (torch.nan_to_num(images) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        images = images.float().cpu().numpy()
+        out = [Image.fromarray(a) if ok else None
+               for a, ok in zip((images * 255).round().astype("uint8"), finite.tolist())]
+        bad = [i for i, im in enumerate(out) if im is None]
+        if bad:
+            from compinv_rt.errors import NonFiniteOutput
+
+            raise NonFiniteOutput(bad, out)
+        return out
 
     @torch.inference_mode()
     def generate(

@@ -25,6 +25,7 @@ EMBEDDINGS = "embeddings.safetensors"
 ARTIFACT = "artifact.json"
 LOSS_CURVE = "loss_curve.png"
 FORMAT = "compinv-rt.embeddings"
+MAX_EMBEDDING_VALUE = 1e4
 
 
 def file_sha256(path: Path) -> str:
@@ -72,9 +73,15 @@ def read_embedding_file(path: str | Path):
         raise ArtifactError(f"{path}: expected one embedding tensor, found keys {keys[:5]}")
     if emb.ndim == 1:
         emb = emb[None]
-    if emb.ndim != 2:
+    if emb.ndim != 2 or 0 in emb.shape:
         raise ArtifactError(f"{path}: embedding has shape {tuple(emb.shape)}; expected (N, D)")
-    return name, emb.float(), meta
+    emb = emb.float()
+    if not emb.isfinite().all():
+        raise ArtifactError(f"{path}: the embedding holds NaN or Inf values (a diverged training?)")
+    if emb.abs().max() > MAX_EMBEDDING_VALUE:  # fp16 would overflow to Inf in the encoder
+        raise ArtifactError(f"{path}: the embedding holds values up to {emb.abs().max():.3g}; token "
+                            f"embeddings stay far below {MAX_EMBEDDING_VALUE:g} (a diverged training?)")
+    return name, emb, meta
 
 
 def write_artifacts(out: Path, *, token: str, vectors, metadata: dict, history, record: dict,
@@ -99,21 +106,20 @@ def read_artifact(folder: str | Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{d} is not a trained concept: {ARTIFACT} is missing "
                             "(training unfinished? resume it with `compinv-rt train ... --resume`)")
+    from compinv_rt.schemas import check_artifact, loads_strict
+
     try:
-        art = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        art = loads_strict(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
-    if art.get("schema_version") != SCHEMA_VERSION:
+    if isinstance(art, dict) and art.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{path}: schema version {art.get('schema_version')!r}, this "
                             f"compinv-rt reads version {SCHEMA_VERSION}")
-    for key in ("token", "vectors", "base_model", "files"):
-        if key not in art:
-            raise ArtifactError(f"{path}: missing field {key!r}")
+    check_artifact(art, path)  # types and bounds; `files` must hash the embeddings
     emb = d / EMBEDDINGS
     if not emb.is_file():
         raise ArtifactError(f"{d}: {EMBEDDINGS} is missing")
-    want = art["files"].get(EMBEDDINGS)
-    if want and file_sha256(emb) != want:
+    if file_sha256(emb) != art["files"][EMBEDDINGS]:
         raise ArtifactError(f"{emb} does not match the hash in {ARTIFACT} (modified or corrupt)")
     return art
 

@@ -67,16 +67,37 @@ def read_images(files: list[Path]) -> list:
     """Fully decode every image (a truncated file fails here, not mid-training)."""
     from PIL import Image, UnidentifiedImageError
 
+    from compinv_rt.schemas import limits
+
+    top = limits().max_image_pixels
     out = []
     for f in files:
         try:
             with Image.open(f) as im:
+                if im.width * im.height > top:  # checked before decoding: bounded memory
+                    raise ConfigError(f"image {f} is {im.width}x{im.height}; the limit "
+                                      f"max_image_pixels is {top} (downscale it)")
                 im.load()
-                out.append(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                out.append(_to_rgb(im))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"corrupt image {f}: {msg}") from None
     return out
+
+
+def _to_rgb(im):
+    """RGB, 8 bits. 16/32-bit grayscale is scaled down (PIL's convert would clip it to white)."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    return im.convert("RGB")
 
 
 def images_hash(files: list[Path]) -> str:

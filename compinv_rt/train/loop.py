@@ -251,6 +251,16 @@ def _step_generator(seed: int, step: int, micro: int):
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2 ** 62))
 
 
+def _diverged(out: Path, step: int, loss: float):
+    from compinv_rt.errors import NonFiniteError
+
+    kept = sorted((out / CHECKPOINTS).glob("step-*.safetensors"))
+    last = (f"the last good checkpoint ({kept[-1].name}) is kept" if kept
+            else "no checkpoint was written yet")
+    raise NonFiniteError(f"training diverged at step {step} (loss {loss:.4g}, or the embedding is "
+                         f"no longer finite); nothing of that step was saved; {last}; retrain with a lower --lr")
+
+
 def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str = "auto",
                   on_step: Callable[[StepInfo], None] | None = None,
                   on_status: Callable[[str], None] | None = None,
@@ -378,8 +388,10 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
         total = (cfg.recon_weight * parts[0] + cfg.anchor_weight * (parts[1] + parts[2])
                  + cfg.context_weight * parts[3])
         row = np.array([[parts[0], parts[1], parts[2], total, dist, parts[3]]], np.float32)
-        rows.append(row)
         done = step + 1
+        if not (np.isfinite(row).all() and bool(wrapper.vectors.isfinite().all())):
+            _diverged(out, done, total)  # nothing of this step is saved
+        rows.append(row)
         if on_step is not None:
             on_step(StepInfo(done, cfg.steps, *map(float, row[0])))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:

@@ -226,7 +226,7 @@ def photos(
     """Write "user photos" of a novel concept plus concept.json (for textual inversion)."""
     from compinv_rt.world.photos import make_photos
 
-    c = make_photos(out, shape, colour, pattern, background, count, seed)
+    c = make_photos(out, shape, colour, pattern, background, count, seed, overwrite=False)
     typer.echo(f"wrote {c['count']} photos of {c['description']} to {out}")
 
 

@@ -89,6 +89,7 @@ def make_photos(
     count: int = 8,
     seed: int = 0,
     size: int = 64,
+    overwrite: bool = True,
 ) -> dict:
     """Write `count` PNG photos and `concept.json` to `out_dir`; returns the concept record."""
     shape = _check("shape", shape, SHAPES)
@@ -100,6 +101,9 @@ def make_photos(
     if size < 32 or size % 8:
         raise ConfigError(f"size must be a multiple of 8 and >= 32, got {size}")
     out = Path(out_dir)
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"{out} is not empty; photos are never overwritten: choose another "
+                          "folder or delete it")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
