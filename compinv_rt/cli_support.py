@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import Any
 
 import typer
 
 
 def _flags_without_metavar() -> None:
     """typer 0.29 prints `<bool>` after flags that take no value (--resume, --help); show none."""
-    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    option: Any = getattr(getattr(typer, "core", None), "TyperOption", None)
     shown = getattr(option, "display_type_rich", None)
-    if shown is None or getattr(shown, "_compinv", False):
+    if shown is None or getattr(option, "_compinv_flags", False):
         return
 
     def display_type_rich(self, ctx):
         return None if getattr(self, "is_flag", False) and self.metavar is None else shown(self, ctx)
 
-    display_type_rich._compinv = True
     option.display_type_rich = display_type_rich
+    option._compinv_flags = True
 
 
 _flags_without_metavar()

@@ -91,7 +91,9 @@ def read_jobs(path: Path, defaults: dict) -> tuple[list[Job], list[str]]:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read jobs file {path}: {exc}") from None
-    jobs, problems, seen = [], [], {}
+    jobs: list[Job] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
     for no, text in enumerate(lines, start=1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue

@@ -359,11 +359,13 @@ def test_sidecars_refuse_nan(tmp_path):
 def test_non_finite_latents_are_refused_with_the_seed(tiny_model, tmp_path):
     from compinv_rt.generation import generate_to_folder
     from compinv_rt.runtime.pipeline import SamplingConfig
+    from compinv_rt.session import GenerationSession, Request, SessionOptions
 
+    session = GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu"))
     out = tmp_path / "o"
-    with pytest.raises(NonFiniteError, match="seed 5, 6"):
-        generate_to_folder("a red star", "", [5, 6], SamplingConfig(2, float("inf")), str(tiny_model),
-                           out, device="cpu")
+    with pytest.raises(NonFiniteError, match="seed 5, 6"):  # guidance inf: NaN latents
+        generate_to_folder(session, Request("a red star", 5, 2, "", SamplingConfig(2, float("inf"))),
+                           out)
     assert not out.exists() or not list(out.iterdir())
 
 
