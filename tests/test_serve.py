@@ -324,6 +324,7 @@ def test_unknown_concepts_and_bad_layouts_are_400(served):
 
 @pytest.mark.slow  # trains the concept fixture
 def test_bad_uploads_are_refused_and_the_concept_list_is_unchanged(served, trained, tmp_path):
+    import hashlib
     import json
 
     emb = (trained.out / "embeddings.safetensors").read_bytes()
@@ -345,7 +346,10 @@ def test_bad_uploads_are_refused_and_the_concept_list_is_unchanged(served, train
             ("h2", files(flipped, art), 400, "does not match the hash"),
             ("h2", files(emb, other_model), 400, "another base model"),
             ("h2", files(emb, b"{not json"), 400, "not valid JSON"),
-            ("h2", files(b"not safetensors", {**art, "files": {}}), 400, "corrupt embedding"),
+            ("h2", files(b"not safetensors", {**art, "files": {}}), 400, "must list embeddings"),
+            ("h2", files(b"not safetensors", {**art, "files": {  # the hash matches the garbage
+                "embeddings.safetensors": hashlib.sha256(b"not safetensors").hexdigest()}}),
+             400, "corrupt embedding"),
             ("h2", {"embeddings": ("e", emb)}, 400, "lacks the file 'artifact'"),
             ("h2", files(emb + b"\0" * 8192, art), 413, "limit"),
             ("..x", files(emb, art), 400, "invalid concept name"),
