@@ -141,7 +141,7 @@ class GenerateOptions(BaseModel):
     max_batch: int = Field(8, ge=1)
     workers: int = Field(2, ge=1)
     gpus_per_worker: FiniteFloat = Field(0.0, ge=0)
-    bias_strength: FiniteFloat = 2.0
+    bias_strength: Optional[FiniteFloat] = None  # None: the spatial mode's default
     out: Optional[str] = None
     jobs: bool = False
 
