@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 R = "tests/test_reliability.py"
 BUGS = [  # (bug, file, old, new, test)
     ("anchor loss gets sequence length 1 in the loop", "compinv_rt/train/loop.py",
-     "A.anchor_loss(wrapper.vectors, target, seq_len, cfg.anchor_l1)",
-     "A.anchor_loss(wrapper.vectors, target, 1, cfg.anchor_l1)",
+     "A.anchor_loss(wrapper.vectors[:n_vec], target, seq_len, cfg.anchor_l1)",
+     "A.anchor_loss(wrapper.vectors[:n_vec], target, 1, cfg.anchor_l1)",
      f"{R}::test_anchor_term_in_the_loop_uses_the_full_sequence_length"),
     ("training prompts hold only the first vector", "compinv_rt/train/loop.py",
      'placeholder_text = " ".join(T.placeholder_tokens(cfg.token, cfg.vectors))',
