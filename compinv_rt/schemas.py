@@ -140,7 +140,7 @@ class GenerateOptions(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     max_batch: int = Field(8, ge=1)
     workers: int = Field(2, ge=1)
-    gpus_per_worker: FiniteFloat = Field(0.0, ge=0)
+    gpus_per_worker: Optional[FiniteFloat] = Field(None, ge=0)  # None: the default
     bias_strength: Optional[FiniteFloat] = None  # None: the spatial mode's default
     out: Optional[str] = None
     jobs: bool = False
