@@ -334,7 +334,8 @@ def test_zero_bias_is_bit_identical_to_stock_unet(tiny_model):
         assert not torch.equal(ours(x, t, e, torch.full((4, 77, 16, 16), 4.0) * (torch.rand(4, 77, 16, 16) > 0.5)), ref)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+# AOTI compiles the tiny UNet (~45 s): slow, outside the quick subset.
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("aoti", marks=pytest.mark.slow)])
 def test_adaptive_bias_parity_with_torch(backend, tiny_model, tmp_path):
     """The adaptive bias (spread computed inside the graph, a per-step gain schedule fed as the
     bias_gain input) gives the same images on engines as eager PyTorch, and other images than
