@@ -55,7 +55,7 @@ def test_bench_precisions_have_their_own_stock_baseline(tiny_model, tmp_path):
     # onnxruntime has no bf16 kernels: skipped with its reason, never silently run in fp32
     assert set(cells) == {("diffusers", "fp32"), ("diffusers", "bf16"), ("torch", "fp32"),
                           ("torch", "bf16"), ("onnxruntime", "fp32")}
-    assert [l.split(":")[0] for l in data["meta"]["skipped"]] == ["onnxruntime bf16"]
+    assert [s.split(":")[0] for s in data["meta"]["skipped"]] == ["onnxruntime bf16"]
     ref, stock_bf16 = cells["diffusers", "fp32"], cells["diffusers", "bf16"]
     bf16 = cells["torch", "bf16"]
     assert abs(bf16["e2e_speedup"] - ref["e2e_s"] / bf16["e2e_s"]) < 1e-9
