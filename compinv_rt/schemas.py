@@ -123,7 +123,26 @@ GENERATE_NAMES = {
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
-class GenerateOptions(BaseModel):
+class _SamplingBounds(BaseModel):
+    """The limits shared by `generate`'s options and a JSONL job line (steps, guidance, size)."""
+
+    @field_validator("steps", check_fields=False)
+    @classmethod
+    def _steps(cls, v, info):
+        return _bound(info, "max_steps", v)
+
+    @field_validator("guidance", check_fields=False)
+    @classmethod
+    def _guidance(cls, v, info):
+        return _bound(info, "max_guidance", v)
+
+    @field_validator("height", "width", check_fields=False)
+    @classmethod
+    def _size(cls, v, info):
+        return _bound(info, "max_size", v)
+
+
+class GenerateOptions(_SamplingBounds):
     """`generate`'s options; cross-option rules (PROMPT vs --jobs ...) stay in the command."""
 
     model_config = ConfigDict(extra="forbid")
@@ -156,21 +175,6 @@ class GenerateOptions(BaseModel):
     @classmethod
     def _n(cls, v, info):
         return _bound(info, "max_images", v)
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v, info):
-        return _bound(info, "max_steps", v)
-
-    @field_validator("guidance")
-    @classmethod
-    def _guidance(cls, v, info):
-        return _bound(info, "max_guidance", v)
-
-    @field_validator("height", "width")
-    @classmethod
-    def _size(cls, v, info):
-        return _bound(info, "max_size", v)
 
     @field_validator("max_batch")
     @classmethod
@@ -252,7 +256,7 @@ def check_option(option: str, value, *, ge=None, gt=None, le=None, limit: str | 
 StrictFinite = Annotated[Union[StrictInt, StrictFloat], Field(allow_inf_nan=False)]
 
 
-class JobLine(BaseModel):
+class JobLine(_SamplingBounds):
     """One line of `generate --jobs FILE`. Strict: "5" is not a number, true is not 1."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -280,21 +284,6 @@ class JobLine(BaseModel):
     @classmethod
     def _n(cls, v, info):
         return _bound(info, "max_images", v)
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v, info):
-        return _bound(info, "max_steps", v)
-
-    @field_validator("guidance")
-    @classmethod
-    def _guidance(cls, v, info):
-        return _bound(info, "max_guidance", v)
-
-    @field_validator("height", "width")
-    @classmethod
-    def _size(cls, v, info):
-        return _bound(info, "max_size", v)
 
     @model_validator(mode="after")
     def _last_seed(self):
