@@ -353,16 +353,21 @@ class ArtifactRecord(BaseModel):
         return self
 
 
+def _check_record(record: type[BaseModel], obj: Any, error: type[Exception], prefix: str) -> dict:
+    """Validate a parsed JSON file against its record; one `error` line starting with `prefix`."""
+    if not isinstance(obj, dict):
+        raise error(f"{prefix}expected a JSON object, got {type(obj).__name__}")
+    try:
+        record.model_validate(obj)
+    except ValidationError as exc:
+        raise error(f"{prefix}{_first(exc, {})}") from None
+    return obj
+
+
 def check_artifact(obj: Any, path) -> dict:
     from compinv_rt.errors import ArtifactError
 
-    if not isinstance(obj, dict):
-        raise ArtifactError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    try:
-        ArtifactRecord.model_validate(obj)
-    except ValidationError as exc:
-        raise ArtifactError(f"{path}: {_first(exc, {})}") from None
-    return obj
+    return _check_record(ArtifactRecord, obj, ArtifactError, f"{path}: ")
 
 
 # --- manifest.json (engines) -----------------------------------------------------------------------
@@ -422,13 +427,7 @@ class ManifestRecord(BaseModel):
 def check_manifest(obj: Any, path) -> dict:
     from compinv_rt.errors import EngineMismatch
 
-    if not isinstance(obj, dict):
-        raise EngineMismatch(f"{path} is corrupt: expected a JSON object")
-    try:
-        ManifestRecord.model_validate(obj)
-    except ValidationError as exc:
-        raise EngineMismatch(f"{path} is corrupt: {_first(exc, {})}") from None
-    return obj
+    return _check_record(ManifestRecord, obj, EngineMismatch, f"{path} is corrupt: ")
 
 
 # --- prompts (need the tokenizer, which the caller has loaded) ----------------------------------
