@@ -541,13 +541,15 @@ def eval_(
     si_anchors: Optional[str] = typer.Option(
         None, help="Semantic inversion's anchors: class (default), attributes (class + colour + "
         "pattern words, a sparse combination), or a train --anchors spec."),
+    context_weight: Optional[float] = typer.Option(
+        None, help="The context regularizer's weight in its recipes (cap_ctxreg; default 0.05)."),
     random: int = typer.Option(0, help="Add N concepts drawn from the world's whole colour x "
                                "pattern x shape space (no filtering)."),
     random_seed: int = typer.Option(0, help="Seed of the --random draw."),
     train_seeds: Optional[int] = typer.Option(
         None, help="Trainings per concept and recipe (seeds 0..K-1; mean and range; default 1)."),
     methods: Optional[str] = typer.Option(
-        None, help="Comma-separated methods: words, RECIPE, RECIPE+bias, RECIPE+guidance (recipes: "
+        None, help="Comma-separated methods: words, RECIPE, RECIPE+bias|adaptive|guidance (recipes: "
         "ti, si, cap, mask, automask, cap_mask, ctxtok, cap_si, cap_norm, cap_ctxreg, cap_sparse, cap_vec2) "
         "or ti_bias, ti_guidance, full. Default: words,ti,si,ti_bias,ti_guidance,full."),
     objects: Optional[int] = typer.Option(
@@ -558,7 +560,7 @@ def eval_(
 
     run_command(out, quick, model, concepts, prompts, clip, detector, seed, samples, steps,
                 train_steps, cache, si_anchor_weight, si_anchors, random, random_seed, train_seeds,
-                methods, objects)
+                methods, objects, context_weight)
 
 
 # --- `compinv-rt layout ...`: the layout model --------------------------------------------

@@ -548,7 +548,7 @@ def test_prompt_kinds_and_method_names():
     assert (m.embedding, m.spatial, m.trained) == ("cap_ctxreg", "bias", True)
     assert P.method("full") == P.Method("full", "semantic + bias (full)", "si", "bias")
     assert not P.method("words").trained
-    for bad in ("nope", "ti+blur", "ti,ti"):
+    for bad in ("nope", "ti+blur", "ti+", "ti,ti"):
         with pytest.raises(ConfigError):
             P.parse_methods(bad)
 
@@ -568,6 +568,9 @@ def test_recipes_reach_the_training_config(tmp_path):
     assert cap.token == "<heart-cap_mask-s2>"
     reg = train_config(heart, "cap_ctxreg", cfg, world=True)
     assert reg.context_weight == P.CONTEXT_WEIGHT and reg.captions == "auto"
+    light = train_config(heart, "cap_ctxreg", P.EvalConfig(context_weight=0.01), world=True)
+    assert light.context_weight == 0.01
+    assert train_config(heart, "cap", P.EvalConfig(context_weight=0.01), world=True).context_weight == 0
     assert train_config(heart, "cap_norm", cfg, world=True).norm == "vocab"
     sparse = train_config(heart, "cap_sparse", cfg, world=True)
     assert sparse.anchors == "auto:8" and sparse.anchor_weight == cfg.si_anchor_weight
@@ -589,6 +592,9 @@ def test_cell_key_depends_only_on_what_decides_the_cell():
     assert key(bias) != key(bias, P.EvalConfig(bias_strength=5.0))
     assert key(ti) != key(ti, P.EvalConfig(samples=3)) and key(ti) != key(ti, seed=1)
     assert key(words) == key(words, seed=1) and key(words) != key(ti)
+    adaptive = P.method("ti+adaptive")  # runs on the adaptive bias's own strength and steps
+    assert adaptive.spatial == "adaptive" and key(adaptive) not in (key(bias), key(ti))
+    assert key(adaptive) == key(adaptive, P.EvalConfig(bias_strength=5.0))
 
 
 def _block(identity_by_seed, other_by_seed):
@@ -613,6 +619,7 @@ def test_word_parity_is_per_seed_mean_and_range_against_the_words():
     assert row["compositions"]["parity_range"] == [0.5, 1.0]
     assert row["other"]["vs_words"] == pytest.approx(0.5) and row["other"]["vs_words_range"] == [0, 1]
     assert summary["ti"]["parity_single"] == pytest.approx(0.75) and summary["_below_floor"] == []
+    assert summary["ti"]["other_pooled"] == pytest.approx(0.45 / 0.9)
     low = {"words": _block([0.1], [0.9]), "ti": _block([0.1], [0.9])}
     per, summary = word_parity(low, protocol)
     assert per["a"]["below_floor"] and summary["ti"]["parity_compositions"] is None

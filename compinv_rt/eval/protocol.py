@@ -14,7 +14,7 @@ Every method shares the sampler, steps, guidance and seeds; a method is a traini
 token is learned: plain TI = anchor weight 0, semantic inversion = 0.95, captions, masks, the
 anti-dominance constraints; see RECIPES) and a generation-time spatial regularization, or "words":
 the concept written out in words (no token), the oracle a token should reach. A method name is
-`RECIPE`, `RECIPE+bias`, `RECIPE+guidance` or `words`; `ti_bias`, `ti_guidance` and `full`
+`RECIPE`, `RECIPE+bias`, `RECIPE+adaptive`, `RECIPE+guidance` or `words`; `ti_bias`, `ti_guidance` and `full`
 (= `si+bias`) are kept as the paper's names. Trained methods run once per training seed.
 """
 
@@ -41,7 +41,8 @@ WORLD_TEMPLATES = ("a photo of a {}", "photo of a {}", "an image of a {}", "a pi
                    "a {}, simple drawing")
 
 
-CONTEXT_WEIGHT = 0.05  # the context regularizer's weight in the recipes below
+CONTEXT_WEIGHT = 0.05  # the context regularizer's default weight (EvalConfig.context_weight)
+SPATIAL = ("bias", "adaptive", "guidance")  # generation-time spatial parts of a method
 WORDS = "words"
 
 
@@ -57,7 +58,7 @@ class Recipe:
     # base model's attention to the class word) or "" (whole image)
     context_token: bool = False
     norm: str = "none"
-    context_weight: float = 0.0
+    context_reg: bool = False  # the context regularizer, with EvalConfig.context_weight
     vectors: int = 1
     anchors: str | None = None  # overrides the semantic anchors (e.g. "auto:8": sparse anchors)
 
@@ -72,7 +73,7 @@ RECIPES = {r.name: r for r in (
     Recipe("ctxtok", "TI + context token", context_token=True),
     Recipe("cap_si", "captions + semantic", captions=True, semantic=True),
     Recipe("cap_norm", "captions + norm", captions=True, norm="vocab"),
-    Recipe("cap_ctxreg", "captions + context reg.", captions=True, context_weight=CONTEXT_WEIGHT),
+    Recipe("cap_ctxreg", "captions + context reg.", captions=True, context_reg=True),
     Recipe("cap_sparse", "captions + sparse anchors", captions=True, semantic=True,
            anchors="auto:8"),
     Recipe("cap_vec2", "captions + 2 vectors", captions=True, vectors=2),
@@ -85,7 +86,7 @@ class Method:
     name: str  # short id (file names, JSON keys)
     label: str  # table row
     embedding: str  # a recipe name (which trained embedding), or "words" (no token)
-    spatial: str  # "none" | "bias" | "guidance"
+    spatial: str  # "none" or one of SPATIAL
 
     @property
     def trained(self) -> bool:
@@ -98,16 +99,17 @@ PAPER_NAMES = {"ti_bias": ("ti", "bias", "TI + spatial bias"),
 
 
 def method(name: str) -> Method:
-    """`words`, `RECIPE`, `RECIPE+bias|guidance`, or a paper name. Raises ConfigError."""
+    """`words`, `RECIPE`, `RECIPE+bias|adaptive|guidance`, or a paper name. Raises ConfigError."""
     name = name.strip()
     if name == WORDS:
         return Method(WORDS, "words (oracle)", WORDS, "none")
     if name in PAPER_NAMES:
         emb, spatial, label = PAPER_NAMES[name]
         return Method(name, label, emb, spatial)
-    recipe, _, spatial = name.partition("+")
-    if recipe not in RECIPES or spatial not in ("", "bias", "guidance"):
-        raise ConfigError(f"unknown method {name!r}; expected words, RECIPE or RECIPE+bias|guidance "
+    recipe, plus, spatial = name.partition("+")
+    if recipe not in RECIPES or (plus and spatial not in SPATIAL):
+        raise ConfigError(f"unknown method {name!r}; expected words, RECIPE or "
+                          f"RECIPE+{'|'.join(SPATIAL)} "
                           f"with RECIPE one of {', '.join(RECIPES)} (or ti_bias, ti_guidance, full)")
     label = RECIPES[recipe].label + (f" + spatial {spatial}" if spatial else "")
     return Method(name, label, recipe, spatial or "none")
@@ -224,6 +226,7 @@ class EvalConfig:
     # combination, so the token keeps its attributes), or any train spec ("w1,w2", "auto:K").
     si_anchor_weight: float = SI_ANCHOR_WEIGHT
     si_anchors: str = "class"
+    context_weight: float = CONTEXT_WEIGHT  # the context regularizer's weight (its recipes only)
     spatial_steps: str = "0.2"  # the reference's 10 of 50 steps
     batch: int = 16  # images per pipeline call
     detector_threshold: float = 0.8
@@ -238,6 +241,8 @@ class EvalConfig:
             raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if self.si_anchor_weight < 0:
             raise ConfigError(f"--si-anchor-weight must be >= 0, got {self.si_anchor_weight}")
+        if not 0 <= self.context_weight <= 100:
+            raise ConfigError(f"--context-weight must be in [0, 100], got {self.context_weight}")
         if self.si_anchors not in ("class", "attributes"):
             from compinv_rt.train.config import parse_anchor_spec
 

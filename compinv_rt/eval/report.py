@@ -116,15 +116,17 @@ def parity_lines(results: dict) -> list[str]:
              f"{100 * WORDS_FLOOR:.0f}% (below it the base cannot draw the concept from words "
              f"either: {', '.join(summary.get('_below_floor', [])) or 'none'}); per concept the "
              "mean over training seeds, (min-max) over seeds. Other object: the composition's "
-             "pretrained object drawn as stated, token over words.", "",
-             "| method | concepts | parity, compositions | parity, single | other object vs words |",
-             "|---|---|---|---|---|"]
+             "pretrained object drawn as stated, token over words (mean of the concepts' ratios; "
+             "pooled: the mean rates' ratio).", "",
+             "| method | concepts | parity, compositions | parity, single | other object vs words "
+             "| other object vs words, pooled |", "|---|---|---|---|---|---|"]
     for n in names:
         s = summary[n]
         lines.append(f"| {methods[n]['label']} | {s['concepts']} | "
                      f"{_x_range(s['parity_compositions'], None)} | "
                      f"{_x_range(s['parity_single'], None)} | "
-                     f"{_x_range(s['other_vs_words'], None)} |")
+                     f"{_x_range(s['other_vs_words'], None)} | "
+                     f"{_x_range(s.get('other_pooled'), None)} |")
     lines += ["", "| concept | words: identity single / compositions / other object | method | "
               "identity single | identity compositions | parity single | parity compositions | "
               "other object | other vs words |", "|---|---|---|---|---|---|---|---|---|"]

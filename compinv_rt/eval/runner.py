@@ -121,7 +121,11 @@ def cell_key(cfg: EvalConfig, method, prompt, model_hash: str, folders: dict, se
     The trained concept folders' names hash their whole training config (seed included)."""
     c = cfg.as_dict()
     decides = {k: c[k] for k in ("samples", "steps", "guidance", "seed", "batch")}
-    if method.spatial != "none":
+    if method.spatial == "adaptive":  # the adaptive bias runs on its own defaults
+        from compinv_rt.spatial.plan import ADAPTIVE_DECAY, ADAPTIVE_STEPS, ADAPTIVE_STRENGTH
+
+        decides.update(adaptive=[ADAPTIVE_STRENGTH, ADAPTIVE_STEPS, ADAPTIVE_DECAY])
+    elif method.spatial != "none":
         decides.update(bias_strength=cfg.bias_strength, spatial_steps=cfg.spatial_steps)
     if detector is not None:
         decides["detector_threshold"] = cfg.detector_threshold
@@ -202,10 +206,12 @@ def _run_cell(method, prompt, protocol, cfg, session, sampling, folders, scorers
         concept_dirs, used, raw = (), [], prompt.render(concepts, "world")
     text = session.expand(raw, used)
     phrases = concept_phrases(raw)  # objects in order of mention ("<tok> heart", "blue circle")
+    own_defaults = method.spatial == "adaptive"
     spatial = SpatialConfig.from_options(
         None if method.spatial == "none" else method.spatial,
         None if method.spatial == "none" else boxes_layout(phrases, fixed_boxes(len(phrases))),
-        cfg.bias_strength, cfg.spatial_steps, save_attention=True, total_steps=cfg.steps)
+        None if own_defaults else cfg.bias_strength, None if own_defaults else cfg.spatial_steps,
+        save_attention=True, total_steps=cfg.steps)
     tok = session.model.tokenizer
     ids = tok(text, truncation=True, max_length=tok.model_max_length).input_ids
     content = [p for p, _ in prompt_token_labels(tok, text)]
@@ -331,7 +337,8 @@ def _method_block(m, protocol, cells, seeds) -> dict:
 def word_parity(methods: dict, protocol) -> tuple[dict, dict]:
     """Per concept and method: identity over the words' identity ("word parity") on single
     prompts and in compositions, and the other object's rate over the words' rate; mean and
-    range over training seeds. Then per method the means over concepts (words >= WORDS_FLOOR)."""
+    range over training seeds. Then per method the means over concepts (words >= WORDS_FLOOR),
+    and the other object's pooled rate over the words' pooled rate."""
     from compinv_rt.eval.metrics import ratio
 
     words = methods.get(WORDS)
@@ -371,6 +378,10 @@ def word_parity(methods: dict, protocol) -> tuple[dict, dict]:
                                           for n in counted]),
             "parity_single": _mean([per_concept[n][name]["single"]["parity"] for n in counted]),
             "other_vs_words": _mean([per_concept[n][name]["other"]["vs_words"] for n in counted]),
+            # the pooled rates' ratio: a concept the base rarely draws the other object beside
+            # (a small words rate) cannot swing it as it swings the mean of ratios
+            "other_pooled": ratio(_mean([per_concept[n][name]["other"]["rate"] for n in counted]),
+                                  _mean([per_concept[n]["words"]["other"] for n in counted])),
         }
     summary["_below_floor"] = [n for n, e in per_concept.items() if e["below_floor"]]
     return per_concept, summary
