@@ -573,14 +573,14 @@ layout_app = typer_app(
 @user_errors
 def layout_world_data(
     out: Path = typer.Option(..., help="JSONL file to write: one {prompt, phrases, boxes} per line."),
-    n: int = typer.Option(4000, "-n", help="Scenes."),
+    n: int = typer.Option(16000, "-n", help="Scenes (the layout MLP overfits a few thousand)."),
     split: str = typer.Option("train", help="train (scenes the world trains on) or heldout."),
     seed: int = typer.Option(0, help="First scene seed."),
-    positions: bool = typer.Option(
-        False, "--positions", help="Captions state each object's horizontal position (the "
-        "world's own captions never do)."),
+    places: str = typer.Option(
+        "any", help="any: the world's captions as it makes them (about 40 % state every object's "
+        "place and size); stated / unstated: only scenes whose caption does / does not."),
 ):
-    """Ground-truth layouts from the shapes world (captions + object boxes)."""
+    """Ground-truth layouts from the shapes world (its captions + object boxes)."""
     from compinv_rt.errors import ConfigError
     from compinv_rt.outputs import check_writable_dir
 
@@ -590,8 +590,8 @@ def layout_world_data(
     from compinv_rt.spatial.layout_model import write_jsonl
     from compinv_rt.world.layouts import world_examples
 
-    write_jsonl(out, world_examples(n, split, seed, positions))
-    typer.echo(f"wrote {n} {split} layouts to {out}")
+    write_jsonl(out, world_examples(n, split, seed, places))
+    typer.echo(f"wrote {n} {split} layouts ({places} places) to {out}")
 
 
 @layout_app.command("fit")
@@ -604,7 +604,8 @@ def layout_fit(
         "cross-attention on generated '{a} and {b}' images (no data needed)."),
     words: Optional[str] = typer.Option(None, help="--from-attention: comma-separated concepts."),
     template: list[str] = typer.Option(
-        ["a {a} and a {b}"], help="--from-attention: prompt template(s) with {a} and {b}."),
+        ["a {a} and a {b}"], help="--from-attention: prompt template(s) with {a} and {b} (a pair "
+        "of concepts) or {a} alone (one concept)."),
     images_per_prompt: int = typer.Option(2, help="--from-attention: images per prompt."),
     steps: int = typer.Option(20, help="--from-attention: denoising steps."),
     guidance: float = typer.Option(7.5, help="--from-attention: classifier-free guidance."),
@@ -613,8 +614,10 @@ def layout_fit(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     epochs: int = typer.Option(10, help="Training epochs (more overfits a few thousand layouts)."),
     seed: int = typer.Option(0, help="Seed."),
+    fp16: bool = typer.Option(False, "--fp16", help="Store float16 weights (half the size)."),
 ):
-    """Fit the layout MLP (prompt states + concept tokens -> one box per concept)."""
+    """Fit the layout MLP (prompt states, concept tokens and the words after each concept -> one
+    box per concept)."""
     import json
 
     from compinv_rt.errors import ConfigError
@@ -661,8 +664,8 @@ def layout_fit(
     info = {"source": "attention" if from_attention else "ground-truth",
             "data": None if data is None else str(data), "examples": len(examples),
             "base_model": {"path": str(loaded.root), "hash": loaded.hash}, "fit_iou": fit_iou,
-            "epochs": epochs, "seed": seed}
-    layout_model.save(net, out, info)
+            "epochs": epochs, "seed": seed, "dtype": "float16" if fp16 else "float32"}
+    layout_model.save(net, out, info, half=fp16)
     if from_attention:
         layout_model.write_jsonl(out / "recovered_layouts.jsonl", examples)
     typer.echo(json.dumps(fit_iou))

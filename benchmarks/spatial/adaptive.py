@@ -28,6 +28,7 @@ measures the other jobs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -121,6 +122,7 @@ def main(argv=None) -> dict:
     from compinv_rt.models.loading import load_model
     from compinv_rt.runtime.pipeline import SamplingConfig
     from compinv_rt.session import GenerationSession, Request
+    from compinv_rt.spatial.layouts import fixed_layout
     from compinv_rt.spatial.plan import SpatialConfig
     from compinv_rt.world.judge import load_judge
 
@@ -144,7 +146,10 @@ def main(argv=None) -> dict:
     for prompt in tqdm(prompts, desc=f"{args.split} prompts", file=sys.stderr):
         for v in variants:  # seeds 8888.. in every variant, one UNet batch of k images
             stamps = [time.process_time()]
-            results = session.generate(Request(prompt, 8888, args.k, sampling=cfg, spatial=configs[v]),
+            sp = configs[v]  # the reference's fixed boxes, explicitly (not a shipped layout model)
+            if sp.mode.value != "none":
+                sp = dataclasses.replace(sp, layout=fixed_layout(prompt))
+            results = session.generate(Request(prompt, 8888, args.k, sampling=cfg, spatial=sp),
                                        on_step=lambda d, t: stamps.append(time.process_time()))
             st = stats[v]
             st["steps"].append(np.diff(stamps))

@@ -5,8 +5,9 @@ the shapes-world judge.
         --out benchmarks/spatial/presence.json
 
 Prompts: the world's held-out two-object prompts ("a red circle and a green star on sand": seen
-objects, a pairing never seen together). Layout: `--layout auto` without a layout model, i.e. the
-reference's fixed boxes (first concept left 0.1,0.2,0.5,0.8; second right 0.6,0.2,0.95,0.8).
+objects, a pairing never seen together). Layout: the reference's fixed boxes, given explicitly
+(`fixed_layout`: first concept left 0.1,0.2,0.5,0.8; second right 0.6,0.2,0.95,0.8), which is what
+`--layout auto` gave before the embedded model shipped a layout model.
 Per sample:
 - presence: the judge finds both stated objects (colour and shape), any background;
 - region: present, and each object's detected centre lies inside its concept's box.
@@ -72,6 +73,7 @@ def main(argv=None) -> dict:
     from compinv_rt.session import GenerationSession, Request
     from compinv_rt.spatial.capture import cross_attention_layers
     from compinv_rt.spatial.guidance import GuidanceConfig
+    from compinv_rt.spatial.layouts import fixed_layout
     from compinv_rt.spatial.plan import SpatialConfig
     from compinv_rt.world.judge import load_judge
     from compinv_rt.world.scenes import heldout_prompts
@@ -97,7 +99,8 @@ def main(argv=None) -> dict:
             iterations=args.guidance_iterations, scale=args.guidance_scale, layers=layers))
         present = inside = n = 0
         for prompt in prompts:
-            results = session.generate(Request(prompt, 8888, args.k, sampling=cfg, spatial=spatial))
+            sp = spatial if mode == "none" else dataclasses.replace(spatial, layout=fixed_layout(prompt))
+            results = session.generate(Request(prompt, 8888, args.k, sampling=cfg, spatial=sp))
             images = [r.image for r in results]
             layout = results[0].layout
             for p, r in score(judge, images, prompt, layout):

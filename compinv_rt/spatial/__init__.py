@@ -8,7 +8,7 @@ attention.py    the bias processor (fixed, or scaled by each layer's logit sprea
 capture.py      recording cross-attention probabilities (guidance, heatmaps)
 guidance.py     backward layout guidance as a latent hook of the one denoise loop (PyTorch only)
 heatmaps.py     per-token attention maps: recorder, PNG grid, box read-out
-layout_model.py the layout MLP (prompt states + concept tokens -> boxes): fit, eval, storage
+layout_model.py the layout MLP (prompt states + concept tokens + following words -> boxes)
 layout_data.py  layouts to learn from: shapes-world ground truth or the model's own attention
 plan.py         `generate`'s spatial options -> pipeline inputs
 """

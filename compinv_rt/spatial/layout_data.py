@@ -1,4 +1,4 @@
-"""Layouts learned from the base model's own cross-attention on generated "A and B" images (no
+"""Layouts learned from the base model's own cross-attention on generated "A and B" (or "A") images (no
 external data; works for any base model). Ground-truth layouts of the shapes world come from
 `compinv_rt.world.layouts`."""
 
@@ -12,14 +12,20 @@ from compinv_rt.spatial.layout_model import LayoutExample
 
 
 def pair_prompts(words: list[str], templates: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """All ordered pairs of different words in every template ("{a}", "{b}" placeholders)."""
+    """Every template filled with all ordered pairs of different words ("{a}" and "{b}"
+    placeholders) or, for a template with "{a}" only, with each word alone."""
     if len(words) < 2:
         raise ConfigError("--words needs at least two comma-separated words or phrases")
     for t in templates:
-        if "{a}" not in t or "{b}" not in t:
-            raise ConfigError(f"--template {t!r} needs both {{a}} and {{b}}")
-    return [(t.format(a=a, b=b), (a, b)) for t in templates
-            for a, b in itertools.permutations(words, 2)]
+        if "{a}" not in t or t.count("{a}") > 1 or t.count("{b}") > 1:
+            raise ConfigError(f"--template {t!r} needs {{a}} once (and {{b}} at most once)")
+    out = []
+    for t in templates:
+        if "{b}" in t:
+            out += [(t.format(a=a, b=b), (a, b)) for a, b in itertools.permutations(words, 2)]
+        else:
+            out += [(t.format(a=a), (a,)) for a in words]
+    return out
 
 
 def attention_examples(loaded, prompts: list[tuple[str, tuple[str, ...]]], images_per_prompt: int,

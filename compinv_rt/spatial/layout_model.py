@@ -2,8 +2,12 @@
 
 A small MLP in the spirit of the reference's (per-token Linear(D -> 64), GELU, flatten 77 x 64,
 Linear), extended so it serves any number of concepts up to 4: the flattened prompt feature is
-joined with each concept's pooled token feature and its slot, and a shared head predicts that
-concept's box as (centre, size) through a sigmoid, so boxes are always valid.
+joined with each concept's pooled token feature, the pooled feature of the words that follow it
+(up to the next concept: "at the top left", "on the right on grass"), its slot and the concept
+count, and a shared head predicts that concept's box as (centre, size) through a sigmoid, so
+boxes are always valid. The following words matter because CLIP's text encoder is causal: a
+concept's own token states never see the place words said after it, and the flattened prompt
+has them at a different slot in every caption.
 
 Trained from layouts: ground truth (a JSONL of {"prompt", "phrases", "boxes"}) or layouts
 recovered from the base model's own cross-attention on generated "A and B" images. Stored as
@@ -29,7 +33,8 @@ from compinv_rt.spatial.layouts import MAX_CONCEPTS, check_box, concept_tokens
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG = "layout_model.safetensors", "layout_model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + the following-words feature (config "context"); reads 1 (without it)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class LayoutModelConfig:
     token_dim: int = 64
     width: int = 256
     max_concepts: int = MAX_CONCEPTS
+    context: bool = False  # reads the words after each concept (format 2); False: format 1 models
 
 
 class LayoutMLP(nn.Module):
@@ -48,16 +54,24 @@ class LayoutMLP(nn.Module):
         self.token = nn.Sequential(nn.Linear(cfg.hidden, cfg.token_dim), nn.GELU())
         self.prompt = nn.Sequential(nn.Linear(cfg.seq_len * cfg.token_dim, cfg.width), nn.GELU())
         n = cfg.max_concepts
-        self.head = nn.Sequential(nn.Linear(cfg.width + cfg.token_dim + 2 * n, cfg.width), nn.GELU(),
+        pooled = cfg.token_dim * (2 if cfg.context else 1)
+        self.head = nn.Sequential(nn.Linear(cfg.width + pooled + 2 * n, cfg.width), nn.GELU(),
                                   nn.Linear(cfg.width, 4))
 
-    def forward(self, states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, weights: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """states (B, 77, D); weights (B, K, 77): each concept's token indicator (all-zero rows are
-        padding) -> boxes (B, K, 4) as x0, y0, x1, y1 in [0, 1]."""
+        padding); context (B, K, 77): the indicator of the words following each concept
+        (`context_weights`; needed when cfg.context) -> boxes (B, K, 4) as x0, y0, x1, y1 in [0, 1]."""
         b, k, _ = weights.shape
         tok = self.token(states)  # (B, 77, E)
         g = self.prompt(tok.flatten(1))  # (B, W)
         pooled = weights @ tok / weights.sum(-1, keepdim=True).clamp_min(1)  # (B, K, E)
+        if self.cfg.context:
+            if context is None:
+                raise ValueError("this layout model reads the words after each concept: pass context")
+            after = context @ tok / context.sum(-1, keepdim=True).clamp_min(1)
+            pooled = torch.cat([pooled, after], -1)
         n = self.cfg.max_concepts
         slot = torch.eye(n, device=states.device)[:k].expand(b, k, n)
         count = (weights.sum(-1) > 0).sum(1)  # (B,)
@@ -135,18 +149,39 @@ def token_weights(token_lists: list[list[int]], seq_len: int = 77) -> torch.Tens
     return w
 
 
+def context_weights(token_lists: list[list[int]], n_tokens: int, seq_len: int = 77) -> torch.Tensor:
+    """(K, 77): for each concept, the tokens after its last one up to the next concept's first
+    (or the prompt's end, EOS excluded); `n_tokens` counts the prompt's tokens with BOS and EOS."""
+    starts = sorted(min(t) for t in token_lists if t)
+    end_of_prompt = min(n_tokens, seq_len) - 1
+    w = torch.zeros(len(token_lists), seq_len)
+    for k, toks in enumerate(token_lists):
+        if not toks:
+            continue
+        after = max(toks) + 1
+        stop = min([s for s in starts if s >= after] + [end_of_prompt])
+        w[k, after:stop] = 1.0
+    return w
+
+
+def prompt_length(tokenizer, prompt: str) -> int:
+    return len(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
+
+
 def _tensors(examples, tokenizer, text_encoder, seq_len=77):
     states = encode(tokenizer, text_encoder, [e.prompt for e in examples])
     weights = torch.zeros(len(examples), MAX_CONCEPTS, seq_len)
+    context = torch.zeros(len(examples), MAX_CONCEPTS, seq_len)
     boxes = torch.zeros(len(examples), MAX_CONCEPTS, 4)
     valid = torch.zeros(len(examples), MAX_CONCEPTS, dtype=torch.bool)
     for i, e in enumerate(examples):
         toks = concept_tokens(tokenizer, e.prompt, e.phrases)
         k = len(toks)
         weights[i, :k] = token_weights(toks, seq_len)
+        context[i, :k] = context_weights(toks, prompt_length(tokenizer, e.prompt), seq_len)
         boxes[i, :k] = torch.tensor(e.boxes)
         valid[i, :k] = True
-    return states, weights, boxes, valid
+    return states, weights, context, boxes, valid
 
 
 # --- training, evaluation, storage ---------------------------------------------------------
@@ -164,8 +199,8 @@ def fit(examples, tokenizer, text_encoder, cfg: FitConfig = FitConfig(),
         on_epoch: Callable[[int, int, float], None] | None = None) -> LayoutMLP:
     """Train on layouts: L1 on the box coordinates plus (1 - IoU), Adam, cosine schedule."""
     torch.manual_seed(cfg.seed)
-    states, weights, boxes, valid = _tensors(examples, tokenizer, text_encoder)
-    model = LayoutMLP(LayoutModelConfig(hidden=states.shape[-1]))
+    states, weights, context, boxes, valid = _tensors(examples, tokenizer, text_encoder)
+    model = LayoutMLP(LayoutModelConfig(hidden=states.shape[-1], context=True))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     n = len(examples)
     steps = cfg.epochs * math.ceil(n / cfg.batch)
@@ -177,7 +212,7 @@ def fit(examples, tokenizer, text_encoder, cfg: FitConfig = FitConfig(),
         total = 0.0
         for i in range(0, n, cfg.batch):
             idx = torch.tensor(order[i:i + cfg.batch])
-            pred = model(states[idx], weights[idx])
+            pred = model(states[idx], weights[idx], context[idx])
             v = valid[idx]
             loss = (F.l1_loss(pred[v], boxes[idx][v]) + (1 - box_iou(pred[v], boxes[idx][v])).mean())
             opt.zero_grad()
@@ -195,8 +230,8 @@ def evaluate(model: LayoutMLP, examples, tokenizer, text_encoder) -> dict:
     """Mean IoU of predicted vs given boxes over all concepts, plus the fixed-box baseline."""
     from compinv_rt.spatial.layouts import fixed_boxes
 
-    states, weights, boxes, valid = _tensors(examples, tokenizer, text_encoder)
-    pred = model(states, weights)
+    states, weights, context, boxes, valid = _tensors(examples, tokenizer, text_encoder)
+    pred = model(states, weights, context)
     fixed = torch.zeros_like(boxes)
     for i, e in enumerate(examples):
         fixed[i, :len(e.phrases)] = torch.tensor(fixed_boxes(len(e.phrases)))
@@ -205,15 +240,17 @@ def evaluate(model: LayoutMLP, examples, tokenizer, text_encoder) -> dict:
             "concepts": int(valid.sum()), "prompts": len(examples)}
 
 
-def save(model: LayoutMLP, out_dir: str | Path, info: dict) -> Path:
-    """Atomically write layout_model.safetensors (config in its metadata) + layout_model.json."""
+def save(model: LayoutMLP, out_dir: str | Path, info: dict, half: bool = False) -> Path:
+    """Atomically write layout_model.safetensors (config in its metadata) + layout_model.json.
+    `half`: float16 weights (half the size; `load` computes in float32 either way)."""
     from safetensors.torch import save as st_save
 
     from compinv_rt.outputs import atomic_write_bytes, atomic_write_json
 
     out = Path(out_dir)
     meta = {"format_version": FORMAT_VERSION, "config": asdict(model.cfg), **info}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(out / WEIGHTS, st_save(state, metadata={"compinv_rt": json.dumps(meta)}))
     atomic_write_json(out / CONFIG, meta)
     return out
@@ -231,9 +268,9 @@ def load(path: str | Path) -> tuple[LayoutMLP, dict]:
         with safe_open(str(weights), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["compinv_rt"])
             state = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise ArtifactError(f"layout model {weights} has format {meta.get('format_version')}, "
-                                f"this version reads {FORMAT_VERSION}")
+                                f"this version reads {', '.join(map(str, READABLE_VERSIONS))}")
         model = LayoutMLP(LayoutModelConfig(**meta["config"]))
         model.load_state_dict(state)
     except ArtifactError:
@@ -257,5 +294,7 @@ class LayoutPredictor:
     @torch.no_grad()
     def __call__(self, prompt: str, token_lists: list[list[int]]) -> list[tuple]:
         states = encode(self.tokenizer, self.text_encoder, [prompt])
-        boxes = self.model(states, token_weights(token_lists, self.model.cfg.seq_len)[None])[0]
+        seq_len = self.model.cfg.seq_len
+        context = context_weights(token_lists, prompt_length(self.tokenizer, prompt), seq_len)
+        boxes = self.model(states, token_weights(token_lists, seq_len)[None], context[None])[0]
         return [tuple(round(v, 4) for v in b.tolist()) for b in boxes]

@@ -224,6 +224,14 @@ def fixed_boxes(n: int) -> list[Box]:
     return [(round(i * w + 0.05 * w, 4), 0.2, round((i + 1) * w - 0.05 * w, 4), 0.8) for i in range(n)]
 
 
+def fixed_layout(prompt: str) -> LayoutSpec:
+    """The prompt's concepts (`concept_phrases`) with the reference's fixed boxes, explicitly: what
+    `--layout auto` gives when the model has no layout model (comparisons that must not change
+    when one is shipped)."""
+    phrases = concept_phrases(prompt)
+    return boxes_layout(phrases, fixed_boxes(len(phrases)))
+
+
 def resolve_layout(spec: LayoutSpec, tokenizer, prompt: str, predictor=None,
                    expand=None) -> Layout | None:
     """Turn `--layout` into concepts with boxes and token positions for this prompt.
