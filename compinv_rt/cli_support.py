@@ -53,8 +53,30 @@ def user_errors(fn):
     return wrapper
 
 
+class _LogLines:
+    """tqdm's output for a log file: each refresh becomes one plain line (no carriage returns)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+#: Seconds between progress lines when stderr is not a terminal (a background job's log).
+LOG_PROGRESS_EVERY = 30.0
+
+
 def progress(total: int, desc: str, unit: str = "step"):
+    """A progress bar on a terminal; in a log (stderr redirected) one line every 30 s or so."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                disable=None)  # disable=None: hidden when stderr is not a terminal
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, file=_LogLines(sys.stderr), ncols=100,
+                mininterval=LOG_PROGRESS_EVERY, ascii=True)

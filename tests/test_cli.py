@@ -45,3 +45,22 @@ def test_clip_tokenizer_matches_real_clip_ids():
     assert len(tok) == 49408 and tok.model_max_length == 77
     # Ids of OpenAI's CLIP tokenizer for this sentence.
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_progress_writes_plain_lines_to_a_log(monkeypatch):
+    """A background job's log (stderr not a terminal) gets newline-terminated progress lines."""
+    import io
+    import sys
+
+    from compinv_rt import cli_support
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(cli_support, "LOG_PROGRESS_EVERY", 0.0)
+    bar = cli_support.progress(4, "eval", unit="unit")
+    for _ in range(4):
+        bar.update(1)
+    bar.close()
+    text = log.getvalue()
+    assert "\r" not in text and "4/4" in text
+    assert all(line.startswith("eval:") for line in text.splitlines())
