@@ -360,8 +360,8 @@ def train(
         help="Append an auxiliary token to every training prompt, trained jointly and never "
         "saved, to take up what the photos share besides the concept (photos without captions)."),
     norm: str = typer.Option(
-        "none", help="Fix each vector's norm: none, vocab (the vocabulary's median word norm) or "
-        "a number; only the direction is learned."),
+        "none", help="Fix each vector's norm: none, vocab (the vocabulary's median word norm), "
+        "vocab:K (K times it) or a number; only the direction is learned."),
     context_weight: float = typer.Option(
         0.0, help="Context regularizer: keep the text encoder's outputs for the other words of "
         "composition prompts as with the class word in place of the token (0 = off)."),
@@ -543,6 +543,9 @@ def eval_(
         "pattern words, a sparse combination), or a train --anchors spec."),
     context_weight: Optional[float] = typer.Option(
         None, help="The context regularizer's weight in its recipes (cap_ctxreg; default 0.05)."),
+    norm: Optional[str] = typer.Option(
+        None, help="The norm constraint in its recipes (cap_norm): vocab (default), vocab:K or a "
+        "number."),
     random: int = typer.Option(0, help="Add N concepts drawn from the world's whole colour x "
                                "pattern x shape space (no filtering)."),
     random_seed: int = typer.Option(0, help="Seed of the --random draw."),
@@ -560,7 +563,7 @@ def eval_(
 
     run_command(out, quick, model, concepts, prompts, clip, detector, seed, samples, steps,
                 train_steps, cache, si_anchor_weight, si_anchors, random, random_seed, train_seeds,
-                methods, objects, context_weight)
+                methods, objects, context_weight, norm)
 
 
 # --- `compinv-rt layout ...`: the layout model --------------------------------------------

@@ -571,6 +571,11 @@ def test_recipes_reach_the_training_config(tmp_path):
     light = train_config(heart, "cap_ctxreg", P.EvalConfig(context_weight=0.01), world=True)
     assert light.context_weight == 0.01
     assert train_config(heart, "cap", P.EvalConfig(context_weight=0.01), world=True).context_weight == 0
+    assert train_config(heart, "cap_norm", P.EvalConfig(norm="vocab:2"), world=True).norm == "vocab:2"
+    assert train_config(heart, "cap", P.EvalConfig(norm="vocab:2"), world=True).norm == "none"
+    for bad in ("none", "vocab:-1"):
+        with pytest.raises(ConfigError):
+            P.EvalConfig(norm=bad)
     assert train_config(heart, "cap_norm", cfg, world=True).norm == "vocab"
     sparse = train_config(heart, "cap_sparse", cfg, world=True)
     assert sparse.anchors == "auto:8" and sparse.anchor_weight == cfg.si_anchor_weight

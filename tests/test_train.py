@@ -507,19 +507,30 @@ def test_context_token_is_trained_and_never_saved(tiny_model, photos, tmp_path):
     assert res.record["tokens"] == ["<k>"]
 
 
-def test_norm_constraint_keeps_the_vocabulary_norm(tiny_model, photos, tmp_path):
+def test_norm_specs_parse():
+    from compinv_rt.train.regularizers import parse_norm
+
+    assert parse_norm("vocab") == ("vocab", 1.0) and parse_norm("Vocab:2.5") == ("vocab", 2.5)
+    assert parse_norm("3") == ("fixed", 3.0) and parse_norm(None) == ("none", None)
+    for bad in ("vocab:0", "vocab:x", "vocabx", "vocab:", "-1", "inf", "huge", "fixed:2"):
+        with pytest.raises(ValueError):
+            parse_norm(bad)
+
+
+@pytest.mark.parametrize("spec,factor", [("vocab", 1.0), ("vocab:2", 2.0)])
+def test_norm_constraint_keeps_the_vocabulary_norm(spec, factor, tiny_model, photos, tmp_path):
     from compinv_rt.train.analysis import vocabulary_ids
     from compinv_rt.train.artifact import read_embedding_file
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept
     from compinv_rt.train.regularizers import vocabulary_norm
 
-    cfg = TrainConfig(token="<n>", class_word="heart", norm="vocab", vectors=2, steps=3, batch=1,
+    cfg = TrainConfig(token="<n>", class_word="heart", norm=spec, vectors=2, steps=3, batch=1,
                       resolution=64, variants=2, checkpoint_every=3, lr=0.5, anchor_weight=0)
     res = train_concept(prepare(cfg, photos, tiny_model), tmp_path / "n", device="cpu")
     _, emb, _ = read_embedding_file(tmp_path / "n" / "embeddings.safetensors")
     table = res.model.text_encoder.get_input_embeddings().weight.detach()
-    want = vocabulary_norm(table, vocabulary_ids(res.model.tokenizer))
+    want = factor * vocabulary_norm(table, vocabulary_ids(res.model.tokenizer))
     assert torch.allclose(emb.norm(dim=-1), torch.full((2,), want), rtol=1e-4)
     heart = table[res.model.tokenizer.convert_tokens_to_ids("heart</w>")]
     assert (emb[0] - heart * want / heart.norm()).abs().max() > 1e-3  # the direction moved

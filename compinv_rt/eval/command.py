@@ -10,7 +10,7 @@ import typer
 def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector, seed, samples,
                 steps, train_steps, cache, si_anchor_weight=None, si_anchors=None, random=0,
                 random_seed=0, train_seeds=None, methods=None, objects=None,
-                context_weight=None) -> None:
+                context_weight=None, norm=None) -> None:
     from compinv_rt.cli_support import progress
     from compinv_rt.errors import ConfigError
     from compinv_rt.eval.protocol import EvalConfig, build_protocol, parse_methods
@@ -21,7 +21,7 @@ def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector
     cfg = EvalConfig.preset(quick, seed=seed, samples=samples, steps=steps,
                              train_steps=train_steps, si_anchor_weight=si_anchor_weight,
                              si_anchors=si_anchors, train_seeds=train_seeds,
-                             context_weight=context_weight)
+                             context_weight=context_weight, norm=norm)
     files = inspect_model_dir(resolve_model_dir(model))
     from compinv_rt.world.model import DOMAIN
 

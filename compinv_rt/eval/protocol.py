@@ -57,7 +57,7 @@ class Recipe:
     masks: str = ""  # loss on the subject: "photos" (the photos folder's masks/), "auto" (the
     # base model's attention to the class word) or "" (whole image)
     context_token: bool = False
-    norm: str = "none"
+    norm: bool = False  # the norm constraint, with EvalConfig.norm
     context_reg: bool = False  # the context regularizer, with EvalConfig.context_weight
     vectors: int = 1
     anchors: str | None = None  # overrides the semantic anchors (e.g. "auto:8": sparse anchors)
@@ -72,7 +72,7 @@ RECIPES = {r.name: r for r in (
     Recipe("cap_mask", "TI + captions + mask", captions=True, masks="photos"),
     Recipe("ctxtok", "TI + context token", context_token=True),
     Recipe("cap_si", "captions + semantic", captions=True, semantic=True),
-    Recipe("cap_norm", "captions + norm", captions=True, norm="vocab"),
+    Recipe("cap_norm", "captions + norm", captions=True, norm=True),
     Recipe("cap_ctxreg", "captions + context reg.", captions=True, context_reg=True),
     Recipe("cap_sparse", "captions + sparse anchors", captions=True, semantic=True,
            anchors="auto:8"),
@@ -227,6 +227,7 @@ class EvalConfig:
     si_anchor_weight: float = SI_ANCHOR_WEIGHT
     si_anchors: str = "class"
     context_weight: float = CONTEXT_WEIGHT  # the context regularizer's weight (its recipes only)
+    norm: str = "vocab"  # the norm constraint's train --norm spec (its recipes only)
     spatial_steps: str = "0.2"  # the reference's 10 of 50 steps
     batch: int = 16  # images per pipeline call
     detector_threshold: float = 0.8
@@ -243,6 +244,14 @@ class EvalConfig:
             raise ConfigError(f"--si-anchor-weight must be >= 0, got {self.si_anchor_weight}")
         if not 0 <= self.context_weight <= 100:
             raise ConfigError(f"--context-weight must be in [0, 100], got {self.context_weight}")
+        from compinv_rt.train.regularizers import parse_norm
+
+        try:
+            if parse_norm(self.norm)[0] == "none":
+                raise ValueError(self.norm)
+        except ValueError:
+            raise ConfigError(f"--norm must be vocab, vocab:K or a positive number, got "
+                              f"{self.norm!r}") from None
         if self.si_anchors not in ("class", "attributes"):
             from compinv_rt.train.config import parse_anchor_spec
 

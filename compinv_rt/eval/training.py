@@ -52,7 +52,8 @@ def train_config(concept: Concept, embedding: str, cfg: EvalConfig, world: bool,
         resolution=cfg.train_resolution, checkpoint_every=max(1, min(100, cfg.train_steps)),
         templates=WORLD_TEMPLATES if world else None, seed=seed,
         captions="auto" if r.captions else "none", masks=masks, context_token=r.context_token,
-        norm=r.norm, context_weight=cfg.context_weight if r.context_reg else 0.0, vectors=r.vectors)
+        norm=cfg.norm if r.norm else "none",
+        context_weight=cfg.context_weight if r.context_reg else 0.0, vectors=r.vectors)
 
 
 def cache_key(tc: TrainConfig, model_hash: str, photos_hash: str) -> str:

@@ -50,7 +50,8 @@ class TrainConfig:
     captions: str = "auto"
     masks: str | None = None
     context_token: bool = False
-    # Against dominance (train/regularizers.py): "none" | "vocab" | a number (fixed vector norm),
+    # Against dominance (train/regularizers.py): "none" | "vocab" | "vocab:K" | a number (fixed
+    # vector norm),
     # and the weight of the context regularizer (0 = off).
     norm: str = "none"
     context_weight: float = 0.0
@@ -89,8 +90,8 @@ class TrainConfig:
         try:
             parse_norm(self.norm)
         except ValueError:
-            raise ConfigError(f"bad --norm {self.norm!r}: expected none, vocab or a positive "
-                              "number") from None
+            raise ConfigError(f"bad --norm {self.norm!r}: expected none, vocab, vocab:K (K times "
+                              "the vocabulary's norm) or a positive number") from None
 
     @property
     def init(self) -> str:

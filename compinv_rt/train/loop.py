@@ -308,7 +308,8 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     target = A.AnchorTarget(table0[anchor_ids]).to(m.device)
     vocab = vocabulary_ids(tok, analysis_words or plan.files.vocabulary)
     norm_kind, norm_value = R.parse_norm(cfg.norm)
-    fixed_norm = (R.vocabulary_norm(table0, vocab) if norm_kind == "vocab" else norm_value)
+    fixed_norm = (R.vocabulary_norm(table0, vocab) * (norm_value or 1.0) if norm_kind == "vocab"
+                  else norm_value)
     if fixed_norm is not None:
         R.project_norm(wrapper.vectors.data[:n_vec], fixed_norm)
         status(f"vector norm fixed at {fixed_norm:.4f} (direction learned)")

@@ -1,7 +1,7 @@
 """Constraints that keep a learned token from dominating the prompt it is used in.
 
-- Norm constraint (`--norm vocab|X`): after every step each vector is rescaled to a fixed norm (the
-  median norm of the vocabulary's words, or X); only its direction is learned. Plain TI drives the
+- Norm constraint (`--norm vocab|vocab:K|X`): after every step each vector is rescaled to a fixed
+  norm (the median norm of the vocabulary's words, K times it, or X); only its direction is learned. Plain TI drives the
   token to 5-8x the typical word norm, and a long vector outweighs the other words in attention.
 - Context regularizer (`--context-weight W`): in composition prompts ("a photo of a <tok> heart and
   a blue circle"), the text encoder's outputs for the *other* tokens (everything after the concept:
@@ -32,16 +32,22 @@ def composition_others(vocabulary: list[str] | None, class_word: str) -> list[st
 
 
 def parse_norm(spec: str | None) -> tuple[str, float | None]:
-    """"none" | "vocab" | a positive number -> (kind, value). Raises ValueError."""
-    s = (spec or "none").strip().lower()
-    if s in ("none", "vocab"):
-        return s, None
+    """"none" | "vocab" | "vocab:K" | a positive number X -> ("none", None), ("vocab", K: 1 for
+    "vocab") or ("fixed", X). Raises ValueError."""
     import math
 
-    value = float(s)
+    s = (spec or "none").strip().lower()
+    if s == "none":
+        return s, None
+    kind, _, number = s.rpartition(":") if s.startswith("vocab") else ("fixed", "", s)
+    if kind == "" and number == "vocab":
+        return "vocab", 1.0
+    if kind not in ("vocab", "fixed"):
+        raise ValueError(s)
+    value = float(number)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(s)
-    return "fixed", value
+    return kind, value
 
 
 def vocabulary_norm(table: torch.Tensor, vocab_ids: list[int]) -> float:
