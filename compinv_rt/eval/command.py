@@ -48,9 +48,8 @@ def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector
         nonlocal bar
         if bar is None:
             bar = progress(total, "eval", unit="unit")
-        bar.n = round(done, 2)  # fractional while a cell's images are generated
-        bar.set_postfix_str(what[:70])
-        bar.refresh()
+        bar.set_postfix_str(what[:70], refresh=False)
+        bar.update(round(done - bar.n, 2))  # fractional within a cell; redraws at tqdm's pace
 
     try:
         results = run_eval(protocol, cfg, out, model=str(files.root), cache=cache, clip=clip,
