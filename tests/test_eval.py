@@ -645,12 +645,14 @@ def test_e2e_training_seeds_words_and_progress(tiny_model, tmp_path):
     from compinv_rt.eval.runner import run_eval
 
     protocol = P.build_protocol(False, _write(tmp_path, "c.json", CONCEPTS[:1]), objects=1,
-                                methods=P.parse_methods("words,ti,cap"))
-    cfg = P.EvalConfig(samples=3, steps=2, train_steps=2, train_seeds=2, batch=2)
+                                methods=P.parse_methods("words,ti,cap,cap_norm+adaptive"))
+    cfg = P.EvalConfig(samples=3, steps=2, train_steps=2, train_seeds=2, batch=2, norm="vocab:2")
     seen = []
     r = run_eval(protocol, cfg, tmp_path / "run", model=str(tiny_model), device="cpu",
                  on_progress=lambda done, total, what: seen.append((done, total, what)))
-    assert set(r["trained"]) == {"heart-ti", "heart-ti-s1", "heart-cap", "heart-cap-s1"}
+    assert set(r["trained"]) == {"heart-ti", "heart-ti-s1", "heart-cap", "heart-cap-s1",
+                                 "heart-cap_norm", "heart-cap_norm-s1"}
+    assert r["methods"]["cap_norm+adaptive"]["spatial"] == "adaptive"
     cap = json.loads((__import__("pathlib").Path(r["trained"]["heart-cap-s1"]["folder"])
                       / "artifact.json").read_text())
     assert cap["config"]["captions"] == "auto" and cap["config"]["seed"] == 1
@@ -666,3 +668,4 @@ def test_e2e_training_seeds_words_and_progress(tiny_model, tmp_path):
     assert any(d != int(d) for d, _, _ in seen) and seen[-1][0] == seen[-1][1]
     md = (tmp_path / "run" / "eval.md").read_text()
     assert "## Word parity" in md and "## Over training seeds" in md
+    assert "norm constraint `vocab:2`" in md and "context weight" not in md

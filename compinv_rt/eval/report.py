@@ -148,6 +148,17 @@ def parity_lines(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _regularizers(results: dict) -> str:
+    """The settings of the recipes that take one from the run (norm, context weight), if used."""
+    from compinv_rt.eval.protocol import RECIPES
+
+    cfg, used = results["config"], [RECIPES.get(m["embedding"]) for m in results["methods"].values()]
+    out = [f"; norm constraint `{cfg.get('norm', 'vocab')}`" if any(r and r.norm for r in used) else "",
+           f"; context weight {cfg.get('context_weight')}" if any(r and r.context_reg for r in used)
+           else ""]
+    return "".join(out)
+
+
 def markdown(results: dict) -> str:
     cols = columns(results)
     cfg = results["config"]
@@ -158,7 +169,8 @@ def markdown(results: dict) -> str:
              f"prompts, {cfg['samples']} images per prompt and method (seeds {cfg['seed']}-"
              f"{cfg['seed'] + cfg['samples'] - 1}), {cfg['steps']} DDIM steps, guidance "
              f"{cfg['guidance']}; training {cfg['train_steps']} steps (augmentation "
-             f"{'on' if cfg['augment'] else 'off'}). Run time {results['seconds'] / 60:.1f} min.", "",
+             f"{'on' if cfg['augment'] else 'off'}{_regularizers(results)}). Run time "
+             f"{results['seconds'] / 60:.1f} min.", "",
              "| method | " + " | ".join(c[1] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for m in methods.values():
