@@ -47,9 +47,10 @@ def _train(model: str, tmp: Path, token: str, name: str) -> Path:
     make_photos(photos, count=3, size=64)
     out = tmp / f"concept-{name}"
     # The training recipe is held at the one the hashes were recorded with (no context captions,
-    # the default before issue 13), so the check measures generation, not train's defaults.
+    # no norm constraint: the defaults before issue 13), so the check measures generation, not
+    # train's defaults.
     cfg = TrainConfig(token=token, class_word="heart", vectors=2, steps=4, batch=2,
-                      resolution=64, variants=2, checkpoint_every=2, captions="none")
+                      resolution=64, variants=2, checkpoint_every=2, captions="none", norm="none")
     train_concept(prepare(cfg, photos, model), out, device="cpu")
     return out
 

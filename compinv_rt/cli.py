@@ -360,8 +360,9 @@ def train(
         help="Append an auxiliary token to every training prompt, trained jointly and never "
         "saved, to take up what the photos share besides the concept (photos without captions)."),
     norm: str = typer.Option(
-        "none", help="Fix each vector's norm: none, vocab (the vocabulary's median word norm), "
-        "vocab:K (K times it) or a number; only the direction is learned."),
+        "auto", help="Fix each vector's norm: none, vocab (the vocabulary's median word norm), "
+        "vocab:K (K times it) or a number; only the direction is learned. auto: vocab:2 for plain "
+        "TI (--anchor-weight 0), none for semantic inversion."),
     context_weight: float = typer.Option(
         0.0, help="Context regularizer: keep the text encoder's outputs for the other words of "
         "composition prompts as with the class word in place of the token (0 = off)."),
@@ -544,8 +545,8 @@ def eval_(
     context_weight: Optional[float] = typer.Option(
         None, help="The context regularizer's weight in its recipes (cap_ctxreg; default 0.05)."),
     norm: Optional[str] = typer.Option(
-        None, help="The norm constraint in its recipes (cap_norm): vocab (default), vocab:K or a "
-        "number."),
+        None, help="The norm constraint in its recipes (cap_norm): vocab:2 (default, train's), "
+        "vocab, vocab:K or a number."),
     random: int = typer.Option(0, help="Add N concepts drawn from the world's whole colour x "
                                "pattern x shape space (no filtering)."),
     random_seed: int = typer.Option(0, help="Seed of the --random draw."),

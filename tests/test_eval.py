@@ -576,7 +576,7 @@ def test_recipes_reach_the_training_config(tmp_path):
     for bad in ("none", "vocab:-1"):
         with pytest.raises(ConfigError):
             P.EvalConfig(norm=bad)
-    assert train_config(heart, "cap_norm", cfg, world=True).norm == "vocab"
+    assert train_config(heart, "cap_norm", cfg, world=True).norm == "vocab:2"  # train's NORM_FOR_TI
     sparse = train_config(heart, "cap_sparse", cfg, world=True)
     assert sparse.anchors == "auto:8" and sparse.anchor_weight == cfg.si_anchor_weight
 

@@ -252,7 +252,7 @@ def test_anchor_term_reaches_the_vectors_in_the_loop(tiny_model, photos, tmp_pat
     dist = {}
     for w in (0.0, 1e5):
         cfg = TrainConfig(token="<p>", class_word="heart", anchor_weight=w, steps=8, batch=1,
-                          resolution=64, variants=2, checkpoint_every=8)
+                          resolution=64, variants=2, checkpoint_every=8, norm="none")
         res = train_concept(prepare(cfg, photos, tiny_model), tmp_path / str(w), device="cpu")
         dist[w] = res.record["anchor_target_distance"]
         assert res.record["method"] == ("textual-inversion" if w == 0 else "semantic-inversion")
@@ -505,6 +505,14 @@ def test_context_token_is_trained_and_never_saved(tiny_model, photos, tmp_path):
     name, emb, _ = read_embedding_file(tmp_path / "c" / "embeddings.safetensors")
     assert name == "<k>" and emb.shape[0] == 1
     assert res.record["tokens"] == ["<k>"]
+
+
+def test_norm_auto_constrains_plain_ti_only():
+    from compinv_rt.train.config import NORM_FOR_TI, TrainConfig
+
+    assert TrainConfig(token="<a>", class_word="heart", anchor_weight=0).norm_spec == NORM_FOR_TI
+    assert TrainConfig(token="<a>", class_word="heart").norm_spec == "none"  # semantic inversion
+    assert TrainConfig(token="<a>", class_word="heart", anchor_weight=0, norm="3").norm_spec == "3"
 
 
 def test_norm_specs_parse():

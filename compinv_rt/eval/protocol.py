@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compinv_rt.errors import ConfigError
+from compinv_rt.train.config import NORM_FOR_TI
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,39}$")
 REF_RE = re.compile(r"\{([^{}]*)\}")
@@ -227,7 +228,7 @@ class EvalConfig:
     si_anchor_weight: float = SI_ANCHOR_WEIGHT
     si_anchors: str = "class"
     context_weight: float = CONTEXT_WEIGHT  # the context regularizer's weight (its recipes only)
-    norm: str = "vocab"  # the norm constraint's train --norm spec (its recipes only)
+    norm: str = NORM_FOR_TI  # the norm constraint's train --norm spec (its recipes only)
     spatial_steps: str = "0.2"  # the reference's 10 of 50 steps
     batch: int = 16  # images per pipeline call
     detector_threshold: float = 0.8

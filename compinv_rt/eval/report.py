@@ -152,7 +152,8 @@ def _regularizers(results: dict) -> str:
     """The settings of the recipes that take one from the run (norm, context weight), if used."""
     from compinv_rt.eval.protocol import RECIPES
 
-    cfg, used = results["config"], [RECIPES.get(m["embedding"]) for m in results["methods"].values()]
+    cfg = results["config"]
+    used = [RECIPES.get(m.get("embedding", "")) for m in results["methods"].values()]
     out = [f"; norm constraint `{cfg.get('norm', 'vocab')}`" if any(r and r.norm for r in used) else "",
            f"; context weight {cfg.get('context_weight')}" if any(r and r.context_reg for r in used)
            else ""]

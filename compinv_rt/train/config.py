@@ -19,6 +19,11 @@ _AUTO = re.compile(r"^auto:(\d+)$")
 MAX_AUTO_ANCHORS = 64
 
 
+#: The norm constraint `--norm auto` applies to plain TI (no anchor): 2x the vocabulary's median
+#: word norm, the measured best on random concepts (benchmarks/train.md section 3).
+NORM_FOR_TI = "vocab:2"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     token: str  # placeholder, e.g. "<my-heart>"
@@ -53,7 +58,8 @@ class TrainConfig:
     # Against dominance (train/regularizers.py): "none" | "vocab" | "vocab:K" | a number (fixed
     # vector norm),
     # and the weight of the context regularizer (0 = off).
-    norm: str = "none"
+    norm: str = "auto"  # auto: NORM_FOR_TI without an anchor (measured: benchmarks/train.md
+    # section 3, it keeps the other object), none with semantic inversion (the paper's recipe)
     context_weight: float = 0.0
 
     def __post_init__(self):
@@ -88,10 +94,10 @@ class TrainConfig:
         from compinv_rt.train.regularizers import parse_norm
 
         try:
-            parse_norm(self.norm)
+            parse_norm(self.norm_spec)
         except ValueError:
-            raise ConfigError(f"bad --norm {self.norm!r}: expected none, vocab, vocab:K (K times "
-                              "the vocabulary's norm) or a positive number") from None
+            raise ConfigError(f"bad --norm {self.norm!r}: expected auto, none, vocab, vocab:K (K "
+                              "times the vocabulary's norm) or a positive number") from None
 
     @property
     def init(self) -> str:
@@ -104,6 +110,13 @@ class TrainConfig:
     @property
     def context_token_name(self) -> str:
         return f"{self.token}_ctx"
+
+    @property
+    def norm_spec(self) -> str:
+        """The norm constraint actually applied (`auto` resolved)."""
+        if self.norm.strip().lower() != "auto":
+            return self.norm
+        return "none" if self.anchor_weight > 0 else NORM_FOR_TI
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -307,7 +307,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     wrapper = T.install(te, ids[0], init)
     target = A.AnchorTarget(table0[anchor_ids]).to(m.device)
     vocab = vocabulary_ids(tok, analysis_words or plan.files.vocabulary)
-    norm_kind, norm_value = R.parse_norm(cfg.norm)
+    norm_kind, norm_value = R.parse_norm(cfg.norm_spec)
     fixed_norm = (R.vocabulary_norm(table0, vocab) * (norm_value or 1.0) if norm_kind == "vocab"
                   else norm_value)
     if fixed_norm is not None:
