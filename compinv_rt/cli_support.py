@@ -73,10 +73,12 @@ LOG_PROGRESS_EVERY = 30.0
 
 
 def progress(total: int, desc: str, unit: str = "step"):
-    """A progress bar on a terminal; in a log (stderr redirected) one line every 30 s or so."""
+    """A progress bar on a terminal; in a log (stderr redirected) one line every 30 s or so, the
+    first after 30 s."""
     from tqdm import tqdm
 
     if sys.stderr.isatty():
         return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+    # delay: nothing for work that ends (or fails, leaving its one error line) within the interval
     return tqdm(total=total, desc=desc, unit=unit, file=_LogLines(sys.stderr), ncols=100,
-                mininterval=LOG_PROGRESS_EVERY, ascii=True)
+                mininterval=LOG_PROGRESS_EVERY, delay=LOG_PROGRESS_EVERY, ascii=True)

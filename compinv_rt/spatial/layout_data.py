@@ -19,7 +19,7 @@ def pair_prompts(words: list[str], templates: list[str]) -> list[tuple[str, tupl
     for t in templates:
         if "{a}" not in t or t.count("{a}") > 1 or t.count("{b}") > 1:
             raise ConfigError(f"--template {t!r} needs {{a}} once (and {{b}} at most once)")
-    out = []
+    out: list[tuple[str, tuple[str, ...]]] = []
     for t in templates:
         if "{b}" in t:
             out += [(t.format(a=a, b=b), (a, b)) for a, b in itertools.permutations(words, 2)]
