@@ -539,6 +539,7 @@ def test_norm_constraint_keeps_the_vocabulary_norm(spec, factor, tiny_model, pho
     _, emb, _ = read_embedding_file(tmp_path / "n" / "embeddings.safetensors")
     table = res.model.text_encoder.get_input_embeddings().weight.detach()
     want = factor * vocabulary_norm(table, vocabulary_ids(res.model.tokenizer))
+    assert res.record["norm_constraint"] == {"spec": spec, "value": pytest.approx(want, rel=1e-5)}
     assert torch.allclose(emb.norm(dim=-1), torch.full((2,), want), rtol=1e-4)
     heart = table[res.model.tokenizer.convert_tokens_to_ids("heart</w>")]
     assert (emb[0] - heart * want / heart.norm()).abs().max() > 1e-3  # the direction moved

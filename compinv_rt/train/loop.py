@@ -309,7 +309,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     vocab = vocabulary_ids(tok, analysis_words or plan.files.vocabulary)
     norm_kind, norm_value = R.parse_norm(cfg.norm_spec)
     fixed_norm = (R.vocabulary_norm(table0, vocab) * (norm_value or 1.0) if norm_kind == "vocab"
-                  else norm_value)
+                  else norm_value)  # norm_value: K for vocab:K (1 for vocab), X for a fixed norm
     if fixed_norm is not None:
         R.project_norm(wrapper.vectors.data[:n_vec], fixed_norm)
         status(f"vector norm fixed at {fixed_norm:.4f} (direction learned)")
@@ -431,6 +431,9 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
         "anchor_target_distance": round(float((vectors - tgt[None]).norm(dim=-1).mean()), 6),
         "config": cfg.as_dict(),
         "effective_lr": cfg.effective_lr,
+        # what --norm applied (`auto` resolved): the config alone does not say
+        "norm_constraint": {"spec": cfg.norm_spec,
+                            "value": None if fixed_norm is None else round(fixed_norm, 6)},
         "steps_done": n,
         "loss": {
             "columns": list(HISTORY_COLUMNS),

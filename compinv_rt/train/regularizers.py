@@ -37,13 +37,9 @@ def parse_norm(spec: str | None) -> tuple[str, float | None]:
     import math
 
     s = (spec or "none").strip().lower()
-    if s == "none":
-        return s, None
-    kind, _, number = s.rpartition(":") if s.startswith("vocab") else ("fixed", "", s)
-    if kind == "" and number == "vocab":
-        return "vocab", 1.0
-    if kind not in ("vocab", "fixed"):
-        raise ValueError(s)
+    if s in ("none", "vocab"):
+        return s, (None if s == "none" else 1.0)
+    kind, number = ("vocab", s[len("vocab:"):]) if s.startswith("vocab:") else ("fixed", s)
     value = float(number)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(s)
