@@ -380,3 +380,65 @@ def test_gpu_mode_path_on_cpu_init_from_and_compact_resume(tiny_run, tmp_path):
 def test_score_rejects_unknown_kinds():
     r = CliRunner().invoke(world_app, ["score", "--kinds", "single,four"])
     assert r.exit_code == 1 and "error:" in r.output and "four" in r.output
+
+
+def test_grown_unet_starts_exactly_equal_to_the_shipped_one():
+    """Issue 22: cross-attention added at 16x16 starts as the identity, so the grown base computes
+    bit for bit what the shipped one does until it trains; a state that does not fit is refused."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from compinv_rt.errors import ModelError
+    from compinv_rt.world.model import ArchConfig, build_unet, default_model_dir, grow_unet
+
+    w = {k: v.float() for k, v in
+         load_file(str(default_model_dir() / "unet" / "diffusion_pytorch_model.safetensors")).items()}
+    base = build_unet(ArchConfig()).eval()
+    base.load_state_dict(w)
+    torch.manual_seed(0)
+    grown_arch = replace(ArchConfig(), unet_attn=(True, True, True))
+    grown = build_unet(grown_arch).eval()
+    prefixes = grow_unet(grown, w)
+    assert prefixes == ["down_blocks.0.attentions.0", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in base.parameters())
+    g = torch.Generator().manual_seed(1)
+    x, enc = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 64, generator=g)
+    with torch.no_grad():
+        a = base(x, torch.tensor([999, 400]), enc).sample
+        b = grown(x, torch.tensor([999, 400]), enc).sample
+    assert torch.equal(a, b)
+    # a trained grown block changes the output (the test can fail: the blocks are wired in)
+    with torch.no_grad():
+        grown.get_submodule(prefixes[0] + ".proj_out").weight.fill_(0.01)
+        c = grown(x, torch.tensor([999, 400]), enc).sample
+    assert not torch.equal(a, c)
+    bad = dict(w)
+    bad.pop("conv_in.weight")
+    with pytest.raises(ModelError, match="conv_in.weight"):
+        grow_unet(build_unet(grown_arch), bad)
+    with pytest.raises(ModelError):  # a grown block's weights must not half-come from the state
+        grow_unet(build_unet(replace(ArchConfig(), unet_attn=(True, True, True))),
+                  {**w, "down_blocks.0.attentions.0.norm.weight": torch.ones(32)})
+
+
+def test_ship_rule_two_proportion_test_and_intervals():
+    from compinv_rt.world.score import compare, compare_markdown, two_proportion_p, wilson
+
+    lo, hi = wilson(121, 125)
+    assert lo < 121 / 125 < hi and 0.9 < lo and hi < 0.995
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    assert two_proportion_p(121, 125, 123, 125) > 0.3  # 96.8 vs 98.4 %: noise
+    assert two_proportion_p(79, 125, 123, 125) < 1e-6  # 63.2 vs 98.4 %: not noise
+
+    def summ(**kinds):
+        return {k: {"exact": h / n, "samples": n} for k, (h, n) in kinds.items()}
+
+    shipped = summ(single=(123, 125), two=(79, 125), three=(30, 125))
+    cand = summ(single=(121, 125), two=(123, 125), three=(90, 125))
+    c = compare(shipped, cand)
+    assert c["ship"] and c["bars_old"] == 1 and c["bars_new"] == 2 and not c["worse"]
+    assert "**ship**" in compare_markdown(c)
+    c = compare(shipped, summ(single=(100, 125), two=(123, 125), three=(90, 125)))
+    assert not c["ship"] and c["worse"] == ["single"]
+    assert not compare(shipped, shipped)["ship"]  # no more bars met: keep the shipped one

@@ -59,6 +59,11 @@ def train(
     unet_lr: float = typer.Option(1e-3, help="UNet + text encoder peak learning rate."),
     warmup: int = typer.Option(200, help="UNet learning-rate warm-up steps."),
     place_prob: float = typer.Option(0.4, help="Fraction of training captions that state places and sizes."),
+    pattern_boost: float = typer.Option(
+        1.0, help="Draw scenes with two or more dotted/striped objects this many times as often."),
+    attn16: bool = typer.Option(
+        False, help="Grown base: cross-attention at 16x16 too. With --init-from, the new blocks start as "
+                    "the identity (the grown model equals the initial one until it trains)."),
     init_from: Optional[Path] = typer.Option(
         None, help="Continue from this diffusers folder (e.g. the shipped model): its VAE replaces the "
                    "vae/gate stages, its UNet + text encoder start the unet stage."),
@@ -77,8 +82,16 @@ def train(
     judge: Optional[Path] = typer.Option(None, help="Judge folder (default: embedded)."),
     out: Optional[Path] = typer.Option(None, help="Where export writes the diffusers folder (default: RUN_DIR/model)."),
     force: bool = typer.Option(False, help="Train the UNet even if the VAE gate failed."),
+    max_minutes: float = typer.Option(
+        0.0, help="Stop the UNet stage this many minutes after the command started (0: no limit; needs "
+                  "--procs 1); the step it stops at is checkpointed and snapshotted, then the next stages run."),
 ):
     """Train the shapes-world Stable Diffusion (seeded, resumable; rerun to continue)."""
+    import time
+
+    deadline = time.monotonic() + 60 * max_minutes  # a wall-clock budget (GPU loans are timed)
+    from dataclasses import replace
+
     from compinv_rt.errors import ConfigError
     from compinv_rt.world.model import TINY_ARCH, ArchConfig
     from compinv_rt.world.recipe import STAGES, RecipeConfig, run_recipe
@@ -94,13 +107,21 @@ def train(
             raise ConfigError(f"{name} must be >= 1, got {v}")
     if not 0 <= place_prob <= 1:
         raise ConfigError(f"--place-prob must be in [0, 1], got {place_prob}")
+    if not 1 <= pattern_boost <= 100:
+        raise ConfigError(f"--pattern-boost must be in [1, 100], got {pattern_boost}")
     if warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {warmup}")
+    if not 0 <= max_minutes < 1e6 or (max_minutes and procs != 1):
+        raise ConfigError(f"--max-minutes must be >= 0 and needs --procs 1, got {max_minutes} with --procs {procs}")
     if init_from is not None and not (init_from / "model_index.json").is_file():
         raise ConfigError(f"--init-from {init_from}: not a diffusers folder (model_index.json missing)")
+    arch = TINY_ARCH if tiny else ArchConfig()
+    if attn16:
+        arch = replace(arch, unet_attn=(True,) * len(arch.unet_channels))
     cfg = RecipeConfig(
         run_dir=str(run_dir), init_from=str(init_from) if init_from else None, warmup=warmup,
-        place_prob=place_prob, device=device, precision=precision, arch=TINY_ARCH if tiny else ArchConfig(),
+        place_prob=place_prob, pattern_boost=pattern_boost, device=device, precision=precision,
+        arch=arch,
         seed=seed, threads=threads, procs=procs, vae_steps=vae_steps, vae_lr=vae_lr, unet_steps=unet_steps,
         unet_batch=min(unet_batch, 4) if tiny else unet_batch,
         unet_lr=unet_lr,
@@ -110,15 +131,17 @@ def train(
     )
     bars: dict = {}
     import sys
-    import time
 
     plain = not sys.stderr.isatty()  # no bar in a log file: a dated line every 50 steps instead
+
+    done: dict = {}  # the last step each stage reported
 
     def progress(stage, i, n, info):
         if stage not in bars:
             bars[stage] = progress_bar(n, stage, unit="it")
         b = bars[stage]
         b.update(i - b.n)
+        done[stage] = i
         if info:
             b.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
         if plain and (i % 50 == 0 or i == n):
@@ -129,8 +152,21 @@ def train(
         from compinv_rt.world.recipe import resolve_device
 
         resolve_device(cfg)  # a bad --device / --precision fails before any work
-        result = run_recipe(cfg, chosen, progress, judge_dir=judge, out_dir=out, force=force,
-                            resume_from=resume_from)
+        if max_minutes and "unet" in chosen:
+            # run_recipe has no stop hook: the stages before the UNet, the UNet with train_unet's
+            # `stop`, then the stages after it (run_recipe orders stages itself, so split by STAGES)
+            from compinv_rt.world.recipe import train_unet
+
+            at = STAGES.index("unet")
+            result = run_recipe(cfg, [s for s in chosen if STAGES.index(s) < at], progress, judge_dir=judge,
+                                force=force, resume_from=resume_from)
+            result["unet"] = train_unet(cfg, progress, stop=lambda: time.monotonic() > deadline)
+            result["unet"]["steps"] = done.get("unet", result["unet"]["steps"])  # where it stopped
+            result.update(run_recipe(cfg, [s for s in chosen if STAGES.index(s) > at], progress,
+                                     judge_dir=judge, out_dir=out, force=force))
+        else:
+            result = run_recipe(cfg, chosen, progress, judge_dir=judge, out_dir=out, force=force,
+                                resume_from=resume_from)
     finally:
         for b in bars.values():
             b.close()
@@ -160,6 +196,28 @@ def checkpoint(
         raise ModelError(f"no training run at {run_dir} (recipe.json missing)")
     path = compact_checkpoint(RecipeConfig.from_json(json.loads(cfg_file.read_text())), out)
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+@world_app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Path = typer.Option(..., help="Training run (its recipe.json gives the architecture)."),
+    out: Path = typer.Option(..., help="Diffusers folder to write (replaced atomically)."),
+    weights: Optional[Path] = typer.Option(
+        None, help="EMA snapshot, or a (compact) checkpoint whose EMA weights to export (default: the "
+                   "run's latest snapshot)."),
+):
+    """Export a run's EMA weights as a stock diffusers folder (fp16)."""
+    from compinv_rt.errors import ModelError
+    from compinv_rt.world.recipe import RecipeConfig, export_snapshot
+
+    cfg_file = run_dir / "recipe.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"no training run at {run_dir} (recipe.json missing)")
+    if weights is not None and not weights.is_file():
+        raise ModelError(f"--weights {weights}: no such file")
+    path = export_snapshot(RecipeConfig.from_json(json.loads(cfg_file.read_text())), out, weights)
+    typer.echo(f"model written to {path}")
 
 
 @world_app.command()
@@ -368,3 +426,22 @@ def curve(
     fig.tight_layout()
     fig.savefig(out / "curve.png", dpi=120)
     typer.echo("\n".join(md))
+
+
+@world_app.command("compare")
+@user_errors
+def compare_cmd(
+    shipped: Path = typer.Argument(..., help="score.json of the shipped model."),
+    candidate: Path = typer.Argument(..., help="score.json of the candidate (same prompts and seeds)."),
+):
+    """The ship rule: more bars met than the shipped model, no kind worse beyond chance (p < 0.05)."""
+    from compinv_rt.errors import ConfigError
+    from compinv_rt.world.score import compare, compare_markdown
+
+    summaries = []
+    for f in (shipped, candidate):
+        try:
+            summaries.append(json.loads(f.read_text())["summary"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{f}: not a world score.json ({e})") from None
+    typer.echo(compare_markdown(compare(*summaries)), nl=False)

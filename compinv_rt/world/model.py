@@ -1,8 +1,9 @@
 """Architecture of the embedded shapes-world Stable Diffusion and its diffusers export.
 
 Sized for CPU training and fast CPU sampling at 64x64: a factor-4 AutoencoderKL (16x16x4 latents),
-a UNet2DConditionModel whose cross-attention sits at 8x8, 4x4 and the mid block (no attention at
-16x16, the costliest place), and a small CLIPTextModel over the real 49,408-token CLIP vocabulary.
+a UNet2DConditionModel whose cross-attention sits at 8x8, 4x4 and the mid block (`unet_attn`; the
+grown base adds 16x16, the costliest place, see `grow_unet`), and a small CLIPTextModel over the
+real 49,408-token CLIP vocabulary.
 `export_model` writes the folder stock `StableDiffusionPipeline.from_pretrained` loads, with fp16
 weights (the text encoder's config says float32 so transformers upcasts it like diffusers does).
 """
@@ -95,6 +96,33 @@ def build_unet(arch: ArchConfig):
         attention_head_dim=arch.unet_heads,
         norm_num_groups=min(16, arch.unet_channels[0]),
     )
+
+
+def grow_unet(unet, state: dict) -> list[str]:
+    """Load a smaller UNet's `state` into `unet`, which may have attention blocks the smaller one
+    lacks (e.g. cross-attention at 16x16). A grown block starts as the identity: its output
+    projection is zero and a Transformer2DModel adds its output to its input, so the grown UNet
+    computes exactly what the smaller one did, and training starts from the shipped model's
+    behaviour. Returns the grown blocks' prefixes; any other mismatch is a ModelError."""
+    import torch
+
+    from compinv_rt.errors import ModelError
+
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    grown = sorted({k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0]
+                    for k in missing if ".attentions." in k})
+    stray = [k for k in missing if not any(k.startswith(g + ".") for g in grown)] + list(unexpected)
+    # a grown block must be new as a whole: none of its tensors may come from `state`
+    stray += [k for k in state if any(k.startswith(g + ".") for g in grown)]
+    if stray:
+        raise ModelError(f"the UNet weights do not fit the architecture ({len(stray)} mismatched tensors, "
+                         f"e.g. {stray[0]})")
+    with torch.no_grad():
+        for g in grown:
+            proj = unet.get_submodule(g + ".proj_out")
+            proj.weight.zero_()
+            proj.bias.zero_()
+    return grown
 
 
 def build_text_encoder(arch: ArchConfig):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -173,9 +174,67 @@ def grid_image(images: np.ndarray, cols: int, scale: int = 2):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
+# The base model's bars per kind (issues 14 and 22), on `exact` ("positioned": exact includes placed).
+BARS = {"single": 0.98, "two": 0.85, "two-patterns": 0.70, "three": 0.50, "positioned": 0.80}
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def two_proportion_p(h1: int, n1: int, h2: int, n2: int) -> float:
+    """Two-sided p-value of the pooled two-proportion z-test (H0: both rates are equal)."""
+    pool = (h1 + h2) / (n1 + n2)
+    se = math.sqrt(pool * (1 - pool) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 1.0
+    z = (h1 / n1 - h2 / n2) / se
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def compare(old: dict, new: dict, alpha: float = 0.05) -> dict:
+    """The ship rule (issue 22) on two `score.json` summaries: the candidate ships when it meets more
+    bars than the shipped model and no kind's `exact` is worse beyond chance (two-proportion test at
+    `alpha`). Kinds in only one of the two are not compared."""
+    rows, worse = [], []
+    for kind in [k for k in new if k in old]:
+        o, n = old[kind], new[kind]
+        ho, no_ = round(o["exact"] * o["samples"]), o["samples"]
+        hn, nn = round(n["exact"] * n["samples"]), n["samples"]
+        pv = two_proportion_p(ho, no_, hn, nn)
+        verdict = "worse" if hn / nn < ho / no_ and pv < alpha else (
+            "better" if hn / nn > ho / no_ and pv < alpha else "same within noise")
+        if verdict == "worse":
+            worse.append(kind)
+        rows.append({"kind": kind, "old": [ho, no_], "new": [hn, nn], "p": pv, "verdict": verdict,
+                     "bar": BARS.get(kind)})
+    bars_old = sum(1 for r in rows if r["bar"] is not None and r["old"][0] / r["old"][1] >= r["bar"])
+    bars_new = sum(1 for r in rows if r["bar"] is not None and r["new"][0] / r["new"][1] >= r["bar"])
+    ship = bars_new > bars_old and not worse
+    return {"kinds": rows, "bars_old": bars_old, "bars_new": bars_new, "worse": worse, "ship": ship}
+
+
+def compare_markdown(c: dict) -> str:
+    lines = ["| kind | shipped | candidate | bar | p (two-proportion) | verdict |", "|---|---|---|---|---|---|"]
+    for r in c["kinds"]:
+        (ho, no_), (hn, nn) = r["old"], r["new"]
+        bar = f"{100 * r['bar']:.0f} %" if r["bar"] is not None else "-"
+        lines.append(f"| {r['kind']} | {ho}/{no_} = {100 * ho / no_:.1f} % | {hn}/{nn} = {100 * hn / nn:.1f} % "
+                     f"| {bar} | {r['p']:.3f} | {r['verdict']} |")
+    lines += ["", f"bars met: shipped {c['bars_old']}, candidate {c['bars_new']}; worse beyond chance: "
+              f"{', '.join(c['worse']) or 'none'} -> **{'ship' if c['ship'] else 'do not ship'}**"]
+    return "\n".join(lines) + "\n"
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per kind: samples, prompts and the fraction of samples passing each check (a check only
-    some samples have, like `placed`, is a fraction of those)."""
+    """Per kind: samples, prompts, the fraction of samples passing each check (a check only some
+    samples have, like `placed`, is a fraction of those) and its 95 % interval (`ci`)."""
     kinds: dict = {}
     for r in rows:
         kd = kinds.setdefault(r["kind"], {"samples": 0, "prompts": set(), "hits": {}, "n": {}})
@@ -185,16 +244,28 @@ def summarize(rows: list[dict]) -> dict:
             kd["hits"][key] = kd["hits"].get(key, 0) + int(v)
             kd["n"][key] = kd["n"].get(key, 0) + 1
     return {kind: {"samples": kd["samples"], "prompts": len(kd["prompts"]),
-                   **{k: v / kd["n"][k] for k, v in kd["hits"].items()}} for kind, kd in kinds.items()}
+                   **{k: v / kd["n"][k] for k, v in kd["hits"].items()},
+                   "ci": {k: list(wilson(v, kd["n"][k])) for k, v in kd["hits"].items()}}
+            for kind, kd in kinds.items()}
 
 
 def markdown_table(summary: dict) -> str:
     cols = ["exact", "placed", "objects", "background", "count", "colours", "shapes"]
     lines = ["| kind | prompts | samples | " + " | ".join(cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
+
+    def cell(s: dict, c: str) -> str:
+        if c not in s:
+            return "-"
+        text = f"{100 * s[c]:.1f}%"
+        if c in ("exact", "placed") and c in s.get("ci", {}):
+            lo, hi = s["ci"][c]
+            text += f" ({100 * lo:.1f}-{100 * hi:.1f})"
+        return text
+
     for kind, s in summary.items():
-        lines.append(f"| {kind} | {s['prompts']} | {s['samples']} | "
-                     + " | ".join(f"{100 * s[c]:.1f}%" if c in s else "-" for c in cols) + " |")
+        lines.append(f"| {kind} | {s['prompts']} | {s['samples']} | " + " | ".join(cell(s, c) for c in cols) + " |")
+    lines.append("\n(95 % Wilson intervals in brackets.)")
     return "\n".join(lines) + "\n"
 
 
