@@ -16,6 +16,7 @@ from compinv_rt.cli_support import progress, typer_app, user_errors
 from compinv_rt.export.iospec import Precision
 from compinv_rt.export.manifest import EngineFormat, ExportTarget
 from compinv_rt.export.onnx_export import OnnxExporter
+from compinv_rt.runtime.quality import Quality
 from compinv_rt.runtime.registry import Backend
 from compinv_rt.runtime.schedulers import SchedulerName
 from compinv_rt.spatial.layouts import SpatialMode
@@ -30,13 +31,20 @@ app = typer_app(
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="What to draw (omit with --jobs)."),
     num_images: int = typer.Option(4, "-n", "--num-images", help="Images to generate."),
-    steps: int = typer.Option(25, help="Denoising steps."),
+    quality: Quality = typer.Option(
+        Quality.default, help="Sampler preset from the judged quality-vs-cost curve (benchmarks/speed.md): "
+        "reference = 25 DDIM steps, guidance on every step; --steps, --scheduler and "
+        "--guidance-interval override its parts."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the --quality preset's)."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (<= 1 disables it)."),
+    guidance_interval: Optional[str] = typer.Option(
+        None, help="LO,HI: guidance only on the steps in [LO, HI) of the run (fractions); the others "
+        "skip the unconditional pass (default: the --quality preset's)."),
     seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
     negative_prompt: str = typer.Option("", help="What to steer away from."),
     height: Optional[int] = typer.Option(None, help="Image height (default: the model's native size)."),
     width: Optional[int] = typer.Option(None, help="Image width (default: the model's native size)."),
-    scheduler: SchedulerName = typer.Option(SchedulerName.ddim, help="Sampler."),
+    scheduler: Optional[SchedulerName] = typer.Option(None, help="Sampler (default: the --quality preset's)."),
     model: Optional[str] = typer.Option(None, help="Local diffusers SD 1.x/2.x folder (default: embedded)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option(
@@ -87,8 +95,11 @@ def generate(
 ):
     """Generate images: one PNG and one JSON sidecar per image, plus a grid."""
     from compinv_rt.errors import ConfigError
+    from compinv_rt.runtime.quality import parse_interval, sampler_settings
     from compinv_rt.schemas import check_generate
 
+    sampler = sampler_settings(quality, steps, scheduler, parse_interval(guidance_interval))
+    steps, scheduler = sampler.steps, sampler.scheduler
     # Every option typed and bounded before anything heavy is imported (an error in < 1 s).
     check_generate(prompt=prompt, num_images=1 if jobs else num_images, steps=steps,
                    guidance=guidance, seed=seed, negative_prompt=negative_prompt, height=height,
@@ -129,7 +140,7 @@ def generate(
         raise ConfigError(f"-n/--num-images must be >= 1, got {num_images}")
     precision = Precision.parse(precision)
     files = inspect_model_dir(resolve_model_dir(model))
-    config = SamplingConfig(steps, guidance, scheduler, height, width).resolved(files)
+    config = SamplingConfig(steps, guidance, scheduler, height, width, sampler.guidance_interval).resolved(files)
     if concept:
         from compinv_rt.train.artifact import check_concepts
 
@@ -462,7 +473,10 @@ def bench(
         "sd15-proxy: SD 1.5's topology, narrow (a CPU smoke test)."),
     backends: str = typer.Option("torch,onnxruntime", help="Comma-separated backends to compare."),
     batch_sizes: str = typer.Option("1,4,8", help="Images per batch."),
-    steps: int = typer.Option(25, help="Denoising steps per generation."),
+    quality: Quality = typer.Option(
+        Quality.reference, help="Our backends' sampler preset (see generate); stock diffusers always runs "
+        "the reference (25 DDIM steps, or --steps)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps per generation (default: the preset's)."),
     bias: str = typer.Option("off,on", help="Attention bias settings to measure: off, on or both."),
     repeats: int = typer.Option(2, help="Timed runs per cell (after one warm-up)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -485,7 +499,10 @@ def bench(
     flags = {"off": False, "on": True}
     if not set(bias.split(",")) <= set(flags):
         raise ConfigError(f"--bias takes off, on or off,on; got {bias!r}")
-    if steps < 1 or repeats < 1:
+    from compinv_rt.runtime.quality import PRESETS, sampler_settings
+
+    sampler = sampler_settings(quality, steps, None, None)
+    if sampler.steps < 1 or repeats < 1:
         raise ConfigError("--steps and --repeats must be >= 1")
     if model and arch:
         raise ConfigError("pass --model or --arch, not both")
@@ -511,9 +528,11 @@ def bench(
         typer.echo(f"building a random-weight {arch} model (latency only: images are noise)", err=True)
         model = str(save_model(sd_components(arch), Path(tempfile.mkdtemp(prefix=f"{arch}-"))))
         label = f"{arch} architecture, random weights"
-    cfg = BenchConfig(tuple(names), tuple(_int_list(batch_sizes, "--batch-sizes")), steps,
+    cfg = BenchConfig(tuple(names), tuple(_int_list(batch_sizes, "--batch-sizes")), sampler.steps,
                       tuple(flags[b] for b in bias.split(",")), repeats, engines_root=engines,
-                      baseline=baseline, precisions=precision_list)
+                      baseline=baseline, precisions=precision_list, scheduler=sampler.scheduler.value,
+                      guidance_interval=sampler.guidance_interval,
+                      baseline_steps=steps if steps is not None else PRESETS[Quality.reference].steps)
     result = run_bench(model, cfg, device=device, label=label,
                        on_status=lambda msg: typer.echo(msg, err=True),
                        on_cell=lambda partial: write_report(partial, out))
@@ -534,7 +553,9 @@ def eval_(
     detector: Optional[Path] = typer.Option(None, help="transformers DETR folder: detector CoI."),
     seed: Optional[int] = typer.Option(None, help="Seed of image 0 (default 8888); image i: seed + i."),
     samples: Optional[int] = typer.Option(None, help="Images per prompt and method (default 32, quick 8)."),
-    steps: Optional[int] = typer.Option(None, help="Sampler steps (default 25)."),
+    quality: Quality = typer.Option(
+        Quality.reference, help="Sampler preset (see generate; the protocol's numbers are at reference)."),
+    steps: Optional[int] = typer.Option(None, help="Sampler steps (default: the preset's, 25 at reference)."),
     train_steps: Optional[int] = typer.Option(None, help="Training steps per concept (default 500, quick 250)."),
     cache: Optional[Path] = typer.Option(None, help="Trained-concept cache (default: OUT/cache)."),
     si_anchor_weight: Optional[float] = typer.Option(
@@ -564,7 +585,7 @@ def eval_(
 
     run_command(out, quick, model, concepts, prompts, clip, detector, seed, samples, steps,
                 train_steps, cache, si_anchor_weight, si_anchors, random, random_seed, train_seeds,
-                methods, objects, context_weight, norm)
+                methods, objects, context_weight, norm, quality=quality)
 
 
 # --- `compinv-rt layout ...`: the layout model --------------------------------------------

@@ -150,6 +150,7 @@ class BatchKey:
     save_attention: bool
     guidance_config: GuidanceConfig | None = None  # the guidance knobs (guidance mode only)
     bias_decay: float | None = None  # the adaptive bias's gain schedule (adaptive mode only)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # steps with the unconditional pass
 
 
 @dataclass
@@ -234,7 +235,7 @@ class GenerationSession:
         return BatchKey(*cfg.size, cfg.steps, SchedulerName(cfg.scheduler).value, cfg.guidance, mode,
                         0 if mode is SpatialMode.none else steps, spatial.save_attention,
                         spatial.guidance if mode is SpatialMode.guidance else None,
-                        spatial.decay if mode is SpatialMode.adaptive else None)
+                        spatial.decay if mode is SpatialMode.adaptive else None, cfg.guidance_interval)
 
     def run(self, tasks: Iterable[Task], on_step: StepCallback | None = None,
             on_error: ErrorCallback | None = None) -> Iterator[GeneratedImage]:

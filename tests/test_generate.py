@@ -28,20 +28,26 @@ def _generate(model, out, *extra):
     return sorted(out.glob("*_1[123].png"))
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "dpm-karras", "unipc", "euler"])
 @pytest.mark.parametrize("which", ["tiny_model", "tiny_vpred_model"])
 def test_matches_stock_diffusers(request, which, scheduler, tmp_path, stock_pipeline_cls):
     """Same seeds, same sampler: our images equal StableDiffusionPipeline's to <= 1/255."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
 
     model = request.getfixturevalue(which)
     ours = _generate(model, tmp_path / "ours", "--scheduler", scheduler, "--guidance", "6.0")
     assert len(ours) == 3
 
     pipe = stock_pipeline_cls.from_pretrained(model, safety_checker=None)
-    cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
-           "euler": EulerDiscreteScheduler}[scheduler]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "dpm-karras": DPMSolverMultistepScheduler,
+           "unipc": UniPCMultistepScheduler, "euler": EulerDiscreteScheduler}[scheduler]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **(
+        {"use_karras_sigmas": True} if scheduler == "dpm-karras" else {}))
     pipe.set_progress_bar_config(disable=True)
     ref = pipe("a red star and a blue circle on grass", num_images_per_prompt=3,
                num_inference_steps=8, guidance_scale=6.0,

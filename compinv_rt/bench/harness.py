@@ -40,6 +40,12 @@ class BenchConfig:
     # Every backend and the stock baseline run at each precision; speedups are against stock at
     # the first one (the reference), and also against stock at the cell's own precision.
     precisions: tuple[str, ...] = ("auto",)
+    # our backends' sampler (runtime.quality); the stock baseline runs its own DDIM for
+    # `baseline_steps` (None: `steps`), so with a cheaper preset the end-to-end speed-up includes
+    # the sampler's saving (the per-step latency does not)
+    scheduler: str = "ddim"
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    baseline_steps: int | None = None
 
 
 @dataclass
@@ -159,11 +165,11 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
         on_status(f"{STOCK} {model.precision.value}: batch {batch}")
 
         def run(pipe=pipe, batch=batch):
-            pipe(cfg.prompt, num_images_per_prompt=batch, num_inference_steps=cfg.steps,
+            pipe(cfg.prompt, num_images_per_prompt=batch, num_inference_steps=cfg.baseline_steps or cfg.steps,
                  guidance_scale=cfg.guidance,
                  generator=[torch.Generator().manual_seed(s) for s in range(batch)])
 
-        cells[batch] = Cell(STOCK, batch, False, cfg.steps,
+        cells[batch] = Cell(STOCK, batch, False, cfg.baseline_steps or cfg.steps,
                             **_measure(run, model.device, cfg.repeats, timer, batch),
                             precision=model.precision.value)
     del pipe
@@ -187,7 +193,8 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
         m = load_model(model_spec, device=device, dtype=requested)
         models.setdefault(m.precision.value, m)
     model = next(iter(models.values()))
-    sampling = SamplingConfig(steps=cfg.steps, guidance=cfg.guidance).resolved(model.files)
+    sampling = SamplingConfig(steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
+                              guidance_interval=cfg.guidance_interval).resolved(model.files)
     result = BenchResult(meta={
         "model": str(model.root), "model_hash": model.hash, "label": label,
         "device": str(model.device), "device_name": _device_name(model.device),
@@ -195,6 +202,8 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
         "torch": torch.__version__,
         "threads": torch.get_num_threads(), "compinv_rt": __version__,
         "image_size": [sampling.height, sampling.width], "steps": cfg.steps,
+        "scheduler": str(sampling.as_dict()["scheduler"]), "guidance_interval": list(cfg.guidance_interval),
+        "unet_evaluations_per_image": sampling.unet_evaluations(),
         "guidance": cfg.guidance, "repeats": cfg.repeats, "prompt": cfg.prompt,
         "baseline": f"stock diffusers StableDiffusionPipeline ({cfg.baseline})",
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "skipped": [],

@@ -10,15 +10,18 @@ import typer
 def run_command(out: Path, quick: bool, model, concepts, prompts, clip, detector, seed, samples,
                 steps, train_steps, cache, si_anchor_weight=None, si_anchors=None, random=0,
                 random_seed=0, train_seeds=None, methods=None, objects=None,
-                context_weight=None, norm=None) -> None:
+                context_weight=None, norm=None, quality=None) -> None:
     from compinv_rt.cli_support import progress
     from compinv_rt.errors import ConfigError
     from compinv_rt.eval.protocol import EvalConfig, build_protocol, parse_methods
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
     from compinv_rt.outputs import check_writable_dir
+    from compinv_rt.runtime.quality import Quality, sampler_settings
 
     # everything cheap first: options, files, model folder, output folder
-    cfg = EvalConfig.preset(quick, seed=seed, samples=samples, steps=steps,
+    sampler = sampler_settings(quality or Quality.reference, steps, None, None)
+    cfg = EvalConfig.preset(quick, seed=seed, samples=samples, steps=sampler.steps,
+                             scheduler=sampler.scheduler.value, guidance_interval=sampler.guidance_interval,
                              train_steps=train_steps, si_anchor_weight=si_anchor_weight,
                              si_anchors=si_anchors, train_seeds=train_seeds,
                              context_weight=context_weight, norm=norm)

@@ -233,6 +233,8 @@ class EvalConfig:
     batch: int = 16  # images per pipeline call
     detector_threshold: float = 0.8
     train_seeds: int = 1  # trainings per (concept, recipe): seeds 0..K-1; mean and range reported
+    scheduler: str = "ddim"  # the sampler and its guidance interval (runtime.pipeline.SamplingConfig)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
         for name in ("samples", "steps", "train_steps", "train_batch", "train_variants", "batch",

@@ -80,7 +80,7 @@ def run_eval(protocol: Protocol, cfg: EvalConfig, out: str | Path, model: str | 
 
     session = GenerationSession.open(SessionOptions(str(files.root), device, max_batch=cfg.batch))
     session.load_concepts(folders.values())
-    sampling = SamplingConfig(cfg.steps, cfg.guidance)
+    sampling = SamplingConfig(cfg.steps, cfg.guidance, cfg.scheduler, guidance_interval=cfg.guidance_interval)
     if scorers.clip is not None:
         scorers.photo_features = _photo_features(scorers.clip, protocol, cache, files.default_size)
 
@@ -121,6 +121,8 @@ def cell_key(cfg: EvalConfig, method, prompt, model_hash: str, folders: dict, se
     The trained concept folders' names hash their whole training config (seed included)."""
     c = cfg.as_dict()
     decides = {k: c[k] for k in ("samples", "steps", "guidance", "seed", "batch")}
+    if (cfg.scheduler, tuple(cfg.guidance_interval)) != ("ddim", (0.0, 1.0)):  # old keys stay valid
+        decides.update(scheduler=cfg.scheduler, guidance_interval=list(cfg.guidance_interval))
     if method.spatial == "adaptive":  # the adaptive bias runs on its own defaults
         from compinv_rt.spatial.plan import ADAPTIVE_DECAY, ADAPTIVE_STEPS, ADAPTIVE_STRENGTH
 

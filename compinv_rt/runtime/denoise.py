@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,11 +29,14 @@ def denoise(
     bias_steps: int = 0,  # the first `bias_steps` steps get the bias
     latent_hook: LatentHook | None = None,
     bias_gain: BiasGain | None = None,  # per-step [fixed, adaptive] gains; None: fixed bias
+    guided_steps: Sequence[bool] | None = None,  # per step: run the unconditional pass; None: all
 ) -> torch.Tensor:
     """Run `scheduler.timesteps` (set by the caller) with classifier-free guidance.
 
     Mirrors diffusers' StableDiffusionPipeline step for step ([uncond; cond] in one UNet batch,
-    `uncond + g * (cond - uncond)`), so results match the stock pipeline exactly.
+    `uncond + g * (cond - uncond)`), so results match the stock pipeline exactly. On a step that
+    `guided_steps` leaves out, only the conditional pass runs (guidance in a limited interval,
+    Kynkaanniemi et al. 2024): half the UNet work of that step.
     """
     batch = latents.shape[0]
     if uncond is not None:
@@ -42,6 +45,7 @@ def denoise(
             guidance = guidance.to(latents).view(batch, 1, 1, 1)
     else:
         context = cond
+    cond_bias = attention_bias  # an unguided step's batch is the conditional half alone
     if attention_bias is not None and uncond is not None:
         # The unconditional half of classifier-free guidance is never biased.
         attention_bias = torch.cat([torch.zeros_like(attention_bias), attention_bias])
@@ -49,16 +53,17 @@ def denoise(
     for i, t in enumerate(timesteps):
         if latent_hook is not None:
             latents = latent_hook(i, t, latents, cond, scheduler)
-        model_in = torch.cat([latents] * 2) if uncond is not None else latents
+        guided = uncond is not None and (guided_steps is None or guided_steps[i])
+        model_in = torch.cat([latents] * 2) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        bias = attention_bias if i < bias_steps else None
+        bias = None if i >= bias_steps else attention_bias if guided else cond_bias
         tt = t.expand(model_in.shape[0])
         if bias is not None and bias_gain is not None:
             gain = bias_gain(float(t) / float(timesteps[0])).to(bias).expand(model_in.shape[0], 2)
-            noise = unet(model_in, tt, context, bias, gain)
+            noise = unet(model_in, tt, context if guided else cond, bias, gain)
         else:
-            noise = unet(model_in, tt, context, bias)
-        if uncond is not None:
+            noise = unet(model_in, tt, context if guided else cond, bias)
+        if guided:
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -21,6 +21,9 @@ class SamplingConfig:
     scheduler: SchedulerName | str = SchedulerName.ddim
     height: int | None = None  # None: the model's native size
     width: int | None = None
+    # classifier-free guidance only on the steps in [lo, hi) (fractions of the run): the others run
+    # the conditional pass alone. (0, 1): every step, the stock pipeline's behaviour.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
     def resolved(self, files: ModelFiles) -> "SamplingConfig":
         """Fill in the model's native size and validate everything against the model."""
@@ -28,6 +31,9 @@ class SamplingConfig:
             raise ConfigError(f"--steps must be >= 1, got {self.steps}")
         if self.guidance < 0:
             raise ConfigError(f"--guidance must be >= 0, got {self.guidance}")
+        lo, hi = self.guidance_interval
+        if not 0 <= lo < hi <= 1:
+            raise ConfigError(f"--guidance-interval must be LO,HI with 0 <= LO < HI <= 1, got {lo},{hi}")
         factor = files.spatial_factor
         h = self.height or files.default_size
         w = self.width or files.default_size
@@ -37,7 +43,18 @@ class SamplingConfig:
                     f"--{name} {v} is not a positive multiple of {factor} (this model's factor: "
                     f"VAE x{files.vae_scale_factor} times the UNet's down-sampling)"
                 )
-        return SamplingConfig(self.steps, self.guidance, SchedulerName(self.scheduler), h, w)
+        return replace(self, scheduler=SchedulerName(self.scheduler), height=h, width=w,
+                       guidance_interval=(float(lo), float(hi)))
+
+    def guided_steps(self) -> list[bool]:
+        """Per step: does it run the unconditional pass (step i of n is in [lo n, hi n))."""
+        lo, hi = self.guidance_interval
+        return [lo * self.steps <= i < hi * self.steps for i in range(self.steps)]
+
+    def unet_evaluations(self) -> int:
+        """UNet sample-evaluations per image (a guided step costs two)."""
+        guided = self.guidance > 1.0
+        return sum(2 if guided and g else 1 for g in self.guided_steps())
 
     @property
     def size(self) -> tuple[int, int]:
@@ -49,6 +66,7 @@ class SamplingConfig:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["scheduler"] = SchedulerName(self.scheduler).value
+        d["guidance_interval"] = list(self.guidance_interval)
         return d
 
 
@@ -133,7 +151,8 @@ class Pipeline:
                                   exclusive=False)
         with recording:
             latents = denoise(self.backend, scheduler, latents, cond, uncond, cfg.guidance,
-                              on_step, attention_bias, bias_steps, latent_hook, bias_gain)
+                              on_step, attention_bias, bias_steps, latent_hook, bias_gain,
+                              guided_steps=None if cfg.guidance_interval == (0.0, 1.0) else cfg.guided_steps())
         return self.decode(latents)
 
     def torch_module(self, feature: str) -> torch.nn.Module:
