@@ -67,7 +67,9 @@ def run(tmp: Path) -> dict:
     result: dict = {}
     for name, model in models.items():
         concept = _train(model, tmp, "<ref-heart>", name)
-        common = ["--model", model, "--steps", "4", "--seed", "3"]
+        # the reference sampler (25-step DDIM's scheduler, 4 steps here): --quality's other presets
+        # may change, the reference may not
+        common = ["--model", model, "--quality", "reference", "--steps", "4", "--seed", "3"]
         cells = {
             "plain": ["a red star and a blue circle", "-n", "2"],
             "negative": ["a red star", "-n", "2", "--negative-prompt", "blue"],
@@ -99,7 +101,7 @@ def run(tmp: Path) -> dict:
         ]
         jobs.write_text("\n".join(json.dumps(j) for j in lines))
         out = tmp / name / "jobs"
-        _cli(["generate", "--jobs", str(jobs), "--model", model, "--steps", "4", "--max-batch",
+        _cli(["generate", "--jobs", str(jobs), "--model", model, "--quality", "reference", "--steps", "4", "--max-batch",
               "3", "--out", str(out)])
         result[f"{name}/jobs"] = _hashes(out)
         concepts = tmp / "concepts.jsonl"

@@ -85,7 +85,8 @@ def generate(
     jobs: Optional[Path] = typer.Option(
         None, "--jobs", help="JSONL file, one job per line (prompt, seed, n, steps, guidance, "
         "negative_prompt, height, width, concepts, layout, id): batch generation instead of PROMPT."),
-    max_batch: int = typer.Option(8, help="--jobs: images per UNet batch (x2 with guidance)."),
+    max_batch: int = typer.Option(8, help="Images per UNet batch (x2 with guidance): memory does not grow "
+                                  "with -n."),
     resume: bool = typer.Option(False, "--resume", help="--jobs: finish an interrupted run in --out."),
     ray: bool = typer.Option(False, "--ray", help="--jobs: run on Ray (one actor per worker)."),
     ray_address: Optional[str] = typer.Option(None, help="--ray: cluster address (default: start a local Ray)."),
@@ -169,14 +170,14 @@ def generate(
 
     session = GenerationSession.open(
         SessionOptions(str(files.root), device, precision, backend, engine,
-                       max_batch=num_images),
+                       max_batch=min(num_images, max_batch)),
         on_status=lambda msg: typer.echo(msg, err=True))
     request = Request(prompt, seed, num_images, negative_prompt, config,
                       tuple(str(c) for c in concept or ()), spatial_config)
-    bar = progress(config.steps, "denoising")
+    batches = -(-num_images // min(num_images, max_batch))
+    bar = progress(config.steps * batches, "denoising")
     try:
-        result = generate_to_folder(session, request, folder,
-                                    on_step=lambda done, total: bar.update(done - bar.n))
+        result = generate_to_folder(session, request, folder, on_step=lambda done, total: bar.update(1))
     finally:
         bar.close()
     typer.echo(f"wrote {len(result.images)} images + JSON sidecars to {folder}/")

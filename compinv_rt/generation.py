@@ -19,15 +19,20 @@ class GenerationResult:
     attention: list[Path] = field(default_factory=list)  # --save-attention heatmap grids
 
 
+GRID_MAX = 64  # images tiled into the grid: the first 64 (a run of 10,000 keeps memory flat)
+
+
 def generate_to_folder(session: GenerationSession, request: Request, out: Path,
                        on_step: StepCallback | None = None) -> GenerationResult:
-    results = session.generate(request, on_step=on_step)
+    """Each batch is written as it finishes: memory depends on the batch size, not on n."""
     stem = slug(request.prompt)
     out = Path(out)
-    pngs, sidecars, heatmaps = [], [], []
+    pngs, sidecars, heatmaps, tiles = [], [], [], []
     written = None  # a PNG whose sidecar is not written yet
     try:
-        for r in results:
+        for r in session.run(session.tasks(request), on_step):
+            if len(tiles) < GRID_MAX:
+                tiles.append(r.image)
             png = written = save_png(out / f"{stem}_{r.seed}.png", r.image)
             extra: dict = {"index": r.index, "image": png.name}
             if r.attention is not None:
@@ -38,8 +43,7 @@ def generate_to_folder(session: GenerationSession, request: Request, out: Path,
                                               session.sidecar(r, **extra)))
             pngs.append(png)
             written = None
-        grid = save_png(out / f"{stem}_{request.seed}_grid.png",
-                        make_grid([r.image for r in results]))
+        grid = save_png(out / f"{stem}_{request.seed}_grid.png", make_grid(tiles))
     except OSError as exc:  # disk full, permission denied: say what is kept
         from compinv_rt.outputs import disk_error
 

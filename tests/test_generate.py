@@ -110,3 +110,31 @@ def test_bf16_precision_generates_close_to_fp32(tiny_model, tmp_path):
     diffs = [np.abs(_pixels(a) - _pixels(b)) for a, b in zip(fp32, bf16)]
     assert max(d.mean() for d in diffs) < 8, [float(d.mean()) for d in diffs]
     assert any(d.max() > 0 for d in diffs), "bf16 run was identical to fp32: precision not applied"
+
+
+def test_many_images_run_in_bounded_batches_and_a_bounded_grid(tiny_model, tmp_path, monkeypatch):
+    """Issue 28: -n N runs in batches of --max-batch (memory independent of N), every image is
+    written, the grid tiles at most GRID_MAX of them."""
+    from compinv_rt import generation
+    from compinv_rt.session import GenerationSession
+
+    sizes: list[int] = []
+    real = GenerationSession.run_batch
+
+    def spy(self, tasks, *a, **k):
+        sizes.append(len(tasks))
+        return real(self, tasks, *a, **k)
+
+    monkeypatch.setattr(GenerationSession, "run_batch", spy)
+    monkeypatch.setattr(generation, "GRID_MAX", 4)
+    out = tmp_path / "many"
+    res = runner.invoke(app, ["generate", "a red star", "--model", str(tiny_model), "--out", str(out),
+                              "-n", "7", "--max-batch", "3", "--steps", "2", "--seed", "20"])
+    assert res.exit_code == 0, res.output
+    assert sizes == [3, 3, 1]
+    assert len(list(out.glob("a-red-star_2[0-6].png"))) == 7 and len(list(out.glob("*.json"))) == 7
+    from PIL import Image
+
+    grid = Image.open(next(out.glob("*_grid.png")))
+    one = Image.open(out / "a-red-star_20.png")
+    assert grid.width < 3 * one.width + 10  # 4 tiles: 2 x 2, not 7 (3 x 3)
