@@ -6,11 +6,19 @@ It behaves like the real one where the runtime's correctness depends on it:
   stale binding gives a wrong (or stale) result, as on a GPU;
 - `set_optimization_profile_async`, `set_input_shape`, `set_tensor_address` and
   `execute_async_v3` return False on bad calls (the real API's failure mode), never raise;
+  `set_input_shape` checks every dimension against the profile's min/max, not only the batch;
 - USER_MANAGED contexts refuse to run without device memory, or with less than the engine needs;
+- execution is asynchronous: `execute_async_v3` reads its inputs when it is called (what was queued
+  before it on the stream is done) but writes its output as NaN, and the result only lands at
+  `flush()`: the stand-in torch.cuda.synchronize, or the stand-in for torch work ordered after it on
+  the same stream (the runtime's `CudaOps.ordered`). Reading the output any other way reads NaN;
 - inside a (stand-in) CUDA graph capture nothing runs: the call is recorded with the bindings it
-  had, and `replay()` re-runs it with those frozen bindings.
+  had, and `replay()` re-runs it with those frozen bindings. A capture is refused (False) unless
+  the context already ran, and finished (flushed), a plain execution with the same bindings: the
+  warm-up run TensorRT needs for its shape-dependent set-up outside the graph.
 
-The "plan" is JSON: {"profiles": [[min, max], ...], "dtype": "FLOAT"|"HALF", "memory": bytes}.
+The "plan" is JSON: {"profiles": [[min, max], ...], "dtype": "FLOAT"|"HALF", "memory": bytes,
+"shapes": {input: [dims after the batch dimension]}}.
 The UNet it computes: noise_pred = 2 * sample + mean(encoder_hidden_states) + bias_gain[0] *
 mean(attention_bias) + timestep / 1000, per row, reading the device-memory block as scratch (so it is really used).
 """
@@ -27,6 +35,13 @@ __version__ = "10.99.0-standin"
 
 CALLS: list[tuple] = []  # every API call, in order, across contexts
 CAPTURING: list = []  # the open graph capture, if any (set by the torch.cuda stand-in)
+PENDING: list = []  # queued executions' output writes, in stream order
+
+
+def flush() -> None:
+    """The queued work finishes: outputs land, contexts that ran are warm."""
+    while PENDING:
+        PENDING.pop(0)()
 
 INPUTS = ("sample", "timestep", "encoder_hidden_states", "attention_bias", "bias_gain")
 
@@ -72,27 +87,29 @@ class Engine:
         self.plan = plan
         self.num_optimization_profiles = len(plan["profiles"])
         self.device_memory_size_v2 = plan["memory"]
-        self.contexts: list[Context] = []
+        self.contexts = 0  # a count, not references: a context must not keep itself alive here
 
     def get_tensor_dtype(self, name: str) -> DataType:
         return DataType.FLOAT if name == "timestep" else DataType[self.plan["dtype"]]
 
     def get_tensor_profile_shape(self, name: str, index: int):
         lo, hi = self.plan["profiles"][index]
-        return [(lo,), ((lo + hi) // 2,), (hi,)]  # only the batch dimension matters here
+        dims = tuple(self.plan["shapes"][name])
+        return [(lo, *dims), ((lo + hi) // 2, *dims), (hi, *dims)]
 
     def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC):
         ctx = Context(self, strategy)
-        self.contexts.append(ctx)
-        CALLS.append(("create_execution_context", len(self.contexts) - 1, strategy.name))
+        self.contexts += 1
+        CALLS.append(("create_execution_context", ctx.index, strategy.name))
         return ctx
 
 
 class Context:
     def __init__(self, engine: Engine, strategy):
         self.engine, self.strategy = engine, strategy
-        self.index = len(engine.contexts)
+        self.index = engine.contexts
         self.profile = None
+        self.warm: tuple | None = None  # the bindings of the last finished plain run
         self.shapes: dict[str, tuple] = {}
         self.addresses: dict[str, int] = {}
         self.memory: tuple[int, int] | None = None
@@ -113,8 +130,8 @@ class Context:
         CALLS.append(("set_input_shape", self.index, name, shape))
         if self.profile is None or name not in INPUTS:
             return False
-        lo, hi = self.engine.plan["profiles"][self.profile]
-        if not lo <= shape[0] <= hi:
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
+        if len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
             return False
         self.shapes[name] = shape
         return True
@@ -136,12 +153,14 @@ class Context:
             return False
         frozen = (dict(self.shapes), dict(self.addresses), self.memory)
         if CAPTURING:
+            if self.warm != frozen:
+                return False  # no finished warm-up run with these bindings before the capture
             CAPTURING[-1].work.append(lambda: self._compute(*frozen))
         else:
-            self._compute(*frozen)
+            self._compute(*frozen, warm=True)
         return True
 
-    def _compute(self, shapes, addresses, memory) -> None:
+    def _compute(self, shapes, addresses, memory, warm=False) -> None:
         dt = np.float16 if self.engine.plan["dtype"] == "HALF" else np.float32
         x = {n: _array(addresses[n], shapes[n], np.float32 if n == "timestep" else dt) for n in INPUTS}
         b = shapes["sample"][0]
@@ -150,5 +169,13 @@ class Context:
                 + gain * x["attention_bias"].reshape(b, -1).astype(np.float32).mean(1) + x["timestep"] / 1000)
         scratch = _array(memory[0], (b,), np.float32) if memory else np.empty(b, np.float32)
         scratch[:] = rows  # through the shared block, like activations
+        result = (2 * x["sample"].astype(np.float32) + scratch[:, None, None, None]).astype(dt)
         out = _array(addresses["noise_pred"], shapes["sample"], dt)
-        out[:] = (2 * x["sample"].astype(np.float32) + scratch[:, None, None, None]).astype(dt)
+        out[:] = np.nan  # not there yet: the kernels are queued, not done
+
+        def land():
+            out[:] = result
+            if warm:
+                self.warm = (shapes, addresses, memory)
+
+        PENDING.append(land)

@@ -35,9 +35,12 @@ class FakeGraph:
 @pytest.fixture
 def trt(monkeypatch):
     """Inject the stand-in and a torch.cuda that records instead of touching a GPU."""
+    from compinv_rt.runtime.trt_backend import CudaOps
+
     monkeypatch.setitem(sys.modules, "tensorrt", ft)
     ft.CALLS.clear()
     ft.CAPTURING.clear()
+    ft.PENDING.clear()
 
     @contextmanager
     def graph(g, *args, **kwargs):
@@ -52,7 +55,12 @@ def trt(monkeypatch):
     stream = lambda device=None: SimpleNamespace(  # noqa: E731
         cuda_stream=CAPTURE_STREAM if ft.CAPTURING else MAIN_STREAM)
     monkeypatch.setattr(torch.cuda, "current_stream", stream)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: ft.CALLS.append(("synchronize",)))
+    def synchronize(device=None):
+        ft.CALLS.append(("synchronize",))
+        ft.flush()
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(CudaOps, "ordered", lambda self: ft.flush())  # torch work after it on the stream
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
     return ft
@@ -63,16 +71,17 @@ def _spec(precision=Precision.fp32):
                       latent_width=2, precision=precision)
 
 
-def _engine(tmp_path, profiles, dtype="FLOAT", memory=4096):
+def _engine(tmp_path, profiles, dtype="FLOAT", memory=4096, spec=None):
+    shapes = {n: list(s[1:]) for n, s in (spec or _spec()).shapes(1).items()}
     (tmp_path / "unet.plan").write_text(json.dumps(
-        {"profiles": [[p.min, p.max] for p in profiles], "dtype": dtype, "memory": memory}))
+        {"profiles": [[p.min, p.max] for p in profiles], "dtype": dtype, "memory": memory, "shapes": shapes}))
     return tmp_path
 
 
-def _backend(tmp_path, profiles, cuda_graphs=True, spec=None, plan_profiles=None, **plan):
+def _backend(tmp_path, profiles, cuda_graphs=True, spec=None, plan_profiles=None, plan_spec=None, **plan):
     from compinv_rt.runtime.trt_backend import TensorRTBackend
 
-    engine = _engine(tmp_path, plan_profiles or profiles, **plan)
+    engine = _engine(tmp_path, plan_profiles or profiles, spec=plan_spec or spec, **plan)
     return TensorRTBackend(engine, spec or _spec(), profiles, torch.device("cpu"), cuda_graphs=cuda_graphs)
 
 
@@ -180,3 +189,98 @@ def test_fp16_engine_and_split_batches(trt, tmp_path):
     got = backend(*x)
     assert got.dtype == torch.float32 and got.shape[0] == 6
     torch.testing.assert_close(got, _expected(*x), rtol=2e-2, atol=2e-2)
+
+
+# The stricter stand-in (issue 26): each check below is first shown to fail on a wrong use, then to
+# pass on the backend's own.
+
+def test_fake_checks_every_dimension_and_the_backend_checks_the_plan(trt, tmp_path):
+    backend = _backend(tmp_path, [BatchProfile(2, 4, 8)])
+    ctx = next(iter(backend._contexts.values()))
+    assert ctx.set_input_shape("sample", (4, 4, 2, 2))
+    assert not ctx.set_input_shape("sample", (4, 4, 3, 2))  # right batch, wrong height
+    assert not ctx.set_input_shape("sample", (4, 4, 2))  # a dimension missing
+    assert not ctx.set_input_shape("encoder_hidden_states", (4, 5, 8))  # wrong text length
+    # a plan for another latent size is refused when it loads, not at the first call
+    other = UNetIOSpec(in_channels=4, out_channels=4, text_len=3, text_dim=8, latent_height=4,
+                       latent_width=4, precision=Precision.fp32)
+    with pytest.raises(EngineMismatch, match=r"input sample is \(4, 4, 4\) per sample"):
+        _backend(tmp_path, [BatchProfile(2, 4, 8)], plan_spec=other)
+
+
+def test_results_land_only_at_a_stream_ordered_point(trt, tmp_path, monkeypatch):
+    """Asynchronous execution: a read that is not ordered after the engine's work sees NaN."""
+    from compinv_rt.runtime.trt_backend import CudaOps
+
+    x = _inputs(2, seed=5)
+    monkeypatch.setattr(CudaOps, "ordered", lambda self: None)  # a read not ordered after the work
+    backend = _backend(tmp_path, [BatchProfile(2, 4, 8)])
+    assert torch.isnan(backend(*x)).all()
+    ft.flush()  # while its buffers are alive: the queued write lands in them
+    monkeypatch.setattr(CudaOps, "ordered", lambda self: ft.flush())
+    torch.testing.assert_close(_backend(tmp_path, [BatchProfile(2, 4, 8)])(*x), _expected(*x))
+
+
+def test_capture_without_a_finished_warm_up_run_fails(trt, tmp_path, monkeypatch):
+    from compinv_rt.runtime.trt_backend import CudaOps
+
+    synchronize = CudaOps.synchronize
+    backend = _backend(tmp_path, [BatchProfile(2, 2, 2)])
+    monkeypatch.setattr(CudaOps, "synchronize", lambda self: None)  # warm-up run not finished
+    with pytest.raises(RuntimeError, match="execute_async_v3"):
+        backend(*_inputs(2, seed=0))
+    assert ("capture_begin",) in ft.CALLS  # it failed inside the capture, not before
+    ft.flush()  # the unfinished warm-up's write, while its buffers are alive
+    monkeypatch.setattr(CudaOps, "synchronize", synchronize)
+    backend = _backend(tmp_path, [BatchProfile(2, 2, 2)])
+    for seed in (1, 2):  # capture, then replay
+        x = _inputs(2, seed=seed)
+        torch.testing.assert_close(backend(*x), _expected(*x))
+
+
+def test_every_tensorrt_call_runs_on_the_backends_gpu(trt, tmp_path, monkeypatch):
+    """--device cuda:N: TensorRT works on the current device, so every call is inside the guard."""
+    from contextlib import contextmanager
+
+    from compinv_rt.runtime.trt_backend import CudaOps
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextmanager(lambda: (yield))())
+    with CudaOps(torch.device("cuda:1")).guard():
+        pass
+    assert entered == [torch.device("cuda:1")]
+
+    @contextmanager
+    def guard(self):
+        ft.CALLS.append(("guard",))
+        yield
+        ft.CALLS.append(("unguard",))
+
+    monkeypatch.setattr(CudaOps, "guard", guard)
+    backend = _backend(tmp_path, [BatchProfile(2, 2, 2), BatchProfile(4, 4, 4)])
+    for batch in (2, 4, 2, 6):
+        backend(*_inputs(batch, seed=batch))
+    backend.close()
+    depth, outside = 0, []
+    for call in ft.CALLS:
+        depth += {"guard": 1, "unguard": -1}.get(call[0], 0)
+        if depth == 0 and call[0] not in ("guard", "unguard"):
+            outside.append(call)
+    assert not outside and ft.CALLS.count(("guard",)) == 6  # init, 4 calls, close
+
+
+def test_close_frees_engine_contexts_and_buffers(trt, tmp_path):
+    import gc
+    import weakref
+
+    backend = _backend(tmp_path, [BatchProfile(2, 2, 2), BatchProfile(4, 8, 8)])
+    for batch in (2, 4, 2):
+        backend(*_inputs(batch, seed=batch))
+    refs = [weakref.ref(o) for o in (backend.engine, backend.device_memory, *backend._contexts.values(),
+                                     *backend._graphs.values(),
+                                     *(t for b in backend._buffers.values() for t in b.values()))]
+    backend.close()
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+    with pytest.raises(RuntimeError, match="closed"):
+        backend(*_inputs(2, seed=0))

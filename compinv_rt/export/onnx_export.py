@@ -43,6 +43,7 @@ def export_onnx(unet, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
     from compinv_rt.spatial.attention import BiasedUNet
 
     check_opset(exporter, opset)
+    _require_folding_tools()  # before any work: a missing package is one error line, not a traceback
     dtype = spec.precision.torch_dtype
     if next(unet.parameters()).dtype != dtype:
         import copy
@@ -81,6 +82,16 @@ def export_onnx(unet, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"exported ONNX graph is invalid: {str(exc).splitlines()[0]}") from exc
     return [ONNX_FILE, EXTERNAL_DATA_FILE] if large else [ONNX_FILE]
+
+
+def _require_folding_tools() -> None:
+    """polygraphy and onnx-graphsurgeon (constant folding) are not in every image (the GPU one)."""
+    import importlib.util
+
+    missing = [m for m in ("polygraphy", "onnx_graphsurgeon") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"the ONNX export needs {' and '.join(missing)} (constant folding): "
+                          "pip install polygraphy onnx-graphsurgeon")
 
 
 def fold_constants(model):

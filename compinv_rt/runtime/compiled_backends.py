@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from compinv_rt.errors import BackendUnavailable
 from compinv_rt.export.iospec import INPUTS, BatchProfile, UNetIOSpec
 from compinv_rt.runtime.bucketing import run_bucketed
 from compinv_rt.spatial.attention import BiasedUNet
@@ -15,7 +16,10 @@ def compile_unet(module: torch.nn.Module, device: torch.device):
     """torch.compile as every compiled path here uses it (ours and bench's stock baseline alike).
     On CUDA: mode="reduce-overhead" (CUDA graphs, recorded per batch size), the fastest stock
     PyTorch path. On CPU: Inductor freezing (weights become constants prepacked for oneDNN;
-    inference only). The batch dimension is dynamic (see `mark_batch_dynamic`), nothing else."""
+    inference only). The batch dimension is dynamic (see `mark_batch_dynamic`), nothing else.
+    Past torch's recompile limit dynamo would run the module eager, silently, and a benchmark would
+    time eager as "compile": it raises instead (process-wide, so bench's stock baseline too)."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     if device.type == "cuda":
         mode, options = "reduce-overhead", None
     else:
@@ -46,7 +50,12 @@ class CompileBackend:
     @torch.inference_mode()
     def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
         mark_batch_dynamic(sample, timestep, encoder_hidden_states, attention_bias, bias_gain)
-        out = self.module(sample, timestep, encoder_hidden_states, attention_bias, bias_gain)
+        try:
+            out = self.module(sample, timestep, encoder_hidden_states, attention_bias, bias_gain)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+            raise BackendUnavailable(
+                f"torch.compile hit its recompile limit ({torch._dynamo.config.recompile_limit} graphs) and "
+                "would run eager from here; stopped instead (TORCH_LOGS=recompiles says why)") from exc
         return out.clone()  # CUDA-graph outputs are overwritten by the next replay
 
 

@@ -17,8 +17,9 @@ result of TensorRT is checked. TensorRT is imported lazily and every CUDA call g
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +41,19 @@ class CudaOps:
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def ordered(self) -> None:
+        """Where torch work queued after the engine's on the same stream reads its results: a no-op
+        on a GPU (stream order does it); the CPU tests' stand-in finishes the queued work here."""
+
+    def guard(self):
+        """Make this backend's GPU current: TensorRT deserializes, allocates and runs on the current
+        device, not on the one the tensors name, so --device cuda:1 ran its engine on cuda:0."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+
+    def empty_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @contextmanager
     def capture(self):
         """Capture a CUDA graph; inside, `stream()` is the capture stream. Yields the graph."""
@@ -60,11 +74,15 @@ class TensorRTBackend:
 
     def __init__(self, engine_dir: Path, spec: UNetIOSpec, profiles: list[BatchProfile],
                  device: torch.device, cuda_graphs: bool = True):
-        import tensorrt as trt
-
         self.spec, self.profiles, self.device = spec, list(profiles), device
         self.cuda_graphs = cuda_graphs
         self.cuda = CudaOps(device)
+        with self.cuda.guard():
+            self._open(engine_dir)
+
+    def _open(self, engine_dir: Path) -> None:
+        import tensorrt as trt
+
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine((Path(engine_dir) / PLAN_FILE).read_bytes())
@@ -72,16 +90,16 @@ class TensorRTBackend:
             raise EngineMismatch(f"TensorRT could not deserialize {engine_dir}/{PLAN_FILE}")
         self._check_engine(trt, engine_dir)
         # One scratch block for every context (USER_MANAGED): sized for the largest profile.
-        self.device_memory = torch.empty(int(self.engine.device_memory_size_v2), dtype=torch.uint8,
-                                         device=device)
+        memory = torch.empty(int(self.engine.device_memory_size_v2), dtype=torch.uint8, device=self.device)
+        self.device_memory: torch.Tensor | None = memory
         stream = self.cuda.stream()
-        self._contexts = {}
+        self._contexts: dict[BatchProfile, Any] = {}  # tensorrt.IExecutionContext
         for index, profile in enumerate(self.profiles):
             ctx = self.engine.create_execution_context(
                 trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if ctx is None:
                 raise RuntimeError(f"TensorRT could not create an execution context for profile {index}")
-            ctx.set_device_memory(self.device_memory.data_ptr(), self.device_memory.numel())
+            ctx.set_device_memory(memory.data_ptr(), memory.numel())
             self._ok(ctx.set_optimization_profile_async(index, stream),
                      f"set_optimization_profile_async({index})")
             self._contexts[profile] = ctx
@@ -107,6 +125,12 @@ class TensorRTBackend:
             if (lo[0], hi[0]) != (profile.min, profile.max):
                 raise EngineMismatch(f"{engine_dir}/{PLAN_FILE}: profile {index} takes batches "
                                      f"{lo[0]}-{hi[0]}, the manifest says {profile.min}-{profile.max}")
+            for name in INPUTS:  # every other dimension is fixed by the spec (size, text length)
+                lo, _, hi = engine.get_tensor_profile_shape(name, index)
+                want = self.spec.shapes(profile.min)[name][1:]
+                if tuple(lo)[1:] != want or tuple(hi)[1:] != want:
+                    raise EngineMismatch(f"{engine_dir}/{PLAN_FILE}: input {name} is {tuple(lo)[1:]} per "
+                                         f"sample in profile {index}, the manifest says {want}")
 
     @staticmethod
     def _ok(result, what: str) -> None:
@@ -160,10 +184,29 @@ class TensorRTBackend:
                 graph.replay()
         else:
             self._execute(ctx)
+        self.cuda.ordered()
         return bufs[OUTPUTS[0]].clone()
+
+    def close(self) -> None:
+        """Free the engine's GPU memory now (graphs, contexts, engine, scratch block, IO buffers), in
+        the order TensorRT needs (contexts before their engine), instead of whenever GC gets to it."""
+        with self.cuda.guard():
+            self._graphs.clear()
+            self._contexts.clear()
+            self._bound.clear()
+            self.engine = None
+            self._buffers.clear()
+            self.device_memory = None
+            self.cuda.empty_cache()
 
     @torch.inference_mode()
     def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
+        if self.engine is None:
+            raise RuntimeError("this TensorRT backend was closed")
+        with self.cuda.guard():
+            return self._call(sample, timestep, encoder_hidden_states, attention_bias, bias_gain)
+
+    def _call(self, sample, timestep, encoder_hidden_states, attention_bias, bias_gain):
         if attention_bias is None:
             attention_bias = self.spec.default_input("attention_bias", sample.shape[0], self.device)
         if bias_gain is None:
