@@ -151,6 +151,7 @@ class JobsConfig:
     concepts: tuple[str, ...] = ()  # every concept folder the jobs name (concept_folders)
     bias_strength: float = 2.0  # for jobs with a layout
     bias_steps: str = "0.2"
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # the --quality preset's (runtime.quality)
 
 
 def job_request(job: Job, config: JobsConfig) -> Request:
@@ -164,7 +165,8 @@ def job_request(job: Job, config: JobsConfig) -> Request:
                                              config.bias_steps, backend=config.options.backend,
                                              total_steps=job.steps)
     return Request(job.prompt, job.seed, job.n, job.negative_prompt,
-                   SamplingConfig(job.steps, job.guidance, config.scheduler, job.height, job.width),
+                   SamplingConfig(job.steps, job.guidance, config.scheduler, job.height, job.width,
+                                  tuple(config.guidance_interval)),  # type: ignore[arg-type]
                    tuple(job.concepts), spatial)
 
 
@@ -204,15 +206,10 @@ class JobRunner:
         from compinv_rt.session import GenerationSession
 
         self.sink, self.config = sink, config
+        # Concepts are per job: the session reads each folder once, when a job that names it
+        # runs, and only that job's batch sees its token; a concept that cannot be read fails the
+        # jobs that name it, alone (the session reports them).
         self.session = GenerationSession.open(config.options)
-        # Every concept of the file joins the text encoder once; prompts without its token are
-        # unaffected, so one model serves all jobs. A concept that cannot be loaded is tried
-        # again by the jobs that name it, which then fail alone (the session reports them).
-        for folder in config.concepts:
-            try:
-                self.session.load_concepts([folder])
-            except CompinvError:
-                pass
         self._after_item = kill_hook()  # counts this process's items over all run() calls
 
     def run(self, items: list[Item], summary: JobsSummary,

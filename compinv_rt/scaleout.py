@@ -66,11 +66,26 @@ def gpus_per_actor(requested: float | None, device: str) -> float:
     return requested
 
 
+def loopback_ray() -> None:
+    """Make a local Ray cluster listen on loopback only. Ray binds its ~14 ports (GCS, raylet,
+    object manager, workers, proxy) to the node's address, on Linux the machine's external address
+    or all interfaces; with clusters disabled (as Ray does on macOS and Windows) the node is
+    127.0.0.1. Call it before Ray starts; a cluster of several machines (an address) must not."""
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when Ray is imported
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray already imported in this process: its value is taken now
+        setattr(constants, "ENABLE_RAY_CLUSTER", False)  # noqa: B010 (a module of Ray's)
+
+
 def run_on_ray(items: list[Item], sink_uri: str, config: JobsConfig, summary: JobsSummary,
                on_image=lambda name: None, address: str | None = None, workers: int = 2,
                gpus_per_worker: float | None = None) -> JobsSummary:
     import logging
 
+    if address is None:
+        loopback_ray()
     import ray
 
     for name in ("ray", "ray.data"):  # Ray's INFO lines would bury the progress bar

@@ -36,19 +36,24 @@ API
   `session.run_batch(tasks)` runs one batch of equal keys (a server that does its own packing
   calls this). A request that fails (bad concept folder, bad layout phrase) is reported once to
   `on_error(request, exc)` and its other tasks are skipped; without `on_error` the error is raised.
-* Concept folders are loaded into the text encoder once per session (`load_concepts`): prompts
-  without a concept's token are unaffected, so one session serves requests with any concepts.
+* Concepts are per request: a concept folder is read and checked once per session
+  (`read_concepts`, cached), and its token is known to the tokenizer and text encoder only while
+  a batch with a request that names it runs (`concepts.ConceptVocabulary.scope`). A prompt may
+  write a `<token>` only of its own concepts, so whatever else is served, a request's image
+  depends only on its own concepts. `load_concepts` and `run` also keep them known to
+  `model.tokenizer` between batches, for callers that tokenize prompts themselves (eval,
+  `generate`'s attention labels); no batch depends on that.
 * UNet backends are opened once per (height, width, classifier-free guidance) and kept.
 * `session.sidecar(image, **extra)` is the JSON sidecar of one image (enough to regenerate it);
   callers add their own fields (job id, file name, attention heatmap).
-* A session is not thread-safe (loading a concept writes the text encoder's table): run its
-  batches from one thread; scale out with one session per process (the Ray workers do).
+* A session is not thread-safe (a batch's concepts are written into the text encoder's table):
+  run its batches from one thread; scale out with one session per process (the Ray workers do).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -167,6 +172,7 @@ class GenerationSession:
     def __init__(self, model: LoadedModel, backend: Backend | str = Backend.torch,
                  engine: Path | None = None, engines_root: Path = DEFAULT_ENGINES,
                  max_batch: int = 8, on_status: StatusCallback | None = None):
+        from compinv_rt.concepts import ConceptVocabulary
         from compinv_rt.spatial.plan import LayoutResolver
 
         if max_batch < 1:
@@ -176,7 +182,9 @@ class GenerationSession:
         self.engine, self.engines_root = engine, Path(engines_root)
         self.max_batch = max_batch
         self.on_status = on_status
-        self.concepts: dict[str, Concept] = {}  # resolved folder -> loaded concept
+        self.concepts: dict[str, Concept] = {}  # resolved folder -> concept read from it
+        self.vocab = ConceptVocabulary(model)  # from here on, model.tokenizer follows its scopes
+        self._pinned: dict[str, Concept] = {}  # load_concepts: known between batches too
         self._unets: dict[tuple[int, int, bool], object] = {}
         self._layouts = LayoutResolver(model, on_status)
 
@@ -191,18 +199,43 @@ class GenerationSession:
 
     # --- concepts and text ---------------------------------------------------------------
 
-    def load_concepts(self, folders: Iterable[str | Path]) -> list[Concept]:
-        """The concepts of `folders`, in order; each folder's tokens join the text encoder once."""
-        from compinv_rt.concepts import load_concepts
+    def read_concepts(self, folders: Iterable[str | Path]) -> list[Concept]:
+        """The concepts of `folders`, in order, each read and checked once (cached); nothing joins
+        the tokenizer. Refuses a token that another concept of this session already has."""
+        from compinv_rt.concepts import read_concept
+        from compinv_rt.errors import ArtifactError
 
-        folders = list(folders)
-        new: dict[str, str | Path] = {}  # one folder named two ways is loaded once
+        out = []
         for f in folders:
             if _key(f) not in self.concepts:
-                new.setdefault(_key(f), f)
-        for folder, concept in zip(new.values(), load_concepts(self.model, list(new.values()))):
-            self.concepts[_key(folder)] = concept
-        return [self.concepts[_key(f)] for f in folders]
+                concept = read_concept(self.model, f, self.vocab.base)
+                clash = next((c for c in self.concepts.values()
+                              if c.token.lower() == concept.token.lower()), None)
+                if clash is not None:
+                    raise ArtifactError(f"concepts {clash.folder} and {f} use the same token "
+                                        f"{concept.token!r}")
+                self.concepts[_key(f)] = concept
+            out.append(self.concepts[_key(f)])
+        return out
+
+    def load_concepts(self, folders: Iterable[str | Path]) -> list[Concept]:
+        """`read_concepts`, and keep their tokens in `model.tokenizer` between batches (with
+        their ids in `token_ids`), for callers that tokenize prompts themselves. Generation never
+        depends on it: each batch sees only its own requests' concepts."""
+        concepts = self.read_concepts(folders)
+        ids = self._pin(concepts)
+        return [replace(c, token_ids=ids[c.token]) for c in concepts]
+
+    def _pin(self, concepts: Iterable[Concept]) -> dict[str, tuple[int, ...]]:
+        for c in concepts:
+            self._pinned.setdefault(_key(c.folder), c)
+        return self.vocab.activate(self._pinned.values())
+
+    def forget(self, folder: str | Path) -> None:
+        """Drop a concept folder from the cache (it was deleted or replaced)."""
+        self.concepts.pop(_key(folder), None)
+        if self._pinned.pop(_key(folder), None) is not None:
+            self.vocab.activate(self._pinned.values())
 
     @staticmethod
     def expand(text: str, concepts: list[Concept]) -> str:
@@ -251,16 +284,36 @@ class GenerationSession:
                 self._fail(task.request, exc, failed, on_error)
         for _, entries in pack(keyed, lambda entry: entry[1], self.max_batch):
             batch = [task for task, _ in entries if id(task.request) not in failed]
-            yield from self.run_batch(batch, on_step, on_error, failed)
+            images = self.run_batch(batch, on_step, on_error, failed)
+            # Callers that read token positions after a run (`generate`'s attention labels) see
+            # its concepts; batches never depend on this (each sees only its own concepts).
+            self._pin(c for image in images for c in image.concepts)
+            yield from images
 
     def run_batch(self, tasks: list[Task], on_step: StepCallback | None = None,
                   on_error: ErrorCallback | None = None,
                   failed: set[int] | None = None) -> list[GeneratedImage]:
         """One UNet batch of tasks with equal `batch_key`s."""
+        failed = set() if failed is None else failed
+        concepts: dict[int, list[Concept]] = {}
+        for task in tasks:
+            req = task.request
+            if id(req) not in failed and id(req) not in concepts:
+                try:
+                    concepts[id(req)] = self.read_concepts(req.concepts)
+                except CompinvError as exc:
+                    self._fail(req, exc, failed, on_error)
+        # The tokenizer and text encoder know this batch's concepts only while it runs.
+        with self.vocab.scope(c for task in tasks if id(task.request) not in failed
+                              for c in concepts[id(task.request)]):
+            return self._run_scoped(tasks, concepts, on_step, on_error, failed)
+
+    def _run_scoped(self, tasks: list[Task], concepts: dict[int, list[Concept]],
+                    on_step: StepCallback | None, on_error: ErrorCallback | None,
+                    failed: set[int]) -> list[GeneratedImage]:
         from compinv_rt.runtime.pipeline import Pipeline
         from compinv_rt.spatial.plan import spatial_inputs
 
-        failed = set() if failed is None else failed
         prepared: dict[int, _Prepared] = {}
         batch = []
         for task in tasks:
@@ -269,7 +322,7 @@ class GenerationSession:
                 continue
             try:
                 if id(req) not in prepared:
-                    prepared[id(req)] = self._prepare(req)
+                    prepared[id(req)] = self._prepare(req, concepts[id(req)])
             except CompinvError as exc:
                 self._fail(req, exc, failed, on_error)
                 continue
@@ -349,10 +402,9 @@ class GenerationSession:
 
     # --- internals -----------------------------------------------------------------------
 
-    def _prepare(self, request: Request) -> _Prepared:
+    def _prepare(self, request: Request, concepts: list[Concept]) -> _Prepared:
         from compinv_rt.schemas import check_concept_tokens, check_prompt_length
 
-        concepts = self.load_concepts(request.concepts)
         known = {c.token.lower() for c in concepts}
         check_concept_tokens(request.prompt, known)  # a <token> without its concept
         check_concept_tokens(request.negative_prompt, known, "the negative prompt")

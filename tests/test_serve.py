@@ -177,7 +177,9 @@ def test_request_timeout_is_504():
 def test_failing_batch_fails_its_requests_with_500_not_the_server():
     with _server(ScriptedEngine()) as srv:
         r = httpx.post(f"{srv.url}/v1/generate", json={"prompt": "boom"})
-        assert r.status_code == 500 and "the UNet exploded" in r.json()["error"]
+        # The exception's type, not its text (which may hold server paths): that is in the log.
+        assert r.status_code == 500 and "RuntimeError" in r.json()["error"]
+        assert r.headers["x-request-id"] in r.json()["error"]
         r = httpx.post(f"{srv.url}/v1/generate", json={"prompt": "fine"})
         assert r.status_code == 200
         assert "compinv_batch_errors_total 1.0" in httpx.get(f"{srv.url}/metrics").text
@@ -298,8 +300,12 @@ def test_same_seed_gives_the_same_image_as_generate_whatever_the_batch(served, t
         assert abs(_pixels_png(base64.b64decode(got["png_base64"])) -
                    _pixels_png(ref.read_bytes())).max() <= 1
         want = __import__("json").loads(ref.with_suffix(".json").read_text())
-        for k in ("prompt", "negative_prompt", "seed", "model", "settings", "concepts", "image"):
+        for k in ("prompt", "negative_prompt", "seed", "settings", "image"):
             assert got["sidecar"][k] == want[k], k
+        # The server names its model and concepts instead of showing its paths.
+        assert got["sidecar"]["model"] == {"name": tiny_model.name, "hash": want["model"]["hash"]}
+        assert got["sidecar"]["concepts"] == [{**{k: c[k] for k in ("token", "vectors")}, "name": "heart"}
+                                              for c in want["concepts"]]
     # response=png: the bytes of the same image, batched alone this time; sidecar in a header
     assert png.headers["content-type"] == "image/png"
     assert abs(_pixels_png(png.content) -
@@ -362,7 +368,7 @@ def test_bad_uploads_are_refused_and_the_concept_list_is_unchanged(served, train
             assert r.status_code == code and message in r.json()["error"], (name, r.text)
             assert httpx.get(base).json() == before
         assert sorted(p.name for p in served.concepts_dir.iterdir()) == ["heart"]  # no leftovers
-        # Removing it: gone from the list, the folder and requests; its token rows are zeroed.
+        # Removing it: gone from the list, the folder and requests.
         assert httpx.delete(f"{base}/heart").status_code == 204
         assert httpx.get(base).json() == {"concepts": []}
         assert httpx.delete(f"{base}/heart").status_code == 404
@@ -439,6 +445,8 @@ def test_ray_serve_replicas_serve_the_same_app(tiny_model, tmp_path):
         run_ray_serve(options, settings, replicas=1, cpus_per_replica=0.5, blocking=False)
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/health", timeout=60).json()["status"] == "ok"
+        # A local cluster behind a loopback --host binds its ports to loopback (issue 27).
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
         r = httpx.post(f"{url}/v1/generate", json={"prompt": "a red star", "steps": 2, "seed": 3},
                        timeout=120)
         assert r.status_code == 200 and r.json()["images"][0]["sidecar"]["seed"] == 3

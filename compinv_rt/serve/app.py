@@ -28,10 +28,12 @@ from compinv_rt.errors import CompinvError
 from compinv_rt.serve import schemas
 from compinv_rt.serve.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
 from compinv_rt.serve.engine import ConceptExists
+from compinv_rt.serve.guard import Guard
 from compinv_rt.serve.metrics import ServeMetrics
-from compinv_rt.serve.settings import ServeSettings
+from compinv_rt.serve.settings import ServeSettings, is_local
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("compinv_rt.serve.audit")  # concept uploads and deletes
 
 SIDECAR_HEADER = "X-Compinv-Sidecar"
 UPLOAD_FILES = ("embeddings", "artifact")  # multipart fields of a concept upload
@@ -78,16 +80,12 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _read_capped(request: Request, cap: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise HTTPException(413, f"upload of {int(declared)} bytes is over the {cap}-byte limit")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            raise HTTPException(413, f"upload is over the {cap}-byte limit")
-    return bytes(body)
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "-")
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "-"
 
 
 def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
@@ -117,10 +115,35 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
     app = FastAPI(
         title="compinv-rt", lifespan=lifespan,
         description="Online generation with trained concepts and layouts; compatible requests "
-        "share one UNet batch. Errors are JSON `{\"error\": message}`.",
-        responses={400: {"model": schemas.ErrorBody}, 401: {"model": schemas.ErrorBody}})
+        "share one UNet batch. Errors are JSON `{\"error\": message}`; a request that fails "
+        "validation is a 400 (never 422).",
+        responses={400: {"model": schemas.ErrorBody}, 401: {"model": schemas.ErrorBody},
+                   413: {"model": schemas.ErrorBody, "description": "body over the size limit"}})
     app.state.batcher, app.state.metrics, app.state.engine = batcher, metrics, engine
-    auth = [Depends(require_token)]
+    auth = [Depends(require_token)]  # checked before the body by Guard; here for the schema
+    # Outermost first: request ids + access log + token + body limit, then (loopback without a
+    # token) a Host allow-list, so a web page cannot reach this server by DNS rebinding.
+    if settings.token is None and is_local(settings.host):
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware,
+                           allowed_hosts=["localhost", "127.0.0.1", "[::1]", settings.host])
+    app.add_middleware(Guard, token=settings.token, body_limit=settings.body_max_bytes,
+                       upload_limit=settings.upload_max_bytes)
+
+    def openapi() -> dict:
+        """FastAPI documents a 422 for every route with a body; this app answers 400."""
+        schema = app.openapi_schema
+        if schema is None:
+            schema = FastAPI.openapi(app)  # built once, then cached in app.openapi_schema
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request, exc):
@@ -198,8 +221,10 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
             return 504, _error(504, f"not done within the {settings.timeout_s:g} s request timeout")
         try:
             results = gathered.result()
-        except BatchFailed as exc:
-            return 500, _error(500, f"generation failed: {exc}")
+        except BatchFailed as exc:  # its text may hold server paths: for the log only
+            log.error("request %s: batch failed: %s", _request_id(request), exc)
+            return 500, _error(500, f"generation failed ({str(exc).split(':')[0]}); the server "
+                               f"log has the details under request id {_request_id(request)}")
         except CompinvError as exc:  # found only when its batch ran (a layout phrase, say)
             return 400, _error(400, str(exc))
         if body.response == "png":
@@ -232,24 +257,30 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
                                   "description": "its artifact.json"}}}}}}})
     async def add_concept(request: Request, name: ConceptPath):
         """Add a trained concept (validated against the served model's hash); live at once."""
-        body = await _read_capped(request, settings.upload_max_bytes)
+        body = await request.body()  # Guard has capped it at --upload-max-bytes
         files = await _parse_upload(request, body)
+        where = f"concept {name!r} (request {_request_id(request)}, client {_client(request)})"
         try:
             info = await run_in_threadpool(engine.add_concept, name, files)
         except ConceptExists as exc:
+            audit.info("upload of %s refused: %s", where, exc)
             return _error(409, str(exc))
         except (CompinvError, ValueError) as exc:
+            audit.info("upload of %s refused: %s", where, exc)
             return _error(400, f"concept refused: {exc}")
+        audit.info("uploaded %s: token %s, %d vector(s)", where, info["token"], info["vectors"])
         metrics.concepts.set(len(engine.list_concepts()))
         return JSONResponse(info, status_code=201)
 
     @app.delete("/v1/concepts/{name}", dependencies=auth, status_code=204, tags=["concepts"],
                 responses={404: {"model": schemas.ErrorBody}})
-    async def remove_concept(name: ConceptPath):
+    async def remove_concept(name: ConceptPath, request: Request):
         try:
             await run_in_threadpool(engine.remove_concept, name)
         except KeyError:
             return _error(404, f"no concept named {name!r}")
+        audit.info("deleted concept %r (request %s, client %s)", name, _request_id(request),
+                   _client(request))
         metrics.concepts.set(len(engine.list_concepts()))
         return Response(status_code=204)
 

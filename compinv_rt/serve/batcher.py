@@ -117,10 +117,11 @@ class Batcher:
             self._on_depth(len(self._queue))
 
     def _ready(self) -> list[Pending] | None:
-        """The next batch, or None to keep waiting. A full batch of any key goes at once;
-        otherwise, once the oldest item has waited max_wait, the key with the most waiting items
-        goes (fuller batches, more images/s) unless the oldest item has waited several batch
-        times already: then its key goes first, so a rare key never starves."""
+        """The next batch, or None to keep waiting. An item that has waited several batch times
+        beyond max_wait goes first, so a rare key never starves (checked before full batches:
+        under load another key always has a full batch). Otherwise a full batch of any key goes
+        at once, and once the oldest item has waited max_wait, the key with the most waiting
+        items goes (fuller batches, more images/s)."""
         self._drop_abandoned()
         if not self._queue:
             return None
@@ -130,12 +131,12 @@ class Batcher:
         full = [g for g in groups.values() if len(g) >= self.max_batch]
         oldest = self._queue[0]
         waited = time.monotonic() - oldest.enqueued
-        if full:
+        if waited > self.max_wait_s + STARVATION_BATCHES * self._batch_seconds:
+            chosen = groups[oldest.key]
+        elif full:
             chosen = full[0]
         elif waited < self.max_wait_s and not self._closing:
             return None
-        elif waited > self.max_wait_s + STARVATION_BATCHES * self._batch_seconds:
-            chosen = groups[oldest.key]
         else:
             chosen = max(groups.values(), key=len)  # ties: the older key (dicts keep order)
         batch = chosen[: self.max_batch]
@@ -192,7 +193,8 @@ class Batcher:
                 else:
                     f.set_result(r)
         seconds = time.monotonic() - started
-        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        if error is None:  # a batch that failed or stopped early says nothing of the wait ahead
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         self._on_batch(BatchStats(len(batch), batch[0].key,
                                   [started - p.enqueued for p in batch], seconds, error))
 

@@ -34,7 +34,10 @@ def serve(
     max_images: int = typer.Option(4, help="Largest n per request."),
     max_steps: int = typer.Option(100, help="Largest steps per request."),
     max_size: int = typer.Option(1024, help="Largest height/width per request."),
+    max_cost: int = typer.Option(
+        4 * 50 * 512 * 512, help="Largest n x steps x height x width per request (400 beyond)."),
     upload_max_bytes: int = typer.Option(16 << 20, help="Largest concept upload, bytes."),
+    body_max_bytes: int = typer.Option(64 << 10, help="Largest other request body, bytes (413)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     ray_serve: bool = typer.Option(
         False, "--ray-serve", help="Run on Ray Serve: --replicas copies, one per device, each with "
@@ -45,6 +48,8 @@ def serve(
 ):
     """Serve generation over HTTP: dynamic batching across requests, live concept uploads,
     Prometheus metrics; the API is at /docs and /openapi.json."""
+    import logging
+
     from compinv_rt.export.iospec import Precision
     from compinv_rt.serve.settings import Limits, ServeSettings, read_token
 
@@ -52,8 +57,12 @@ def serve(
     settings = ServeSettings(
         host=host, port=port, token=read_token(token, token_file), max_batch=max_batch,
         max_wait_ms=max_wait_ms, queue_size=queue_size, timeout_s=timeout,
-        upload_max_bytes=upload_max_bytes, concepts_dir=concepts_dir,
-        limits=Limits(max_images=max_images, max_steps=max_steps, max_size=max_size)).checked()
+        upload_max_bytes=upload_max_bytes, body_max_bytes=body_max_bytes, concepts_dir=concepts_dir,
+        limits=Limits(max_images=max_images, max_steps=max_steps, max_size=max_size,
+                      max_cost=max_cost)).checked()
+    # The access log (one line per request, with its id), uploads/deletes and skipped folders.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("compinv_rt.serve").setLevel(getattr(logging, log_level.upper(), logging.DEBUG))
     options = _session_options(model, device, Precision.parse(precision), backend, engine, max_batch)
     if ray_serve:
         from compinv_rt.errors import ConfigError
@@ -72,7 +81,7 @@ def serve(
 
     status = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     session = GenerationSession.open(options, on_status=status)
-    served = SessionEngine(session, concepts_dir)
+    served = SessionEngine(session, concepts_dir, settings.limits)
     served.warm_up(status)
     status(f"serving {len(served.list_concepts())} concept(s) from {concepts_dir}/ on "
            f"http://{host}:{port} (API: /docs){'' if settings.token else ', no token'}")

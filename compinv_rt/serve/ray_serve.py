@@ -31,7 +31,7 @@ def deployment(options, settings, replicas: int, gpus_per_replica: float, cpus_p
             from compinv_rt.session import GenerationSession
 
             session = GenerationSession.open(self.options, on_status=log.info)
-            engine = SessionEngine(session, self.settings.concepts_dir)
+            engine = SessionEngine(session, self.settings.concepts_dir, self.settings.limits)
             engine.warm_up(log.info)
             return create_app(engine, self.settings)
 
@@ -50,6 +50,11 @@ def run_ray_serve(options, settings, replicas: int, gpus_per_replica: float = 0.
     import dataclasses
     import signal
 
+    from compinv_rt.scaleout import loopback_ray
+    from compinv_rt.serve.settings import is_local
+
+    if address is None and is_local(settings.host):  # a local cluster: its ports on loopback too
+        loopback_ray()
     import ray
     from ray import serve
 

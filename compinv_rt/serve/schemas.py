@@ -17,11 +17,11 @@ from compinv_rt.serve.settings import Limits
 
 # A concept is named by a folder name under the server's concept folder, never a path.
 CONCEPT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-_CONCEPT_NAME = re.compile(CONCEPT_NAME)
+_CONCEPT_NAME = re.compile(CONCEPT_NAME[1:-1])
 
 
 def check_concept_name(name: str) -> str:
-    if not _CONCEPT_NAME.match(name):
+    if not _CONCEPT_NAME.fullmatch(name):  # not re.match + $: `$` also matches before a final \n
         raise ValueError(f"invalid concept name {name[:80]!r}: a name of 1-64 letters, digits, "
                          "_ or - (not a path)")
     return name
@@ -57,7 +57,7 @@ def generate_request_model(limits: Limits) -> type[BaseModel]:
                                    description="Images; image i uses seed + i.")], 1),
         "seed": (Annotated[int, Field(ge=0, lt=2**63)], 0),
         "steps": (Annotated[int, Field(ge=1, le=limits.max_steps)], 25),
-        "guidance": (Annotated[float, Field(ge=0, le=50, description=(
+        "guidance": (Annotated[float, Field(ge=0, le=50, allow_inf_nan=False, description=(
             "Classifier-free guidance scale (<= 1 disables it)."))], 7.5),
         "height": (size | None, None),
         "width": (size | None, None),
@@ -69,10 +69,10 @@ def generate_request_model(limits: Limits) -> type[BaseModel]:
         "spatial": (Spatial | None, Field(None, description=(
             "Layout regularization: bias (default when a layout is given), adaptive, guidance or none."))),
         # None: the mode's own default (bias: 2 logits on 20 % of the steps; adaptive: its tuned values).
-        "bias_strength": (Annotated[float | None, Field(gt=0, le=20)], None),
+        "bias_strength": (Annotated[float | None, Field(gt=0, le=20, allow_inf_nan=False)], None),
         "bias_steps": (Annotated[str | None, Field(pattern=r"^\d+(\.\d+)?$", max_length=12, description=(
             "Steps that get the bias: a fraction (0.2) or a count (10)."))], None),
-        "bias_decay": (Annotated[float | None, Field(ge=0, le=16, description=(
+        "bias_decay": (Annotated[float | None, Field(ge=0, le=16, allow_inf_nan=False, description=(
             "adaptive only: the bias gain follows (t / t_first) ** decay."))], None),
         "response": (ResponseFormat, "json"),
     }

@@ -18,6 +18,9 @@ class Limits:
     max_steps: int = 100
     max_size: int = 1024  # height and width, pixels
     max_prompt_chars: int = 1000
+    # n x steps x height x width: one request may not hold the worker for long (4 images of 50
+    # steps at 512x512; 1024x1024 at 100 steps is over)
+    max_cost: int = 4 * 50 * 512 * 512
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,16 @@ class ServeSettings:
     queue_size: int = 64  # images waiting at most; beyond: 503 + Retry-After
     timeout_s: float = 120.0  # per request, queueing included; beyond: 504
     upload_max_bytes: int = 16 << 20  # a concept upload (embeddings + artifact.json)
+    body_max_bytes: int = 64 << 10  # any other request body (a generate request is < 5 kB)
     concepts_dir: Path = Path("concepts")
     limits: Limits = Limits()
 
     def checked(self) -> "ServeSettings":
-        for name in ("max_batch", "queue_size", "upload_max_bytes"):
+        for name in ("max_batch", "queue_size", "upload_max_bytes", "body_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.limits.max_cost < 1:
+            raise ConfigError(f"--max-cost must be >= 1, got {self.limits.max_cost}")
         if self.max_wait_ms < 0 or self.timeout_s <= 0:
             raise ConfigError("--max-wait-ms must be >= 0 and --timeout > 0")
         if not 0 < self.port < 65536:
