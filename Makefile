@@ -23,7 +23,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/compinv-rt doctor
-	$(BIN)/compinv-rt generate "a red star and a blue circle on grass" -n 8 --steps 25 --out outputs/demo
+	$(BIN)/compinv-rt generate "a red star and a blue circle on grass" -n 8 --out outputs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q

@@ -31,10 +31,10 @@ app = typer_app(
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="What to draw (omit with --jobs)."),
     num_images: int = typer.Option(4, "-n", "--num-images", help="Images to generate."),
-    quality: Quality = typer.Option(
-        Quality.default, help="Sampler preset from the judged quality-vs-cost curve (benchmarks/speed.md): "
-        "reference = 25 DDIM steps, guidance on every step; --steps, --scheduler and "
-        "--guidance-interval override its parts."),
+    quality: Optional[Quality] = typer.Option(
+        None, help="Sampler preset from the judged quality-vs-cost curve (benchmarks/speed.md): default "
+        "(when no sampler option is given), fast, or reference (25 DDIM steps, guidance on every step: "
+        "the base for --steps/--scheduler/--guidance-interval given without --quality)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the --quality preset's)."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (<= 1 disables it)."),
     guidance_interval: Optional[str] = typer.Option(
@@ -127,7 +127,7 @@ def generate(
                               "apply to one PROMPT; with --jobs give each line its own 'layout' "
                               "and 'concepts'")
         ray_opts = dict(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
-        return _generate_jobs(jobs, out, model, device, backend, engine, scheduler, max_batch,
+        return _generate_jobs(jobs, out, model, device, backend, engine, sampler, max_batch,
                               resume, seed, steps, guidance, ray_opts if ray else None,
                               bias_strength=2.0 if bias_strength is None else bias_strength,
                               bias_steps="0.2" if bias_steps is None else bias_steps,
@@ -186,7 +186,7 @@ def generate(
     typer.echo(f"grid: {result.grid}")
 
 
-def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, max_batch, resume,
+def _generate_jobs(jobs_file, out, model, device, backend, engine, sampler, max_batch, resume,
                    seed, steps, guidance, ray=None, bias_strength=2.0, bias_steps="0.2",
                    precision="auto"):
     """`generate --jobs`: many jobs packed into UNet batches, streamed to disk, resumable."""
@@ -215,7 +215,7 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
     try:
         with lock:
             _run_jobs(jobs, out, files, resume, summary, sink, device, precision, backend, engine,
-                      max_batch, scheduler, bias_strength, bias_steps, ray)
+                      max_batch, sampler, bias_strength, bias_steps, ray)
     finally:
         if created:
             remove_if_empty(out)  # a run that wrote nothing leaves nothing
@@ -229,14 +229,15 @@ def _generate_jobs(jobs_file, out, model, device, backend, engine, scheduler, ma
 
 
 def _run_jobs(jobs, out, files, resume, summary, sink, device, precision, backend, engine,
-              max_batch, scheduler, bias_strength, bias_steps, ray):
+              max_batch, sampler, bias_strength, bias_steps, ray):
     from compinv_rt.jobs import JobsConfig, concept_folders, pending_items, write_failures
     from compinv_rt.session import SessionOptions
 
     items = pending_items(jobs, out, files, resume, summary, exists=sink.exists)
     config = JobsConfig(SessionOptions(str(files.root), device, precision, backend, engine,
                                        max_batch=max_batch),
-                        scheduler.value, concept_folders(jobs), bias_strength, bias_steps)
+                        sampler.scheduler.value, concept_folders(jobs), bias_strength, bias_steps,
+                        sampler.guidance_interval)
     bar = progress(len(items), "images", unit="img")
     try:
         if ray is not None:

@@ -27,7 +27,10 @@ def generate_to_folder(session: GenerationSession, request: Request, out: Path,
     """Each batch is written as it finishes: memory depends on the batch size, not on n."""
     stem = slug(request.prompt)
     out = Path(out)
-    pngs, sidecars, heatmaps, tiles = [], [], [], []
+    pngs: list[Path] = []
+    sidecars: list[Path] = []
+    heatmaps: list[Path] = []
+    tiles: list = []  # PIL images of the grid
     written = None  # a PNG whose sidecar is not written yet
     try:
         for r in session.run(session.tasks(request), on_step):

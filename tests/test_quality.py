@@ -74,9 +74,13 @@ def test_bad_guidance_interval_is_one_error_line(tiny_model, tmp_path, bad):
 
 
 def test_explicit_options_override_the_preset():
-    from compinv_rt.runtime.quality import PRESETS, Quality, sampler_settings
+    from compinv_rt.runtime.quality import PRESETS, Quality, SamplerPreset, sampler_settings
+    from compinv_rt.runtime.schedulers import SchedulerName
 
     p = sampler_settings(Quality.fast, 7, None, None)
     assert p.steps == 7 and p.scheduler == PRESETS[Quality.fast].scheduler
     assert sampler_settings(None, None, "unipc", (0.0, 0.5)).guidance_interval == (0.0, 0.5)
     assert sampler_settings("reference", None, None, None) == PRESETS[Quality.reference]
+    assert sampler_settings(None, None, None, None) == PRESETS[Quality.default]
+    # a sampler option without --quality: the reference for the rest (the behaviour before presets)
+    assert sampler_settings(None, 30, None, None) == SamplerPreset(SchedulerName.ddim, 30, (0.0, 1.0))

@@ -26,16 +26,24 @@ class SamplerPreset:
 
 PRESETS = {
     Quality.reference: SamplerPreset(SchedulerName.ddim, 25),
-    Quality.default: SamplerPreset(SchedulerName.ddim, 25),
-    Quality.fast: SamplerPreset(SchedulerName.ddim, 25),
+    # 20 UNet evaluations per image instead of 50 (2.5x fewer FLOPs); the judge could not tell it
+    # from the reference on words prompts (paired p = 0.60, every kind inside the interval)
+    Quality.default: SamplerPreset(SchedulerName.ddim, 12, (0.0, 0.6)),
+    # 15 evaluations (3.3x fewer): overall inside the interval, three-object prompts 12 points lower
+    Quality.fast: SamplerPreset(SchedulerName.dpm, 10, (0.0, 0.5)),
 }
 
 
 def sampler_settings(quality: Quality | str | None, steps: int | None, scheduler: SchedulerName | str | None,
                      guidance_interval: tuple[float, float] | None) -> SamplerPreset:
-    """The preset of `quality` (default: `default`), with any option the user gave explicitly
-    taking its place."""
-    p = PRESETS[Quality(quality or Quality.default)]
+    """The preset of `quality`, with any option the user gave explicitly taking its place. Without
+    --quality: the `default` preset, or, once --steps, --scheduler or --guidance-interval is given,
+    the reference for the parts not given (so `--steps 30` means 30 DDIM steps with guidance on
+    every step, as before the presets existed)."""
+    if quality is None:
+        explicit = (steps, scheduler, guidance_interval) != (None, None, None)
+        quality = Quality.reference if explicit else Quality.default
+    p = PRESETS[Quality(quality)]
     return SamplerPreset(SchedulerName(scheduler) if scheduler is not None else p.scheduler,
                          steps if steps is not None else p.steps,
                          guidance_interval if guidance_interval is not None else p.guidance_interval)
