@@ -36,18 +36,15 @@ import httpx
 from compinv_rt.serve.batcher import STARVATION_BATCHES
 from compinv_rt.serve.run import free_port
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import rss_mb  # noqa: E402  (the load benchmark's RSS reader, a sibling script)
+
 CLI = [sys.executable, "-m", "compinv_rt.cli"]
 TOKEN = "hostile-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MB = 1 << 20
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class Sampler(threading.Thread):
