@@ -35,6 +35,7 @@ test-quick: $(STAMP)
 # ruff (lint + import order; never `ruff format`) and mypy, configured in pyproject.toml.
 lint: $(STAMP)
 	$(BIN)/ruff check compinv_rt
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 clean:

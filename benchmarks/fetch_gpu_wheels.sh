@@ -7,7 +7,7 @@
 # typer/click/rich, tqdm, matplotlib, onnx, onnxscript, onnxruntime (CPU) and typing_extensions.
 # It lacks, and the project imports:
 # - diffusers 0.42.1 (needs huggingface_hub>=1.32: the image's 1.33 fits);
-# - pydantic (compinv_rt/schemas.py, reached from every command) with pydantic_core,
+# - pydantic (compinv_rt/core/schemas.py, reached from every command) with pydantic_core,
 #   annotated_types, typing_inspection, and typing_extensions (pydantic 2.14 needs a newer one
 #   than the image may have; carried copies go first on PYTHONPATH, so keep it);
 # - polygraphy + onnx_graphsurgeon (constant folding in the ONNX export);

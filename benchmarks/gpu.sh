@@ -27,14 +27,14 @@ export PYTHONUNBUFFERED=1 COMPINV_CACHE=/tmp/compinv-cache HF_HUB_OFFLINE=1
 timeout 90 $PY benchmarks/gpu_smoke.py preflight "$OUT" > "$OUT/gpu.txt" 2> "$OUT/bench.log" || {
   grep -m1 '^error:' "$OUT/bench.log" >&2 || echo "error: pre-flight failed, see $OUT/bench.log" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/gpu.txt"
-timeout 30 $PY -m compinv_rt.cli doctor >> "$OUT/gpu.txt" 2>&1
+timeout 30 $PY -m compinv_rt.apps.cli doctor >> "$OUT/gpu.txt" 2>&1
 BACKENDS=torch,compile,aoti
 $PY -c "import tensorrt" 2>/dev/null && BACKENDS=$BACKENDS,tensorrt
 # 1 image (UNet batch 2) for latency, 16 (UNet batch 32) for throughput; one compile per backend
 # and bias state (dynamic batch), one AOTI package per batch size. What is left of the budget,
 # less 10 s: the 5 s kill-after and the last line.
 LEFT=$(( T0 + BUDGET - $(date +%s) - 10 ))
-timeout --kill-after=5 $LEFT $PY -m compinv_rt.cli bench --arch sd15 --device cuda --precisions fp16 \
+timeout --kill-after=5 $LEFT $PY -m compinv_rt.apps.cli bench --arch sd15 --device cuda --precisions fp16 \
   --backends $BACKENDS --batch-sizes 1,16 --steps 20 --repeats 3 --bias off,on \
   --baseline compiled --engines /tmp/engines --out "$OUT" >> "$OUT/bench.log" 2>&1
 echo "bench exit code $? after $(( $(date +%s) - T0 )) s (124: timed out; results.* hold the cells measured until then)" >> "$OUT/bench.log"

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 # What the commands import beyond compinv_rt's own modules (all of which preflight imports, but
-# compinv_rt.serve: the scripts run no server), including what they import lazily, inside functions.
+# compinv_rt.apps.serve: the scripts run no server), including what they import lazily, inside functions.
 # The light ones first: a missing one fails the pre-flight before torch is even imported.
 THIRD_PARTY = ("pydantic", "typer", "rich", "tqdm", "PIL.Image", "onnx", "onnxscript", "onnxruntime",
                "polygraphy.backend.onnx", "onnx_graphsurgeon", "safetensors.torch", "diffusers",
@@ -65,7 +65,7 @@ def preflight(out: str) -> int:
     import compinv_rt
 
     names = [m.name for m in pkgutil.walk_packages(compinv_rt.__path__, "compinv_rt.")
-             if not m.name.startswith("compinv_rt.serve")]
+             if not m.name.startswith("compinv_rt.apps.serve")]
     record: dict = {"step": "preflight", "carried": size}
     try:
         for name in (*THIRD_PARTY, *names):

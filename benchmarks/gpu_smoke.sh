@@ -44,7 +44,7 @@ else
   PREC=auto; ARCH=sd15-proxy; GEN_STEPS=10; BENCH_STEPS=4; COMPILE_S=240 AOTI_S=210; ONE_GRAPH=(--bias-steps 1.0)
 fi
 (( QUICK )) && { N=1; GEN_STEPS=2; BENCH_STEPS=2; }
-CLI=($PY -m compinv_rt.cli)
+CLI=($PY -m compinv_rt.apps.cli)
 PROMPT="a red star and a blue circle on grass"
 LAYOUT="star=0.05,0.2,0.5,0.8;circle=0.55,0.2,0.95,0.8"
 GEN=(generate "$PROMPT" -n $N --steps $GEN_STEPS --seed 1)

@@ -31,7 +31,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 def _cli(args: list[str]) -> None:
     from typer.testing import CliRunner
 
-    from compinv_rt.cli import app
+    from compinv_rt.apps.cli import app
 
     res = CliRunner().invoke(app, args)
     if res.exit_code != 0:
@@ -39,9 +39,9 @@ def _cli(args: list[str]) -> None:
 
 
 def _train(model: str, tmp: Path, token: str, name: str) -> Path:
+    from compinv_rt.apps.world.photos import make_photos
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept
-    from compinv_rt.world.photos import make_photos
 
     photos = tmp / f"photos-{name}"
     make_photos(photos, count=3, size=64)

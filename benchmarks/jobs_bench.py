@@ -21,7 +21,7 @@ from pathlib import Path
 
 PROMPTS = ["a red star on grass", "a blue circle and a yellow square on sand",
            "photo of a small green heart on brick", "a purple cross on sky", "a white triangle on night"]
-CLI = [sys.executable, "-m", "compinv_rt.cli"]
+CLI = [sys.executable, "-m", "compinv_rt.apps.cli"]
 
 
 def write_jobs(path: Path, n: int, steps: int) -> Path:

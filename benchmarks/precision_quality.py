@@ -31,12 +31,12 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
+    from compinv_rt.apps.world.judge import load_judge
+    from compinv_rt.apps.world.scenes import parse_prompt
+    from compinv_rt.apps.world.score import check, default_prompts, summarize
+    from compinv_rt.engines.registry import open_backend
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
-    from compinv_rt.runtime.registry import open_backend
-    from compinv_rt.world.judge import load_judge
-    from compinv_rt.world.scenes import parse_prompt
-    from compinv_rt.world.score import check, default_prompts, summarize
+    from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
 
     prompts = default_prompts(args.kinds.split(","), args.prompts_per_kind)
     items = [(kind, text, seed) for kind, text in prompts for seed in range(args.k)]

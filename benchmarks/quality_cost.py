@@ -34,7 +34,7 @@ DEFAULT_SETTINGS = ("ddim:25,ddim:15,ddim:10,ddim:8,dpm:15,dpm:10,dpm:8,dpm:6,dp
 
 
 def parse_setting(text: str):
-    from compinv_rt.runtime.pipeline import SamplingConfig
+    from compinv_rt.sampling.pipeline import SamplingConfig
 
     head, _, interval = text.partition("@")
     name, _, steps = head.partition(":")
@@ -79,8 +79,8 @@ def judged_words(pipe, cfg, prompts, k: int, judge, batch: int = 25) -> list[dic
     """One verdict per (prompt, sample): `world score`'s check on images from our pipeline."""
     import numpy as np
 
-    from compinv_rt.world.scenes import parse_prompt
-    from compinv_rt.world.score import check
+    from compinv_rt.apps.world.scenes import parse_prompt
+    from compinv_rt.apps.world.score import check
 
     jobs = [(kind, p, j) for kind, p in prompts for j in range(k)]
     out = []
@@ -101,8 +101,8 @@ def per_kind(verdicts: list[dict]) -> dict:
 
 def concept_quality(cfg_text: str, cfg, out: Path) -> dict:
     """The random report set (11 concepts x 3 training seeds) with the adaptive bias, at this setting."""
-    from compinv_rt.eval.protocol import EvalConfig, build_protocol, parse_methods
-    from compinv_rt.eval.runner import run_eval
+    from compinv_rt.apps.eval.protocol import EvalConfig, build_protocol, parse_methods
+    from compinv_rt.apps.eval.runner import run_eval
 
     ec = EvalConfig(samples=4, steps=cfg.steps, train_steps=250, train_seeds=3, scheduler=cfg.scheduler,
                     guidance_interval=cfg.guidance_interval)
@@ -110,7 +110,7 @@ def concept_quality(cfg_text: str, cfg, out: Path) -> dict:
                               methods=parse_methods("words,cap_norm+adaptive"))
     res = run_eval(protocol, ec, out / "eval" / cfg_text.replace(":", "_").replace("@", "_"),
                    model=None, cache=Path(".cache/eval"))
-    from compinv_rt.world.score import wilson
+    from compinv_rt.apps.world.score import wilson
 
     out_rows = {}
     for name, m in res["methods"].items():
@@ -187,10 +187,10 @@ def main(argv=None) -> None:
 
     import torch
 
+    from compinv_rt.apps.world.judge import load_judge
+    from compinv_rt.apps.world.score import default_prompts, wilson
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.pipeline import Pipeline
-    from compinv_rt.world.judge import load_judge
-    from compinv_rt.world.score import default_prompts, wilson
+    from compinv_rt.sampling.pipeline import Pipeline
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import httpx
 
-from compinv_rt.serve.batcher import STARVATION_BATCHES
-from compinv_rt.serve.run import free_port
+from compinv_rt.apps.serve.batcher import STARVATION_BATCHES
+from compinv_rt.apps.serve.run import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import rss_mb  # noqa: E402  (the load benchmark's RSS reader, a sibling script)
 
-CLI = [sys.executable, "-m", "compinv_rt.cli"]
+CLI = [sys.executable, "-m", "compinv_rt.apps.cli"]
 TOKEN = "hostile-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MB = 1 << 20
@@ -141,7 +141,7 @@ def starvation(url: str, steps: int, clients: int, seconds: float, max_wait_ms: 
 
 
 def make_concept(work: Path) -> Path:
-    from compinv_rt.world.photos import make_photos
+    from compinv_rt.apps.world.photos import make_photos
 
     photos = work / "photos"
     make_photos(photos, count=3, size=64)

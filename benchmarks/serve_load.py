@@ -31,9 +31,9 @@ from pathlib import Path
 
 import httpx
 
-from compinv_rt.serve.run import free_port
+from compinv_rt.apps.serve.run import free_port
 
-CLI = [sys.executable, "-m", "compinv_rt.cli"]
+CLI = [sys.executable, "-m", "compinv_rt.apps.cli"]
 TOKEN = "<my-heart>"
 PROMPTS = ["a red star on grass", "a blue circle on sand", "a yellow square on sky",
            "a purple cross on brick"]
@@ -62,7 +62,7 @@ def rss_mb(pid: int) -> float:
 def make_concept(work: Path, model: str | None) -> Path:
     """A concept trained for a few steps on the served model (its quality does not matter here:
     it exercises concept rows and prompt expansion)."""
-    from compinv_rt.world.photos import make_photos
+    from compinv_rt.apps.world.photos import make_photos
 
     photos = work / "photos"
     make_photos(photos, count=3, size=64)

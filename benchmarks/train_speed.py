@@ -46,8 +46,7 @@ def model_dir(name: str) -> Path:
     if name == "world":
         d = CACHE / "world-arch"
         if not (d / "model_index.json").exists():
-            from compinv_rt.world.model import (ArchConfig, build_text_encoder, build_unet,
-                                                build_vae, export_model)
+            from compinv_rt.apps.world.model import ArchConfig, build_text_encoder, build_unet, build_vae, export_model
 
             torch.manual_seed(0)
             arch = ArchConfig()
@@ -167,8 +166,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from compinv_rt.apps.world.photos import make_photos
     from compinv_rt.models.loading import inspect_model_dir
-    from compinv_rt.world.photos import make_photos
 
     model = model_dir(args.model)
     size = args.resolution or inspect_model_dir(model).default_size

@@ -1,6 +1,6 @@
 """Plain textual inversion vs semantic inversion on the shapes-world model, judged.
 
-For each concept (photos made by `compinv_rt.world.photos`): train with anchor weight 0 (plain TI)
+For each concept (photos made by `compinv_rt.apps.world.photos`): train with anchor weight 0 (plain TI)
 and 0.95 (semantic inversion), sample K images of "photo of a <tok> SHAPE on grass" and let the
 world's judge say whether the concept's colour and pattern are there (and which background came
 out: the photos' own background leaking in is the paper's "absorbed irrelevant semantics"). Then
@@ -47,9 +47,9 @@ def judge_samples(judge, images, colour, pattern, shape, photo_bg) -> dict:
 
 
 def sample(model_dir, concept_dir, prompt, k, steps, guidance, seed0=0, batch=16):
+    from compinv_rt.models.concepts import expand_prompt, load_concepts
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
-    from compinv_rt.train.artifact import expand_prompt, load_concepts
+    from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
 
     m = load_model(str(model_dir), device="cpu")
     concepts = load_concepts(m, [concept_dir]) if concept_dir else []
@@ -83,15 +83,15 @@ def main() -> None:
 
     import shutil
 
+    from compinv_rt.apps.world.judge import load_judge
+    from compinv_rt.apps.world.model import shapes_world_vocabulary
+    from compinv_rt.apps.world.photos import make_photos
+    from compinv_rt.core.outputs import make_grid, save_png
+    from compinv_rt.models.artifact import read_embedding_file
     from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
-    from compinv_rt.outputs import make_grid, save_png
     from compinv_rt.train.analysis import analyze, vocabulary_ids
-    from compinv_rt.world.model import shapes_world_vocabulary
-    from compinv_rt.train.artifact import read_embedding_file
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept
-    from compinv_rt.world.judge import load_judge
-    from compinv_rt.world.photos import make_photos
 
     model = resolve_model_dir(args.model)
     files = inspect_model_dir(model)

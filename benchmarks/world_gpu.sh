@@ -30,7 +30,7 @@ source "$(dirname "$0")/gpu_prelude.sh"
 
 RUN=$ROOT/outputs/world_gpu_run
 rm -rf "$RUN"
-CLI=($PY -m compinv_rt.cli world)
+CLI=($PY -m compinv_rt.apps.cli world)
 if [[ $DEVICE == cuda* ]]; then
   # batch 512 at lr 3e-4: the CPU recipe (batch 32) with 16x the samples per step. The cache is
   # rendered on the CPU, one process: 8,000 scenes (a quarter of the CPU run's) to leave time to train.

@@ -25,7 +25,7 @@ def point_summary(path: Path) -> dict:
 
 
 def main() -> None:
-    from compinv_rt.world.recipe import _load_tensors
+    from compinv_rt.apps.world.recipe import _load_tensors
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, required=True)

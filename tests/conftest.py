@@ -67,7 +67,7 @@ TOKEN = "<my-heart>"
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory):
-    from compinv_rt.world.photos import make_photos
+    from compinv_rt.apps.world.photos import make_photos
 
     d = tmp_path_factory.mktemp("photos")
     make_photos(d, count=3, size=64)

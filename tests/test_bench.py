@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
+from compinv_rt.apps.cli import app
 
 runner = CliRunner()
 

@@ -7,14 +7,14 @@ import sys
 
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
+from compinv_rt.apps.cli import app
 
 runner = CliRunner()
 
 
 def test_help_does_not_import_heavy_libraries():
     """`--help` stays fast because torch/diffusers are imported only inside commands."""
-    code = ("import sys; from compinv_rt.cli import app; "
+    code = ("import sys; from compinv_rt.apps.cli import app; "
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'onnx', 'numpy') if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -52,7 +52,7 @@ def test_progress_writes_plain_lines_to_a_log(monkeypatch):
     import io
     import sys
 
-    from compinv_rt import cli_support
+    from compinv_rt.apps import cli_support
 
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)

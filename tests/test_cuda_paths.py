@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
-from compinv_rt.errors import BackendUnavailable, ConfigError
+from compinv_rt.apps.cli import app
+from compinv_rt.core.errors import BackendUnavailable, ConfigError
 
 runner = CliRunner()
 
@@ -49,7 +49,7 @@ def test_capture_honours_upcast_attention():
     """SD 2.x (upcast_attention=True): Q.K^T in fp16 overflows to inf and the softmax to NaN."""
     from diffusers.models.attention_processor import Attention
 
-    from compinv_rt.spatial.capture import CaptureAttnProcessor
+    from compinv_rt.unet.capture import CaptureAttnProcessor
 
     torch.manual_seed(0)
     attn = Attention(query_dim=8, cross_attention_dim=8, heads=1, dim_head=8, upcast_attention=True)
@@ -73,8 +73,8 @@ def test_compile_backend_one_graph_per_bias_state(tiny_model, monkeypatch):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
+    from compinv_rt.engines.compiled_backends import CompileBackend
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.compiled_backends import CompileBackend
 
     counter = CompileCounter()
     real = torch.compile
@@ -99,7 +99,7 @@ def test_compile_backend_one_graph_per_bias_state(tiny_model, monkeypatch):
 
 def test_ort_cuda_request_without_cuda_provider_fails_before_export(monkeypatch):
     import compinv_rt.export.build as build
-    from compinv_rt.runtime.registry import open_backend
+    from compinv_rt.engines.registry import open_backend
 
     monkeypatch.setattr(build, "export_engine", lambda *a, **k: pytest.fail("exported first"))
     model = SimpleNamespace(device=torch.device("cuda", 0))
@@ -112,8 +112,8 @@ def test_ort_cuda_provider_that_falls_back_to_cpu_is_an_error(onnx_engine, monke
     """onnxruntime-gpu whose CUDA provider cannot load: the session silently runs on CPU."""
     import onnxruntime as ort
 
-    from compinv_rt.export.iospec import UNetIOSpec
-    from compinv_rt.runtime.ort_backend import OnnxRuntimeBackend
+    from compinv_rt.engines.ort_backend import OnnxRuntimeBackend
+    from compinv_rt.unet.iospec import UNetIOSpec
 
     spec = UNetIOSpec.from_dict(json.loads((onnx_engine / "manifest.json").read_text())["io"])
     monkeypatch.setattr(ort, "get_available_providers",
@@ -125,7 +125,7 @@ def test_ort_cuda_provider_that_falls_back_to_cpu_is_an_error(onnx_engine, monke
 
 
 def test_ort_provider_order_on_gpu():
-    from compinv_rt.runtime.ort_backend import requested_providers
+    from compinv_rt.engines.ort_backend import requested_providers
 
     cuda = torch.device("cuda", 1)
     got = requested_providers(cuda, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
@@ -181,8 +181,9 @@ def test_export_loads_the_model_at_its_precision(tiny_model, tmp_path, monkeypat
 
 
 def test_aoti_packages_load_on_the_requested_gpu(tmp_path, monkeypatch):
-    from compinv_rt.export.iospec import BatchProfile, Precision, UNetIOSpec
-    from compinv_rt.runtime.compiled_backends import AOTIBackend
+    from compinv_rt.core.types import Precision
+    from compinv_rt.engines.compiled_backends import AOTIBackend
+    from compinv_rt.unet.iospec import BatchProfile, UNetIOSpec
 
     calls = []
     monkeypatch.setattr(torch._inductor, "aoti_load_package",
@@ -197,7 +198,7 @@ def test_aoti_packages_load_on_the_requested_gpu(tmp_path, monkeypatch):
 
 
 def test_ray_reserves_a_gpu_per_actor_on_cuda(monkeypatch):
-    from compinv_rt.scaleout import gpus_per_actor
+    from compinv_rt.generate.scaleout import gpus_per_actor
 
     assert gpus_per_actor(None, "cuda") == 1 and gpus_per_actor(0.5, "cuda") == 0.5
     assert gpus_per_actor(None, "cpu") == 0
@@ -213,7 +214,7 @@ def test_ray_reserves_a_gpu_per_actor_on_cuda(monkeypatch):
 
 
 def test_doctor_names_the_extra_a_missing_backend_needs(monkeypatch):
-    import compinv_rt.doctor as doctor
+    import compinv_rt.apps.doctor as doctor
 
     real = doctor._version
     missing = {"ray", "onnxruntime", "onnxruntime-gpu"}
@@ -270,8 +271,8 @@ def test_save_attention_and_onnxruntime_on_cuda(tiny_model, tmp_path, monkeypatc
 
 def test_bench_partial_report_with_only_the_baseline(tmp_path):
     """bench rewrites its report after every cell: the first (stock only) must not fail."""
-    from compinv_rt.bench.harness import BenchResult, Cell
-    from compinv_rt.bench.report import write_report
+    from compinv_rt.apps.bench.harness import BenchResult, Cell
+    from compinv_rt.apps.bench.report import write_report
 
     meta = {"model": "m", "label": "", "image_size": [64, 64], "steps": 2, "guidance": 7.5,
             "dtype": "fp32", "device_name": "cpu", "torch": torch.__version__, "repeats": 1,

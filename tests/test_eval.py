@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
-from compinv_rt.errors import ConfigError
-from compinv_rt.eval import metrics as M
-from compinv_rt.eval import protocol as P
-from compinv_rt.world.judge import Detection, Judgement
+from compinv_rt.apps.cli import app
+from compinv_rt.apps.eval import metrics as M
+from compinv_rt.apps.eval import protocol as P
+from compinv_rt.apps.world.judge import Detection, Judgement
+from compinv_rt.core.errors import ConfigError
 
 pytestmark = pytest.mark.xdist_group("eval")
 runner = CliRunner()
@@ -218,7 +218,7 @@ def _fake_results(ti_coi, full_coi, ti_id, full_id):
 
 
 def test_report_table_and_targets():
-    from compinv_rt.eval.report import markdown, targets
+    from compinv_rt.apps.eval.report import markdown, targets
 
     r = _fake_results(0.2, 0.5, 0.8, 0.76)
     t = targets(r)
@@ -238,7 +238,7 @@ def test_report_table_and_targets():
 
 def _to_open_clip(sd: dict) -> dict:
     """transformers CLIPModel state dict -> open_clip's layout (inverse of convert_open_clip)."""
-    from compinv_rt.eval.clip_metrics import convert_open_clip
+    from compinv_rt.apps.eval.clip_metrics import convert_open_clip
 
     out = {}
     for src, dst in (("text_model.encoder.layers.", "transformer.resblocks."),
@@ -314,7 +314,7 @@ def tiny_detr(tmp_path_factory):
 def test_clip_conversion_matches_the_source_model(tiny_clip):
     from PIL import Image
 
-    from compinv_rt.eval.clip_metrics import ClipScorer
+    from compinv_rt.apps.eval.clip_metrics import ClipScorer
 
     path, hf = tiny_clip
     scorer = ClipScorer(path)
@@ -334,8 +334,8 @@ def test_clip_conversion_matches_the_source_model(tiny_clip):
 
 
 def test_clip_and_detector_bad_folders(tmp_path, tiny_detr):
-    from compinv_rt.errors import ModelError
-    from compinv_rt.eval.clip_metrics import ClipScorer, DetrScorer
+    from compinv_rt.apps.eval.clip_metrics import ClipScorer, DetrScorer
+    from compinv_rt.core.errors import ModelError
 
     with pytest.raises(ModelError, match="open_clip_config.json not found"):
         ClipScorer(tmp_path)
@@ -403,7 +403,7 @@ def test_e2e_outputs(e2e):
 
 @pytest.mark.slow
 def test_rerun_reuses_training_and_cells_and_resumes(e2e, monkeypatch):
-    from compinv_rt.eval import runner as R
+    from compinv_rt.apps.eval import runner as R
 
     out = e2e["out"]
     cells = sorted((out / "cells").rglob("*.json"))
@@ -436,7 +436,7 @@ def test_rerun_reuses_training_and_cells_and_resumes(e2e, monkeypatch):
 @pytest.mark.slow
 def test_killed_run_continues(e2e, monkeypatch, tmp_path):
     """A run that dies mid-way keeps its finished cells; the next run does only the rest."""
-    from compinv_rt.eval import runner as R
+    from compinv_rt.apps.eval import runner as R
 
     out = tmp_path / "killed"
     args = [a if a != str(e2e["out"]) else str(out) for a in e2e["args"]]
@@ -463,7 +463,7 @@ def test_killed_run_continues(e2e, monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_cache_key_changes_with_the_config(e2e, tiny_model):
-    from compinv_rt.eval.training import ensure_trained
+    from compinv_rt.apps.eval.training import ensure_trained
     from compinv_rt.models.loading import content_hash, inspect_model_dir
 
     files = inspect_model_dir(tiny_model)
@@ -482,7 +482,7 @@ def test_cache_key_changes_with_the_config(e2e, tiny_model):
 
 def test_semantic_inversion_anchor_settings():
     """--si-anchors / --si-anchor-weight reach the SI training config only; TI stays plain."""
-    from compinv_rt.eval.training import train_config
+    from compinv_rt.apps.eval.training import train_config
 
     heart = P.Concept("heart", "heart", shape="heart", colour="orange", pattern="dotted",
                       background="sand")
@@ -504,7 +504,7 @@ def test_semantic_inversion_anchor_settings():
 
 
 def test_random_concepts_cover_the_whole_space_without_filtering():
-    from compinv_rt.world.scenes import COLOURS, PATTERNS, SHAPES
+    from compinv_rt.apps.world.scenes import COLOURS, PATTERNS, SHAPES
 
     a, b = P.random_concepts(8, seed=3), P.random_concepts(8, seed=3)
     assert a == b and len({c.name for c in a}) == 8  # seeded, no repeats
@@ -554,7 +554,7 @@ def test_prompt_kinds_and_method_names():
 
 
 def test_recipes_reach_the_training_config(tmp_path):
-    from compinv_rt.eval.training import train_config
+    from compinv_rt.apps.eval.training import train_config
 
     heart = P.Concept("heart", "heart", shape="heart", colour="orange", pattern="dotted",
                       background="sand")
@@ -584,7 +584,7 @@ def test_recipes_reach_the_training_config(tmp_path):
 def test_cell_key_depends_only_on_what_decides_the_cell():
     from pathlib import Path
 
-    from compinv_rt.eval.runner import cell_key
+    from compinv_rt.apps.eval.runner import cell_key
 
     prompt = P.Prompt("a {heart} on grass", ("heart",), id="p")
     folders = {("heart", "ti", 0): Path("heart-ti-aaa"), ("heart", "ti", 1): Path("heart-ti-bbb")}
@@ -614,7 +614,7 @@ def _block(identity_by_seed, other_by_seed):
 
 
 def test_word_parity_is_per_seed_mean_and_range_against_the_words():
-    from compinv_rt.eval.runner import word_parity
+    from compinv_rt.apps.eval.runner import word_parity
 
     protocol = P.Protocol((P.Concept("a", "heart", None, "heart", "red", "plain", "sand"),), ())
     methods = {"words": _block([0.8], [0.9]), "ti": _block([0.4, 0.8, 0.6], [0.0, 0.9, 0.45])}
@@ -631,7 +631,7 @@ def test_word_parity_is_per_seed_mean_and_range_against_the_words():
 
 
 def test_no_verdict_below_the_floor():
-    from compinv_rt.eval.report import markdown, targets
+    from compinv_rt.apps.eval.report import markdown, targets
 
     r = _fake_results(0.1, 0.5, 0.11, 0.1)
     t = targets(r)
@@ -642,7 +642,7 @@ def test_no_verdict_below_the_floor():
 
 def test_e2e_training_seeds_words_and_progress(tiny_model, tmp_path):
     """Two training seeds of two recipes, the words oracle, progress through generation."""
-    from compinv_rt.eval.runner import run_eval
+    from compinv_rt.apps.eval.runner import run_eval
 
     protocol = P.build_protocol(False, _write(tmp_path, "c.json", CONCEPTS[:1]), objects=1,
                                 methods=P.parse_methods("words,ti,cap,cap_norm+adaptive"))

@@ -10,9 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
-from compinv_rt.export.iospec import BatchProfile, Precision, UNetIOSpec, batch_profiles
+from compinv_rt.apps.cli import app
+from compinv_rt.core.types import Precision
 from compinv_rt.export.manifest import EngineFormat, EngineRequest
+from compinv_rt.unet.iospec import BatchProfile, UNetIOSpec, batch_profiles
 
 runner = CliRunner()
 SPEC = UNetIOSpec(4, 4, 77, 64, 16, 16, Precision.fp32)
@@ -41,7 +42,7 @@ def test_batch_profiles_static_buckets_and_dynamic_range():
 
 
 def test_bucketing_splits_and_pads():
-    from compinv_rt.runtime.bucketing import plan_chunks, run_bucketed
+    from compinv_rt.unet.bucketing import plan_chunks, run_bucketed
 
     static = [BatchProfile(2, 2, 2), BatchProfile(8, 8, 8)]
     assert plan_chunks(2, static) == [(2, 2)]
@@ -282,9 +283,9 @@ def test_dynamo_exporter_needs_opset_18(tiny_model, tmp_path):
 
 
 def _images(model, backend, bias, engine_root, bias_gain=None):
+    from compinv_rt.engines.registry import open_backend
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
-    from compinv_rt.runtime.registry import open_backend
+    from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
 
     m = load_model(model)  # None = the embedded shapes-world model
     sampling = SamplingConfig(steps=6).resolved(m.files)
@@ -322,7 +323,7 @@ def test_backend_parity_with_torch(backend, which, request, tmp_path):
 def test_zero_bias_is_bit_identical_to_stock_unet(tiny_model):
     from diffusers import UNet2DConditionModel
 
-    from compinv_rt.spatial.attention import BiasedUNet
+    from compinv_rt.unet.attention import BiasedUNet
 
     stock = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval()
     ours = BiasedUNet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval())
@@ -353,7 +354,7 @@ def test_adaptive_bias_parity_with_torch(backend, tiny_model, tmp_path):
 def test_zero_bias_with_adaptive_gain_is_bit_identical_to_stock_unet(tiny_model):
     from diffusers import UNet2DConditionModel
 
-    from compinv_rt.spatial.attention import BiasedUNet
+    from compinv_rt.unet.attention import BiasedUNet
 
     stock = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval()
     ours = BiasedUNet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval())

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
-from compinv_rt.errors import ArtifactError, ConfigError, EngineMismatch
+from compinv_rt.apps.cli import app
+from compinv_rt.core.errors import ArtifactError, ConfigError, EngineMismatch
 
 runner = CliRunner()
 FIXTURES_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -64,8 +64,8 @@ JOB_FIELDS = ["prompt", "concepts", "layout", "seed", "n", "negative_prompt", "s
 @given(st.dictionaries(st.one_of(st.sampled_from(JOB_FIELDS), st.text(max_size=6)), json_values,
                        max_size=6), st.booleans())
 def test_job_line_is_a_job_or_one_line_error(obj, with_prompt):
-    from compinv_rt.jobs import parse_job
-    from compinv_rt.schemas import SEED_MAX, limits
+    from compinv_rt.core.schemas import SEED_MAX, limits
+    from compinv_rt.generate.jobs import parse_job
 
     if with_prompt:
         obj.setdefault("prompt", "a red star")
@@ -87,7 +87,7 @@ def test_job_line_is_a_job_or_one_line_error(obj, with_prompt):
 @cheap(200)
 @given(st.text(max_size=80))
 def test_raw_job_text_never_crashes(text):
-    from compinv_rt.jobs import parse_job
+    from compinv_rt.generate.jobs import parse_job
 
     try:
         parse_job(text, 1, {"seed": 0, "steps": 25, "guidance": 7.5})
@@ -150,7 +150,7 @@ def concept_dir(trained, tmp_path_factory):
 @cheap(60)
 @given(st.sampled_from(ARTIFACT_PATHS), st.one_of(json_values, st.just(_DELETE)), st.booleans())
 def test_artifact_field_is_accepted_or_one_line_error(concept_dir, path, value, top_level_list):
-    from compinv_rt.train.artifact import read_artifact
+    from compinv_rt.models.artifact import read_artifact
 
     original = (concept_dir / "artifact.json").read_text()
     art = json.loads(original)
@@ -258,7 +258,7 @@ def generate_options(draw):
 @given(generate_options())
 def test_generate_options(tiny_model, tmp_path_factory, monkeypatch, opts):
     monkeypatch.setenv("COMPINV_LIMITS", SMALL_LIMITS)
-    from compinv_rt.schemas import _limits_from
+    from compinv_rt.core.schemas import _limits_from
 
     _limits_from.cache_clear()
     out = tmp_path_factory.mktemp("gen")
@@ -292,7 +292,7 @@ def job_objects(draw):
                 max_size=3))
 def test_jobs_files(tiny_model, tmp_path_factory, monkeypatch, lines):
     monkeypatch.setenv("COMPINV_LIMITS", SMALL_LIMITS)
-    from compinv_rt.schemas import _limits_from
+    from compinv_rt.core.schemas import _limits_from
 
     _limits_from.cache_clear()
     d = tmp_path_factory.mktemp("jobs")

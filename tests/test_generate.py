@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
+from compinv_rt.apps.cli import app
 
 runner = CliRunner()
 
@@ -115,8 +115,8 @@ def test_bf16_precision_generates_close_to_fp32(tiny_model, tmp_path):
 def test_many_images_run_in_bounded_batches_and_a_bounded_grid(tiny_model, tmp_path, monkeypatch):
     """Issue 28: -n N runs in batches of --max-batch (memory independent of N), every image is
     written, the grid tiles at most GRID_MAX of them."""
-    from compinv_rt import generation
-    from compinv_rt.session import GenerationSession
+    from compinv_rt.generate import generation
+    from compinv_rt.generate.session import GenerationSession
 
     sizes: list[int] = []
     real = GenerationSession.run_batch

@@ -158,7 +158,7 @@ def test_world_train_stops_at_its_wall_clock_deadline(tmp_path):
     EMA snapshot of the step it reached (world_gpu.sh sizes its training by it)."""
     from typer.testing import CliRunner
 
-    from compinv_rt.cli import app
+    from compinv_rt.apps.cli import app
 
     run = tmp_path / "run"
     args = ["world", "train", "--run-dir", str(run), "--tiny", "--stages", "vae,cache,unet", "--vae-steps", "2",
@@ -179,7 +179,7 @@ def test_world_train_stops_at_its_wall_clock_deadline(tmp_path):
 def test_compile_recompile_limit_raises_instead_of_running_eager(monkeypatch):
     import torch
 
-    from compinv_rt.runtime.compiled_backends import compile_unet
+    from compinv_rt.engines.compiled_backends import compile_unet
 
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager", dynamic=False))
@@ -198,8 +198,8 @@ def test_compile_recompile_limit_raises_instead_of_running_eager(monkeypatch):
 def test_compile_backend_says_so_in_one_line():
     import torch
 
-    from compinv_rt.errors import BackendUnavailable
-    from compinv_rt.runtime.compiled_backends import CompileBackend
+    from compinv_rt.core.errors import BackendUnavailable
+    from compinv_rt.engines.compiled_backends import CompileBackend
 
     backend = CompileBackend.__new__(CompileBackend)
 
@@ -214,7 +214,7 @@ def test_compile_backend_says_so_in_one_line():
 
 def test_onnx_export_without_polygraphy_is_one_error_line(tmp_path):
     """The GPU image has no polygraphy / onnx-graphsurgeon: a missing one is an `error:` line."""
-    got = subprocess.run([sys.executable, "-m", "compinv_rt.cli", "export", "--format", "onnx",
+    got = subprocess.run([sys.executable, "-m", "compinv_rt.apps.cli", "export", "--format", "onnx",
                           "--out", str(tmp_path / "e")], cwd=ROOT,
                          env=_gpu_env(COMPINV_GPU_IMAGE_BLOCK="polygraphy,onnx-graphsurgeon"),
                          capture_output=True, text=True, timeout=120)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
-from compinv_rt.jobs import KILL_AFTER_ENV, read_jobs
-from compinv_rt.runtime.batching import pack
+from compinv_rt.apps.cli import app
+from compinv_rt.generate.batching import pack
+from compinv_rt.generate.jobs import KILL_AFTER_ENV, read_jobs
 
 runner = CliRunner()
 DEFAULTS = {"seed": 100, "steps": 5, "guidance": 7.5}
@@ -104,7 +104,7 @@ def test_bad_lines_do_not_stop_the_rest_but_set_the_exit_code(tiny_model, tmp_pa
 def test_resume_after_kill_9_loses_and_duplicates_nothing(tiny_model, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     _write_jobs(jobs, 16)
-    args = [sys.executable, "-m", "compinv_rt.cli", "generate", "--jobs", str(jobs), "--model",
+    args = [sys.executable, "-m", "compinv_rt.apps.cli", "generate", "--jobs", str(jobs), "--model",
             str(tiny_model), "--max-batch", "1", "--steps", "6"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"

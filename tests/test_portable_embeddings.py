@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
+from compinv_rt.apps.cli import app
 
 TOKEN = "<my-star>"
 pytestmark = pytest.mark.slow  # trains a concept (tiny model, 2 steps)
@@ -54,7 +54,7 @@ def test_stock_diffusers_loads_each_format(concept, tiny_model, stock_pipeline_c
 def test_a1111_layout_and_artifact_hashes(concept):
     from safetensors import safe_open
 
-    from compinv_rt.train.artifact import read_artifact
+    from compinv_rt.models.artifact import read_artifact
 
     pt = torch.load(concept / "my-star.pt", weights_only=True)
     assert set(pt) >= {"string_to_token", "string_to_param", "name", "step"}

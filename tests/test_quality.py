@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
+from compinv_rt.apps.cli import app
 
 runner = CliRunner()
 PROMPT = "a red star and a blue circle on grass"
@@ -27,8 +27,8 @@ def test_unguided_steps_run_the_conditional_pass_alone(tiny_model):
     import torch
 
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.backends import TorchBackend
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.unet.backends import TorchBackend
 
     model = load_model(str(tiny_model), "cpu")
     inner = TorchBackend(model.unet)
@@ -74,8 +74,8 @@ def test_bad_guidance_interval_is_one_error_line(tiny_model, tmp_path, bad):
 
 
 def test_explicit_options_override_the_preset():
-    from compinv_rt.runtime.quality import PRESETS, Quality, SamplerPreset, sampler_settings
-    from compinv_rt.runtime.schedulers import SchedulerName
+    from compinv_rt.sampling.quality import PRESETS, Quality, SamplerPreset, sampler_settings
+    from compinv_rt.sampling.schedulers import SchedulerName
 
     p = sampler_settings(Quality.fast, 7, None, None)
     assert p.steps == 7 and p.scheduler == PRESETS[Quality.fast].scheduler

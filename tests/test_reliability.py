@@ -19,8 +19,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
-from compinv_rt.errors import ArtifactError, EngineMismatch, NonFiniteError
+from compinv_rt.apps.cli import app
+from compinv_rt.core.errors import ArtifactError, EngineMismatch, NonFiniteError
 
 runner = CliRunner()
 
@@ -83,7 +83,7 @@ def test_generate_options_are_bounded_and_finite(args, field, tmp_path):
 
 
 def test_limits_are_configurable(monkeypatch, tmp_path):
-    from compinv_rt.schemas import _limits_from
+    from compinv_rt.core.schemas import _limits_from
 
     monkeypatch.setenv("COMPINV_LIMITS", '{"max_images": 3}')
     _one_error(runner.invoke(app, ["generate", "a cat", "-n", "4", "--out", str(tmp_path)]),
@@ -154,7 +154,7 @@ def test_prompt_longer_than_the_text_encoder_reads_is_refused(tiny_model, tmp_pa
     ('{"prompt": "a", "layout": 5}', "layout"),
 ])
 def test_bad_job_lines_name_the_field(line, field, tmp_path):
-    from compinv_rt.jobs import read_jobs
+    from compinv_rt.generate.jobs import read_jobs
 
     f = tmp_path / "jobs.jsonl"
     f.write_text('{"prompt": "fine"}\n' + line + "\n")
@@ -165,8 +165,8 @@ def test_bad_job_lines_name_the_field(line, field, tmp_path):
 
 
 def test_jobs_file_total_is_bounded(tmp_path, monkeypatch):
-    from compinv_rt.errors import ConfigError
-    from compinv_rt.jobs import read_jobs
+    from compinv_rt.core.errors import ConfigError
+    from compinv_rt.generate.jobs import read_jobs
 
     monkeypatch.setenv("COMPINV_LIMITS", '{"max_jobs_images": 5}')
     f = tmp_path / "jobs.jsonl"
@@ -237,7 +237,7 @@ def _artifact_copy(trained, tmp_path, edit):
     (lambda a: {**a, "tokens": ["<a>"]}, "tokens"),
 ])
 def test_tampered_artifact_json_is_one_error(trained, tiny_model, tmp_path, edit, message):
-    from compinv_rt.train.artifact import read_artifact
+    from compinv_rt.models.artifact import read_artifact
 
     d = _artifact_copy(trained, tmp_path, edit)
     with pytest.raises(ArtifactError, match=message):
@@ -251,7 +251,7 @@ def test_tampered_artifact_json_is_one_error(trained, tiny_model, tmp_path, edit
                                             (1e30, "values up to")])
 def test_non_finite_or_huge_embedding_is_refused_even_with_a_matching_hash(trained, tmp_path, value,
                                                                              message):
-    from compinv_rt.train.artifact import EMBEDDINGS, file_sha256, read_embedding_file, write_embeddings
+    from compinv_rt.models.artifact import EMBEDDINGS, file_sha256, read_embedding_file, write_embeddings
 
     def poison(art):
         name, emb, meta = read_embedding_file(trained.out / EMBEDDINGS)
@@ -265,7 +265,7 @@ def test_non_finite_or_huge_embedding_is_refused_even_with_a_matching_hash(train
     shutil.copytree(trained.out, tmp_path / "concept")
     art = json.loads((tmp_path / "concept" / "artifact.json").read_text())
     (tmp_path / "concept" / "artifact.json").write_text(json.dumps(poison(art)))
-    from compinv_rt.train.artifact import read_artifact
+    from compinv_rt.models.artifact import read_artifact
 
     read_artifact(tmp_path / "concept")  # the hash matches: only the value check can refuse it
     with pytest.raises(ArtifactError, match=message):
@@ -274,8 +274,9 @@ def test_non_finite_or_huge_embedding_is_refused_even_with_a_matching_hash(train
 
 def _fake_engine(tmp_path, fmt="onnx", device=None):
     """A real manifest (write_manifest) over a dummy file: enough for verify_engine."""
-    from compinv_rt.export.iospec import BatchProfile, Precision, UNetIOSpec
+    from compinv_rt.core.types import Precision
     from compinv_rt.export.manifest import EngineFormat, EngineRequest, tool_versions, write_manifest
+    from compinv_rt.unet.iospec import BatchProfile, UNetIOSpec
 
     d = tmp_path / "engine"
     d.mkdir()
@@ -290,8 +291,8 @@ def _fake_engine(tmp_path, fmt="onnx", device=None):
 
 def _rekey(d, edit):
     """Edit manifest.json and recompute its key, as a careful tamperer would."""
-    from compinv_rt.export.iospec import UNetIOSpec
     from compinv_rt.export.manifest import EngineFormat, EngineRequest, profiles_of
+    from compinv_rt.unet.iospec import UNetIOSpec
 
     m = json.loads((d / "manifest.json").read_text())
     edit(m)
@@ -349,7 +350,7 @@ def test_corrupt_cache_advice_names_an_existing_command(tmp_path):
 
 
 def test_sidecars_refuse_nan(tmp_path):
-    from compinv_rt.outputs import atomic_write_json
+    from compinv_rt.core.outputs import atomic_write_json
 
     with pytest.raises(ValueError):
         atomic_write_json(tmp_path / "x.json", {"guidance": float("nan")})
@@ -357,9 +358,9 @@ def test_sidecars_refuse_nan(tmp_path):
 
 
 def test_non_finite_latents_are_refused_with_the_seed(tiny_model, tmp_path):
-    from compinv_rt.generation import generate_to_folder
-    from compinv_rt.runtime.pipeline import SamplingConfig
-    from compinv_rt.session import GenerationSession, Request, SessionOptions
+    from compinv_rt.generate.generation import generate_to_folder
+    from compinv_rt.generate.session import GenerationSession, Request, SessionOptions
+    from compinv_rt.sampling.pipeline import SamplingConfig
 
     session = GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu"))
     out = tmp_path / "o"
@@ -371,7 +372,7 @@ def test_non_finite_latents_are_refused_with_the_seed(tiny_model, tmp_path):
 
 def test_non_finite_item_fails_its_job_and_keeps_the_batch_mates(tiny_model, tmp_path, monkeypatch):
     """One image of a packed batch turns NaN: its job fails, the other image is written."""
-    from compinv_rt.runtime import pipeline as P
+    from compinv_rt.sampling import pipeline as P
 
     real = P.Pipeline.decode
 
@@ -410,7 +411,7 @@ def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(tiny_model,
 
 def _fail_fsync_after(monkeypatch, n):
     """The n+1-th fsync fails with ENOSPC: a disk that fills up mid-run."""
-    import compinv_rt.outputs as O
+    import compinv_rt.core.outputs as O
 
     calls = {"n": 0}
     real = os.fsync
@@ -452,7 +453,7 @@ def test_disk_full_during_jobs_then_resume_finishes(tiny_model, tmp_path, monkey
 
 
 def test_permission_error_is_one_line(tiny_model, tmp_path, monkeypatch):
-    import compinv_rt.outputs as O
+    import compinv_rt.core.outputs as O
 
     def fdopen(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", "x.png")
@@ -467,14 +468,14 @@ def test_permission_error_is_one_line(tiny_model, tmp_path, monkeypatch):
 
 
 def test_second_run_on_one_folder_is_refused_while_the_first_holds_it(tiny_model, tmp_path):
-    from compinv_rt.outputs import FolderLock
+    from compinv_rt.core.outputs import FolderLock
 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt": "a red star"}\n')
     out = tmp_path / "o"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from compinv_rt.outputs import FolderLock\n"
+                               "import sys, time; from compinv_rt.core.outputs import FolderLock\n"
                                f"with FolderLock({str(out)!r}):\n"
                                "    print('locked', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -511,7 +512,7 @@ def test_stale_export_temp_folders_are_removed_but_live_ones_kept(tmp_path):
 
 
 def test_world_photos_never_overwrite(tmp_path):
-    from compinv_rt.world.cli import world_app
+    from compinv_rt.apps.world.cli import world_app
 
     out = tmp_path / "p"
     assert runner.invoke(world_app, ["photos", "--out", str(out), "--count", "2"]).exit_code == 0
@@ -524,7 +525,7 @@ def test_world_photos_never_overwrite(tmp_path):
 def test_16_bit_and_oversized_training_images(tmp_path, monkeypatch):
     from PIL import Image
 
-    from compinv_rt.errors import ConfigError
+    from compinv_rt.core.errors import ConfigError
     from compinv_rt.train.data import read_images
 
     ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
@@ -561,8 +562,8 @@ def test_anchor_term_in_the_loop_uses_the_full_sequence_length(tiny_model, photo
 def test_every_vector_of_a_multi_vector_token_is_trained_by_reconstruction(tiny_model, photos, tmp_path):
     """Bug 2: prompts holding only the first vector. With no anchor term, a vector missing from
     the prompts moves only by weight decay (lr * wd * |v|); one in them moves about lr per entry."""
+    from compinv_rt.models.artifact import read_embedding_file
     from compinv_rt.models.loading import load_model
-    from compinv_rt.train.artifact import read_embedding_file
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept
 
@@ -625,7 +626,7 @@ def test_diffusers_parity_without_guidance_and_with_a_negative_prompt(tiny_model
 
 def test_bias_is_average_pooled_to_each_layer():
     """Bug 5: the bias pooled with max instead of the average."""
-    from compinv_rt.spatial.attention import bias_for_layer
+    from compinv_rt.unet.attention import bias_for_layer
 
     bias = torch.zeros(1, 2, 4, 4)
     bias[0, 0, 0, 0] = 4.0  # one cell of the top-left 2x2 block
@@ -667,7 +668,7 @@ def test_modified_embeddings_are_refused(trained, tmp_path):
     """Bug 9: read_artifact skipping the embeddings hash."""
     import shutil
 
-    from compinv_rt.train.artifact import EMBEDDINGS, read_artifact, read_embedding_file, write_embeddings
+    from compinv_rt.models.artifact import EMBEDDINGS, read_artifact, read_embedding_file, write_embeddings
 
     d = tmp_path / "c"
     shutil.copytree(trained.out, d)
@@ -708,7 +709,7 @@ def test_kill_hook_dies_after_n_items(monkeypatch):
     """The kill tests' hook: the process kills itself (only itself) after N items, once."""
     import signal
 
-    from compinv_rt import jobs
+    from compinv_rt.generate import jobs
 
     killed = []
     monkeypatch.setenv(jobs.KILL_AFTER_ENV, "2")
@@ -736,7 +737,7 @@ def test_readme_export_is_the_engine_generate_finds(tiny_model, tmp_path, monkey
 
 
 def test_temp_files_of_killed_runs_are_removed_on_start_but_live_ones_kept(tmp_path):
-    from compinv_rt.outputs import atomic_write_bytes, remove_stale_temp_files
+    from compinv_rt.core.outputs import atomic_write_bytes, remove_stale_temp_files
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

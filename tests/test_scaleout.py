@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
+from compinv_rt.apps.cli import app
 
 runner = CliRunner()
 # One xdist worker runs these one after another: each starts its own local Ray, and the kill test
@@ -51,14 +51,14 @@ def test_ray_images_equal_single_process_images(tiny_model, tmp_path):
 def test_killed_ray_worker_loses_and_duplicates_nothing(tiny_model, tmp_path):
     """One of this run's workers kills itself (SIGKILL) after its 3rd image (jobs.kill_hook):
     deterministic, and no other process on the machine can be hit."""
-    from compinv_rt.jobs import KILL_AFTER_ENV
+    from compinv_rt.generate.jobs import KILL_AFTER_ENV
 
     jobs = tmp_path / "jobs.jsonl"
     _jobs(jobs, 24)
     out = tmp_path / "out"
     marker = tmp_path / "killed"
     proc = subprocess.run(
-        [sys.executable, "-m", "compinv_rt.cli", "generate", "--jobs", str(jobs), "--model",
+        [sys.executable, "-m", "compinv_rt.apps.cli", "generate", "--jobs", str(jobs), "--model",
          str(tiny_model), "--steps", "8", "--max-batch", "1", "--out", str(out), "--ray",
          "--workers", "2"],
         env={**os.environ, "OMP_NUM_THREADS": "1", KILL_AFTER_ENV: f"3:{marker}"},

@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 
-from compinv_rt.serve.app import create_app
-from compinv_rt.serve.batcher import Cancelled
-from compinv_rt.serve.run import ServerThread
-from compinv_rt.serve.settings import ServeSettings
+from compinv_rt.apps.serve.app import create_app
+from compinv_rt.apps.serve.batcher import Cancelled
+from compinv_rt.apps.serve.run import ServerThread
+from compinv_rt.apps.serve.settings import ServeSettings
 
 TOKEN = "t" * 24
 
@@ -204,7 +204,7 @@ def test_graceful_shutdown_finishes_in_flight_requests():
 
 
 def test_token_required_off_localhost():
-    from compinv_rt.errors import ConfigError
+    from compinv_rt.core.errors import ConfigError
 
     for host in ("0.0.0.0", "192.168.1.20", "::"):
         with pytest.raises(ConfigError, match="without a token"):
@@ -214,7 +214,7 @@ def test_token_required_off_localhost():
     ServeSettings(host="localhost").checked()
     from typer.testing import CliRunner
 
-    from compinv_rt.cli import app
+    from compinv_rt.apps.cli import app
 
     res = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--model", "/nonexistent"])
     assert res.exit_code == 1 and "refusing to listen on 0.0.0.0 without a token" in res.stderr
@@ -245,8 +245,8 @@ def served(tiny_model, trained, tmp_path):
     """A real engine on the tiny model with the trained concept served as 'heart'."""
     import shutil
 
-    from compinv_rt.serve.engine import SessionEngine
-    from compinv_rt.session import GenerationSession, SessionOptions
+    from compinv_rt.apps.serve.engine import SessionEngine
+    from compinv_rt.generate.session import GenerationSession, SessionOptions
 
     concepts = tmp_path / "concepts"
     shutil.copytree(trained.out, concepts / "heart")
@@ -268,7 +268,7 @@ def test_same_seed_gives_the_same_image_as_generate_whatever_the_batch(served, t
 
     from typer.testing import CliRunner
 
-    from compinv_rt.cli import app
+    from compinv_rt.apps.cli import app
 
     heart = "photo of a <my-heart> heart on grass"
     bodies = [
@@ -378,8 +378,8 @@ def test_bad_uploads_are_refused_and_the_concept_list_is_unchanged(served, train
 
 @pytest.mark.slow  # trains the concept fixture
 def test_an_uploaded_concept_is_live_without_restart(tiny_model, trained, tmp_path):
-    from compinv_rt.serve.engine import SessionEngine
-    from compinv_rt.session import GenerationSession, SessionOptions
+    from compinv_rt.apps.serve.engine import SessionEngine
+    from compinv_rt.generate.session import GenerationSession, SessionOptions
 
     session = GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu"))
     engine = SessionEngine(session, tmp_path / "concepts")
@@ -402,8 +402,8 @@ def test_batcher_prefers_full_batches_but_never_starves_a_key(starvation_batches
     once B1 has waited more than STARVATION_BATCHES batch times, B goes first."""
     import asyncio
 
-    from compinv_rt.serve import batcher
-    from compinv_rt.serve.batcher import Batcher
+    from compinv_rt.apps.serve import batcher
+    from compinv_rt.apps.serve.batcher import Batcher
 
     monkeypatch.setattr(batcher, "STARVATION_BATCHES", starvation_batches)
     gate, ran = threading.Event(), []
@@ -433,9 +433,9 @@ def test_ray_serve_replicas_serve_the_same_app(tiny_model, tmp_path):
     import ray
     from ray import serve
 
-    from compinv_rt.serve.ray_serve import run_ray_serve
-    from compinv_rt.serve.run import free_port
-    from compinv_rt.session import SessionOptions
+    from compinv_rt.apps.serve.ray_serve import run_ray_serve
+    from compinv_rt.apps.serve.run import free_port
+    from compinv_rt.generate.session import SessionOptions
 
     port = free_port()
     settings = ServeSettings(port=port, max_wait_ms=0, concepts_dir=tmp_path / "concepts")
@@ -463,9 +463,9 @@ def test_adaptive_spatial_request_matches_generate(tiny_model, tmp_path):
 
     from typer.testing import CliRunner
 
-    from compinv_rt.cli import app
-    from compinv_rt.serve.engine import SessionEngine
-    from compinv_rt.session import GenerationSession, SessionOptions
+    from compinv_rt.apps.cli import app
+    from compinv_rt.apps.serve.engine import SessionEngine
+    from compinv_rt.generate.session import GenerationSession, SessionOptions
 
     session = GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu", max_batch=2))
     engine = SessionEngine(session, tmp_path / "concepts")

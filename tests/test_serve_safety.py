@@ -16,16 +16,16 @@ import httpx
 import pytest
 from test_serve import TOKEN, ScriptedEngine, _pixels_png
 
-from compinv_rt.serve.app import create_app
-from compinv_rt.serve.run import ServerThread
-from compinv_rt.serve.settings import ServeSettings
+from compinv_rt.apps.serve.app import create_app
+from compinv_rt.apps.serve.run import ServerThread
+from compinv_rt.apps.serve.settings import ServeSettings
 
 # --- 1. concepts are per request --------------------------------------------------------------
 
 
 def _engine(tiny_model, concepts_dir):
-    from compinv_rt.serve.engine import SessionEngine
-    from compinv_rt.session import GenerationSession, SessionOptions
+    from compinv_rt.apps.serve.engine import SessionEngine
+    from compinv_rt.generate.session import GenerationSession, SessionOptions
 
     session = GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu", max_batch=2))
     return SessionEngine(session, concepts_dir)
@@ -83,8 +83,8 @@ def test_the_session_tokenizer_knows_a_concept_only_inside_its_batch(tiny_model,
     """The root cause of defect 1: one tokenizer that every concept joined for good."""
     import torch
 
-    from compinv_rt.runtime.pipeline import SamplingConfig
-    from compinv_rt.session import GenerationSession, Request, SessionOptions
+    from compinv_rt.generate.session import GenerationSession, Request, SessionOptions
+    from compinv_rt.sampling.pipeline import SamplingConfig
 
     session = GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu"))
     tok = session.model.tokenizer
@@ -113,7 +113,7 @@ def test_jobs_see_only_their_own_concepts(tiny_model, trained, tmp_path):
     """Defect 1 in `generate --jobs`: a concept of one job changes no other job's image."""
     from typer.testing import CliRunner
 
-    from compinv_rt.cli import app
+    from compinv_rt.apps.cli import app
 
     bad = _retokened(trained, tmp_path, "ircl")
     lines = [{"id": "plain", "prompt": "a blue circle on grass", "seed": 4},
@@ -184,8 +184,8 @@ def test_no_body_is_read_before_the_token_and_size_checks():
 
 def test_an_old_item_goes_before_full_batches_of_another_key(monkeypatch):
     """Defect 3: with a full batch of A always waiting, B (waited past the bound) still goes next."""
-    from compinv_rt.serve import batcher
-    from compinv_rt.serve.batcher import Batcher
+    from compinv_rt.apps.serve import batcher
+    from compinv_rt.apps.serve.batcher import Batcher
 
     monkeypatch.setattr(batcher, "STARVATION_BATCHES", 0)  # the bound: max_wait (0) + 0 batches
     gate, ran = threading.Event(), []
@@ -216,8 +216,8 @@ def test_an_old_item_goes_before_full_batches_of_another_key(monkeypatch):
 
 def test_a_request_over_the_cost_limit_is_refused(tiny_model, tmp_path):
     """Defect 4: 1024x1024 at 100 steps is within the size and step limits, but its cost is not."""
-    from compinv_rt.serve.schemas import generate_request_model
-    from compinv_rt.serve.settings import Limits
+    from compinv_rt.apps.serve.schemas import generate_request_model
+    from compinv_rt.apps.serve.settings import Limits
 
     engine = _engine(tiny_model, tmp_path / "concepts")
     body = generate_request_model(Limits()).model_validate(
@@ -238,7 +238,7 @@ class SteppingEngine(ScriptedEngine):
         return [(req.prompt, req.seed)], (req.steps,)
 
     def run(self, items, should_stop):
-        from compinv_rt.serve.batcher import Cancelled
+        from compinv_rt.apps.serve.batcher import Cancelled
 
         for _ in range(items[0][1] if items[0][0] == "long" else 1):
             if should_stop():
@@ -263,7 +263,7 @@ def test_a_timed_out_request_frees_the_worker_at_the_next_step():
 # --- 5, 6. names, start-up, atomic delete ---------------------------------------------------------
 
 def test_names_are_matched_whole():
-    from compinv_rt.serve.schemas import check_concept_name
+    from compinv_rt.apps.serve.schemas import check_concept_name
 
     for bad in ("abc\n", "abc\n\n", "a b", ".hidden", "x" * 65):
         with pytest.raises(ValueError, match="invalid concept name"):
@@ -282,7 +282,7 @@ def test_start_up_skips_bad_folders_and_removes_leftovers(tiny_model, tmp_path, 
     for name in ("bad name", "abc\n", "broken", ".upload-x-1234abcd", ".trash-y-1234abcd"):
         (concepts / name).mkdir(parents=True)
         (concepts / name / "artifact.json").write_text("{}")
-    with caplog.at_level(logging.WARNING, logger="compinv_rt.serve"):
+    with caplog.at_level(logging.WARNING, logger="compinv_rt.apps.serve"):
         engine = _engine(tiny_model, concepts)
     assert engine.list_concepts() == []
     assert sorted(p.name for p in concepts.iterdir()) == ["abc\n", "bad name", "broken"]
@@ -293,7 +293,7 @@ def test_start_up_skips_bad_folders_and_removes_leftovers(tiny_model, tmp_path, 
 def test_delete_is_atomic(tiny_model, trained, tmp_path, monkeypatch):
     """Defect 6: a delete that dies half-way (here: rmtree removes one file, then fails) leaves no
     half concept behind: the next start serves the others and removes the rest."""
-    from compinv_rt.serve import engine as engine_mod
+    from compinv_rt.apps.serve import engine as engine_mod
 
     concepts = tmp_path / "concepts"
     shutil.copytree(trained.out, concepts / "heart")
@@ -317,7 +317,7 @@ def test_delete_is_atomic(tiny_model, trained, tmp_path, monkeypatch):
 
 def test_retry_after_ignores_fast_failing_batches():
     """Defect 7: five instant failures after one 0.4 s batch must not shrink the wait estimate."""
-    from compinv_rt.serve.batcher import Batcher
+    from compinv_rt.apps.serve.batcher import Batcher
 
     def run(items, should_stop):
         if items[0] == "slow":
@@ -361,12 +361,12 @@ def test_no_server_paths_or_cli_flags_in_responses(tiny_model, tmp_path):
 
 
 def test_access_log_has_request_ids(caplog):
-    with caplog.at_level(logging.INFO, logger="compinv_rt.serve"), _server(ScriptedEngine()) as srv:
+    with caplog.at_level(logging.INFO, logger="compinv_rt.apps.serve"), _server(ScriptedEngine()) as srv:
         r = httpx.post(f"{srv.url}/v1/generate", json={"prompt": "a"})
         mine = httpx.get(f"{srv.url}/health", headers={"X-Request-ID": "client-id-1"})
     rid = r.headers["x-request-id"]
     assert mine.headers["x-request-id"] == "client-id-1"
-    lines = [rec.getMessage() for rec in caplog.records if rec.name == "compinv_rt.serve.access"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "compinv_rt.apps.serve.access"]
     assert any("POST /v1/generate" in ln and " 200 " in ln and rid in ln for ln in lines), lines
     assert any("client-id-1" in ln for ln in lines)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compinv_rt.errors import ArtifactError, ConfigError
-from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
-from compinv_rt.session import GenerationSession, Request
+from compinv_rt.core.errors import ArtifactError, ConfigError
+from compinv_rt.generate.session import GenerationSession, Request
+from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
 from compinv_rt.spatial.layouts import boxes_layout
 from compinv_rt.spatial.plan import SpatialConfig
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
-from compinv_rt.errors import ArtifactError, ConfigError
+from compinv_rt.apps.cli import app
+from compinv_rt.core.errors import ArtifactError, ConfigError
 from compinv_rt.spatial.bias_maps import MAX_STRENGTH, bias_batch, bias_map, region_mask, resolve_steps
 from compinv_rt.spatial.heatmaps import box_from_map
 from compinv_rt.spatial.layouts import (
@@ -139,7 +139,7 @@ def test_bias_map_values(tokenizer):
 
 
 def test_bias_is_finite_in_fp16_at_max_strength(tokenizer, loaded):
-    from compinv_rt.spatial.attention import bias_for_layer
+    from compinv_rt.unet.attention import bias_for_layer
 
     layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
     bias = bias_map(layout, MAX_STRENGTH, 16, 16, dtype=torch.float16)
@@ -152,7 +152,7 @@ def test_bias_is_finite_in_fp16_at_max_strength(tokenizer, loaded):
     # a half-precision UNet step with the strongest bias stays finite
     import copy
 
-    from compinv_rt.spatial.attention import BiasedUNet
+    from compinv_rt.unet.attention import BiasedUNet
 
     unet = BiasedUNet(copy.deepcopy(loaded.unet).to(torch.float16))
     with torch.no_grad():
@@ -178,7 +178,7 @@ def test_bias_steps_rejects(value):
 def test_denoise_biases_only_the_conditional_half_and_first_steps():
     from diffusers import DDIMScheduler
 
-    from compinv_rt.runtime.denoise import denoise
+    from compinv_rt.sampling.denoise import denoise
 
     seen = []
 
@@ -202,15 +202,15 @@ def test_denoise_biases_only_the_conditional_half_and_first_steps():
 
 
 def _cross_layer(unet):
-    from compinv_rt.spatial.capture import cross_attention_layers
+    from compinv_rt.unet.capture import cross_attention_layers
 
     name, attn = next(iter(cross_attention_layers(unet).items()))
     return name, attn
 
 
 def test_capture_processor_matches_bias_processor(loaded):
-    from compinv_rt.spatial.attention import BiasAttnProcessor
-    from compinv_rt.spatial.capture import CaptureAttnProcessor
+    from compinv_rt.unet.attention import BiasAttnProcessor
+    from compinv_rt.unet.capture import CaptureAttnProcessor
 
     _, attn = _cross_layer(loaded.unet)
     g = torch.Generator().manual_seed(0)
@@ -231,7 +231,7 @@ def test_capture_processor_matches_bias_processor(loaded):
 
 def _in_region_share(loaded, backend_bias, tokenizer, steps=4):
     """Mean attention of the concept tokens inside their boxes / everywhere, with a recorder."""
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
     from compinv_rt.spatial.bias_maps import concept_masks
     from compinv_rt.spatial.heatmaps import AttentionRecorder, box_from_map
     from compinv_rt.spatial.layout_model import box_iou
@@ -277,7 +277,7 @@ def test_box_from_map_keeps_the_peak_component():
 def test_guidance_layers_follow_the_reference_structure(up_types, expected_up):
     from diffusers import UNet2DConditionModel
 
-    from compinv_rt.spatial.capture import guidance_layers
+    from compinv_rt.unet.capture import guidance_layers
 
     down = tuple("CrossAttnDownBlock2D" if t == "CrossAttnUpBlock2D" else "DownBlock2D"
                  for t in reversed(up_types))
@@ -292,9 +292,9 @@ def test_guidance_layers_follow_the_reference_structure(up_types, expected_up):
 def test_guidance_lowers_the_layout_loss_and_only_early(loaded, tokenizer):
     from diffusers import DDIMScheduler
 
-    from compinv_rt.runtime.backends import TorchBackend
-    from compinv_rt.runtime.pipeline import Pipeline
+    from compinv_rt.sampling.pipeline import Pipeline
     from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance, step_size
+    from compinv_rt.unet.backends import TorchBackend
 
     layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
     backend = TorchBackend(loaded.unet)
@@ -468,8 +468,8 @@ def test_pair_prompts_take_one_or_two_concept_templates():
 def test_world_data_captions_state_places_as_the_world_makes_them(tmp_path):
     """`layout world-data` writes the world's own captions: with --places stated every object's
     place and size is in the caption and its ground-truth box lies in that place."""
+    from compinv_rt.apps.world.scenes import in_place, parse_prompt
     from compinv_rt.spatial.layout_model import read_jsonl
-    from compinv_rt.world.scenes import in_place, parse_prompt
 
     def rows(*args):
         out = tmp_path / f"{len(list(tmp_path.iterdir()))}.jsonl"
@@ -595,9 +595,9 @@ def test_bad_spatial_input_is_one_clear_line(tiny_model, tmp_path, extra, messag
 def test_layout_phrase_with_a_multi_vector_concept_biases_every_vector(tiny_model, tmp_path):
     """`--concept` expands a placeholder into all its vectors; a layout phrase naming the
     placeholder covers every vector (and --layout auto finds them in the expanded prompt)."""
+    from compinv_rt.apps.world.photos import make_photos
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept
-    from compinv_rt.world.photos import make_photos
 
     make_photos(tmp_path / "photos", count=2, size=64)
     cfg = TrainConfig(token="<my-heart>", class_word="heart", vectors=2, steps=1, batch=1,
@@ -617,7 +617,7 @@ def test_layout_phrase_with_a_multi_vector_concept_biases_every_vector(tiny_mode
 
 
 def test_logit_spread_is_the_std_of_the_logits_over_keys():
-    from compinv_rt.spatial.attention import logit_spread
+    from compinv_rt.unet.attention import logit_spread
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 64, 16, generator=g), torch.randn(2, 4, 77, 16, generator=g) * 3
@@ -628,7 +628,7 @@ def test_logit_spread_is_the_std_of_the_logits_over_keys():
 def test_adaptive_processor_adds_the_bias_times_the_layers_spread(loaded):
     """gain [0, g]: softmax(QK^T/sqrt(d) + g * std_keys(QK^T/sqrt(d)) * bias) V, per head and
     query; [1, 0] is the fixed bias; [a, b] is their sum."""
-    from compinv_rt.spatial.attention import BiasAttnProcessor
+    from compinv_rt.unet.attention import BiasAttnProcessor
 
     _, attn = _cross_layer(loaded.unet)
     g = torch.Generator().manual_seed(0)
@@ -662,7 +662,7 @@ def test_adaptive_bias_is_finite_in_half_precision(tokenizer, loaded, dtype):
     """The strongest map times a huge gain saturates at the finite floor, never -inf or NaN."""
     import copy
 
-    from compinv_rt.spatial.attention import BIAS_LIMIT, BiasedUNet, adaptive_bias, bias_for_layer
+    from compinv_rt.unet.attention import BIAS_LIMIT, BiasedUNet, adaptive_bias, bias_for_layer
 
     layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
     bias = bias_map(layout, MAX_STRENGTH, 16, 16, dtype=dtype)[None]
@@ -691,7 +691,7 @@ def test_bias_schedule_over_the_noise_level():
 def test_denoise_feeds_one_gain_per_biased_step():
     from diffusers import DDIMScheduler
 
-    from compinv_rt.runtime.denoise import denoise
+    from compinv_rt.sampling.denoise import denoise
     from compinv_rt.spatial.bias_maps import BiasSchedule
 
     seen = []
@@ -715,7 +715,7 @@ def test_denoise_feeds_one_gain_per_biased_step():
 
 
 def test_adaptive_bias_moves_concept_attention_into_its_region(loaded, tokenizer):
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
     from compinv_rt.spatial.bias_maps import BiasSchedule, concept_masks
     from compinv_rt.spatial.heatmaps import AttentionRecorder
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compinv_rt.cli import app
+from compinv_rt.apps.cli import app
 
 runner = CliRunner()
 TOKEN = "<my-heart>"  # the token of the `trained` fixture (conftest.py)
@@ -33,8 +33,8 @@ def _table(text_encoder) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_only_placeholder_rows_change_and_every_vector_trains(trained, tiny_model):
+    from compinv_rt.models.artifact import read_embedding_file
     from compinv_rt.models.loading import load_model
-    from compinv_rt.train.artifact import read_embedding_file
 
     fresh = load_model(str(tiny_model), device="cpu")
     before, after = _table(fresh.text_encoder), _table(trained.model.text_encoder)
@@ -52,8 +52,8 @@ def test_only_placeholder_rows_change_and_every_vector_trains(trained, tiny_mode
 
 
 def test_placeholder_embedding_gradient_reaches_only_the_vectors(tiny_model):
+    from compinv_rt.models import tokens as T
     from compinv_rt.models.loading import load_model
-    from compinv_rt.train import tokens as T
 
     m = load_model(str(tiny_model), device="cpu")
     ids = T.add_placeholders(m.tokenizer, m.text_encoder, "<x>", 3)
@@ -77,7 +77,7 @@ def test_placeholder_embedding_gradient_reaches_only_the_vectors(tiny_model):
 
 @pytest.mark.slow
 def test_artifact_json_and_files(trained):
-    from compinv_rt.train.artifact import file_sha256
+    from compinv_rt.models.artifact import file_sha256
 
     art = json.loads((trained.out / "artifact.json").read_text())
     assert art["schema_version"] == 1 and art["token"] == TOKEN
@@ -102,9 +102,9 @@ def test_stock_diffusers_loads_the_embeddings(trained, tiny_model, stock_pipelin
     works too; and the text encoder then sees exactly what our load_concepts gives."""
     from safetensors.torch import load_file
 
+    from compinv_rt.models.concepts import expand_prompt, load_concepts
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.pipeline import Pipeline
-    from compinv_rt.train.artifact import expand_prompt, load_concepts
+    from compinv_rt.sampling.pipeline import Pipeline
 
     path = trained.out / "embeddings.safetensors"
     sd = load_file(str(path))
@@ -151,9 +151,9 @@ def test_generate_with_concept_matches_stock_diffusers(trained, tiny_model, tmp_
 
 @pytest.mark.slow
 def test_concept_from_another_base_model_is_refused(trained, tiny_vpred_model, tmp_path):
-    from compinv_rt.errors import ArtifactError
+    from compinv_rt.core.errors import ArtifactError
+    from compinv_rt.models.concepts import load_concepts
     from compinv_rt.models.loading import load_model
-    from compinv_rt.train.artifact import load_concepts
 
     m = load_model(str(tiny_vpred_model), device="cpu")
     with pytest.raises(ArtifactError, match="another base model"):
@@ -372,7 +372,7 @@ def test_resume_refuses_a_different_config(trained, photos, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_kill_9_repeats_the_uninterrupted_run(tiny_model, photos, tmp_path):
-    from compinv_rt.train.artifact import read_embedding_file
+    from compinv_rt.models.artifact import read_embedding_file
 
     every, steps = 10, 150
     args = ["train", "--images", str(photos), "--token", TOKEN, "--class-word", "heart",
@@ -380,7 +380,7 @@ def test_resume_after_kill_9_repeats_the_uninterrupted_run(tiny_model, photos, t
             "--seed", "3", *FAST]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "compinv_rt.cli", *args, "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "compinv_rt.apps.cli", *args, "--out", str(out)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = out / "checkpoints"
     deadline = time.time() + 150
@@ -416,7 +416,7 @@ def test_resume_after_kill_9_repeats_the_uninterrupted_run(tiny_model, photos, t
 def test_world_photos_write_background_captions_and_subject_masks(photos):
     from PIL import Image
 
-    from compinv_rt.world.scenes import BG_PHRASES, _box_from_mask
+    from compinv_rt.apps.world.scenes import BG_PHRASES, _box_from_mask
 
     concept = json.loads((photos / "concept.json").read_text())
     captions = json.loads((photos / "captions.json").read_text())
@@ -434,7 +434,7 @@ def test_world_photos_write_background_captions_and_subject_masks(photos):
 def test_captions_auto_file_and_none(photos, tmp_path):
     import shutil
 
-    from compinv_rt.errors import ConfigError
+    from compinv_rt.core.errors import ConfigError
     from compinv_rt.train.data import list_images, read_captions
 
     files = list_images(photos)
@@ -495,7 +495,7 @@ def test_masks_are_soft_and_follow_the_augmentation(photos):
 
 
 def test_context_token_is_trained_and_never_saved(tiny_model, photos, tmp_path):
-    from compinv_rt.train.artifact import read_embedding_file
+    from compinv_rt.models.artifact import read_embedding_file
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept
 
@@ -527,8 +527,8 @@ def test_norm_specs_parse():
 
 @pytest.mark.parametrize("spec,factor", [("vocab", 1.0), ("vocab:2", 2.0)])
 def test_norm_constraint_keeps_the_vocabulary_norm(spec, factor, tiny_model, photos, tmp_path):
+    from compinv_rt.models.artifact import read_embedding_file
     from compinv_rt.train.analysis import vocabulary_ids
-    from compinv_rt.train.artifact import read_embedding_file
     from compinv_rt.train.config import TrainConfig
     from compinv_rt.train.loop import prepare, train_concept
     from compinv_rt.train.regularizers import vocabulary_norm
@@ -546,8 +546,8 @@ def test_norm_constraint_keeps_the_vocabulary_norm(spec, factor, tiny_model, pho
 
 
 def test_context_regularizer_compares_the_other_tokens_only(tiny_model):
+    from compinv_rt.models import tokens as T
     from compinv_rt.models.loading import load_model
-    from compinv_rt.train import tokens as T
     from compinv_rt.train.regularizers import ContextRegularizer
 
     m = load_model(str(tiny_model), device="cpu")

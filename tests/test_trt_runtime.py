@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import fake_tensorrt as ft  # noqa: E402
 
-from compinv_rt.errors import EngineMismatch  # noqa: E402
-from compinv_rt.export.iospec import BatchProfile, Precision, UNetIOSpec  # noqa: E402
+from compinv_rt.core.errors import EngineMismatch  # noqa: E402
+from compinv_rt.unet.iospec import BatchProfile, Precision, UNetIOSpec  # noqa: E402
 
 MAIN_STREAM, CAPTURE_STREAM = 7, 99
 
@@ -35,7 +35,7 @@ class FakeGraph:
 @pytest.fixture
 def trt(monkeypatch):
     """Inject the stand-in and a torch.cuda that records instead of touching a GPU."""
-    from compinv_rt.runtime.trt_backend import CudaOps
+    from compinv_rt.engines.trt_backend import CudaOps
 
     monkeypatch.setitem(sys.modules, "tensorrt", ft)
     ft.CALLS.clear()
@@ -79,7 +79,7 @@ def _engine(tmp_path, profiles, dtype="FLOAT", memory=4096, spec=None):
 
 
 def _backend(tmp_path, profiles, cuda_graphs=True, spec=None, plan_profiles=None, plan_spec=None, **plan):
-    from compinv_rt.runtime.trt_backend import TensorRTBackend
+    from compinv_rt.engines.trt_backend import TensorRTBackend
 
     engine = _engine(tmp_path, plan_profiles or profiles, spec=plan_spec or spec, **plan)
     return TensorRTBackend(engine, spec or _spec(), profiles, torch.device("cpu"), cuda_graphs=cuda_graphs)
@@ -175,7 +175,7 @@ def test_engine_must_match_its_manifest(trt, tmp_path):
     with pytest.raises(EngineMismatch, match="profile 0 takes batches 2-8"):
         _backend(tmp_path, [BatchProfile(2, 4, 4)], plan_profiles=[BatchProfile(2, 4, 8)])
     (tmp_path / "unet.plan").write_bytes(b"\x00not a plan")
-    from compinv_rt.runtime.trt_backend import TensorRTBackend
+    from compinv_rt.engines.trt_backend import TensorRTBackend
 
     with pytest.raises(EngineMismatch, match="could not deserialize"):
         TensorRTBackend(tmp_path, _spec(), [BatchProfile(2, 2, 2)], torch.device("cpu"))
@@ -210,7 +210,7 @@ def test_fake_checks_every_dimension_and_the_backend_checks_the_plan(trt, tmp_pa
 
 def test_results_land_only_at_a_stream_ordered_point(trt, tmp_path, monkeypatch):
     """Asynchronous execution: a read that is not ordered after the engine's work sees NaN."""
-    from compinv_rt.runtime.trt_backend import CudaOps
+    from compinv_rt.engines.trt_backend import CudaOps
 
     x = _inputs(2, seed=5)
     monkeypatch.setattr(CudaOps, "ordered", lambda self: None)  # a read not ordered after the work
@@ -222,7 +222,7 @@ def test_results_land_only_at_a_stream_ordered_point(trt, tmp_path, monkeypatch)
 
 
 def test_capture_without_a_finished_warm_up_run_fails(trt, tmp_path, monkeypatch):
-    from compinv_rt.runtime.trt_backend import CudaOps
+    from compinv_rt.engines.trt_backend import CudaOps
 
     synchronize = CudaOps.synchronize
     backend = _backend(tmp_path, [BatchProfile(2, 2, 2)])
@@ -242,7 +242,7 @@ def test_every_tensorrt_call_runs_on_the_backends_gpu(trt, tmp_path, monkeypatch
     """--device cuda:N: TensorRT works on the current device, so every call is inside the guard."""
     from contextlib import contextmanager
 
-    from compinv_rt.runtime.trt_backend import CudaOps
+    from compinv_rt.engines.trt_backend import CudaOps
 
     entered = []
     monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextmanager(lambda: (yield))())

@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compinv_rt.world import scenes as S
-from compinv_rt.world.cli import world_app
+from compinv_rt.apps.world import scenes as S
+from compinv_rt.apps.world.cli import world_app
 
 
 def test_generator_is_deterministic_and_boxes_hold_the_objects():
@@ -90,7 +90,7 @@ def test_heldout_split_is_respected():
 
 
 def test_embedded_judge_reads_clean_scenes():
-    from compinv_rt.world.judge import evaluate_judge, load_judge
+    from compinv_rt.apps.world.judge import evaluate_judge, load_judge
 
     judge = load_judge()
     acc = evaluate_judge(judge, n=60, seed0=123_456_789)
@@ -140,7 +140,7 @@ def _copy_run(tiny_run, tmp_path):
     import dataclasses
     import shutil
 
-    from compinv_rt.world.recipe import RecipeConfig
+    from compinv_rt.apps.world.recipe import RecipeConfig
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -150,7 +150,7 @@ def _copy_run(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_recipe_smoke_and_resume(tiny_run, tmp_path):
-    from compinv_rt.world.recipe import RecipeConfig, _load_tensors, list_snapshots
+    from compinv_rt.apps.world.recipe import RecipeConfig, _load_tensors, list_snapshots
 
     gate = json.loads((tiny_run / "gate.json").read_text())
     assert gate["passed"] is False and 0 <= gate["exact_object_set_recon"] <= 1
@@ -174,7 +174,7 @@ def test_recipe_resume_is_bit_identical_to_an_uninterrupted_run(tiny_run, tmp_pa
     the snapshots of steps 2 and 4 are not written again."""
     import shutil
 
-    from compinv_rt.world.recipe import _load_tensors, train_unet
+    from compinv_rt.apps.world.recipe import _load_tensors, train_unet
 
     resumed, cfg_resumed = _copy_run(tiny_run, tmp_path / "a")
     fresh, cfg_fresh = _copy_run(tiny_run, tmp_path / "b")
@@ -193,7 +193,7 @@ def test_recipe_resume_is_bit_identical_to_an_uninterrupted_run(tiny_run, tmp_pa
 
 @pytest.mark.slow
 def test_exported_model_loads_in_stock_pipeline_and_scores(tiny_run, tmp_path):
-    from compinv_rt.world.score import ScoreConfig, load_pipeline, score
+    from compinv_rt.apps.world.score import ScoreConfig, load_pipeline, score
 
     model = tiny_run / "model"
     idx = json.loads((model / "model_index.json").read_text())
@@ -210,8 +210,8 @@ def test_exported_model_loads_in_stock_pipeline_and_scores(tiny_run, tmp_path):
 
 
 def test_check_requires_every_stated_attribute():
-    from compinv_rt.world.judge import Detection, Judgement
-    from compinv_rt.world.score import check
+    from compinv_rt.apps.world.judge import Detection, Judgement
+    from compinv_rt.apps.world.score import check
 
     spec = S.parse_prompt("a red star and a blue circle on grass")
     d_star = Detection("star", "red", "plain", 0.9, (0, 0, 10, 10), "left")
@@ -226,7 +226,7 @@ def test_check_requires_every_stated_attribute():
 @pytest.mark.slow
 def test_data_parallel_resume_matches_the_recipe(tiny_run, tmp_path):
     """Two data-parallel processes (gloo) continue the tiny run and write one checkpoint."""
-    from compinv_rt.world.recipe import _load_tensors, train_unet_parallel
+    from compinv_rt.apps.world.recipe import _load_tensors, train_unet_parallel
 
     run, cfg = _copy_run(tiny_run, tmp_path)
     res = train_unet_parallel(cfg, 2, steps=8)
@@ -266,7 +266,7 @@ def test_place_of_and_in_place_agree_on_the_bounds():
 
 
 def test_cached_scene_records_keep_boxes_and_captions_are_redrawn():
-    from compinv_rt.world.recipe import _scene_record, caption_for
+    from compinv_rt.apps.world.recipe import _scene_record, caption_for
 
     sc, _ = S.sample_scene(7)
     rec = json.loads(json.dumps(_scene_record(sc)))  # as stored in the cache's JSON metadata
@@ -308,8 +308,8 @@ def test_new_heldout_kinds_are_held_out_and_state_what_they_claim():
 
 
 def test_check_scores_places_and_combination_table_lists_worst_cells():
-    from compinv_rt.world.judge import Detection, Judgement
-    from compinv_rt.world.score import check, combination_table
+    from compinv_rt.apps.world.judge import Detection, Judgement
+    from compinv_rt.apps.world.score import check, combination_table
 
     spec = S.parse_prompt("a small red star at the top left and a large blue circle on the right on grass")
     star = Detection("star", "red", "plain", 0.9, (2, 2, 20, 20), "left")
@@ -337,7 +337,7 @@ def test_gpu_mode_path_on_cpu_init_from_and_compact_resume(tiny_run, tmp_path):
     model, and a compact checkpoint (fp16, no optimizer) resumes a fresh run directory."""
     from safetensors.torch import load_file
 
-    from compinv_rt.world.recipe import _load_tensors
+    from compinv_rt.apps.world.recipe import _load_tensors
 
     init = tiny_run / "model"
     run = tmp_path / "v2"
@@ -389,8 +389,8 @@ def test_grown_unet_starts_exactly_equal_to_the_shipped_one():
 
     from safetensors.torch import load_file
 
-    from compinv_rt.errors import ModelError
-    from compinv_rt.world.model import ArchConfig, build_unet, default_model_dir, grow_unet
+    from compinv_rt.apps.world.model import ArchConfig, build_unet, default_model_dir, grow_unet
+    from compinv_rt.core.errors import ModelError
 
     w = {k: v.float() for k, v in
          load_file(str(default_model_dir() / "unet" / "diffusion_pytorch_model.safetensors")).items()}
@@ -423,7 +423,7 @@ def test_grown_unet_starts_exactly_equal_to_the_shipped_one():
 
 
 def test_ship_rule_two_proportion_test_and_intervals():
-    from compinv_rt.world.score import compare, compare_markdown, two_proportion_p, wilson
+    from compinv_rt.apps.world.score import compare, compare_markdown, two_proportion_p, wilson
 
     lo, hi = wilson(121, 125)
     assert lo < 121 / 125 < hi and 0.9 < lo and hi < 0.995

@@ -46,7 +46,7 @@ N_TUNE = 44
 
 
 def split_prompts(split: str) -> list[str]:
-    from compinv_rt.world.scenes import heldout_prompts
+    from compinv_rt.apps.world.scenes import heldout_prompts
 
     pool = heldout_prompts("two", 10_000)  # all of them, in a fixed order
     order = np.random.default_rng(SPLIT_SEED).permutation(len(pool))
@@ -71,9 +71,9 @@ def engine_cost(loaded, batch: int, repeats: int) -> dict:
 
     import onnxruntime as ort
 
-    from compinv_rt.export.iospec import INPUTS, UNetIOSpec, batch_profiles
     from compinv_rt.export.onnx_export import export_onnx
-    from compinv_rt.spatial.attention import BiasedUNet
+    from compinv_rt.unet.attention import BiasedUNet
+    from compinv_rt.unet.iospec import INPUTS, UNetIOSpec, batch_profiles
 
     spec = UNetIOSpec.for_model(loaded.files, loaded.files.default_size, loaded.files.default_size,
                                 "fp32")
@@ -119,12 +119,12 @@ def main(argv=None) -> dict:
 
     from tqdm import tqdm
 
+    from compinv_rt.apps.world.judge import load_judge
+    from compinv_rt.generate.session import GenerationSession, Request
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.pipeline import SamplingConfig
-    from compinv_rt.session import GenerationSession, Request
+    from compinv_rt.sampling.pipeline import SamplingConfig
     from compinv_rt.spatial.layouts import fixed_layout
     from compinv_rt.spatial.plan import SpatialConfig
-    from compinv_rt.world.judge import load_judge
 
     variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     if variants[0] != "none":

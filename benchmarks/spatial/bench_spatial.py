@@ -45,11 +45,11 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.backends import TorchBackend
-    from compinv_rt.runtime.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
     from compinv_rt.spatial.bias_maps import BiasSchedule, bias_batch
     from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
     from compinv_rt.spatial.layouts import parse_layout, resolve_layout
+    from compinv_rt.unet.backends import TorchBackend
 
     model = args.model
     if args.arch:

@@ -19,8 +19,8 @@ from collections import defaultdict
 
 import torch
 
+from compinv_rt.apps.world.scenes import parse_prompt
 from compinv_rt.spatial.layout_model import box_iou, read_jsonl
-from compinv_rt.world.scenes import parse_prompt
 
 
 def best_box_iou(boxes: list) -> float:

@@ -27,7 +27,7 @@ import torch
 
 def score(judge, images, prompt: str, layout) -> list[tuple[bool, bool]]:
     """(present, in region) per image of `prompt`, judged against the layout's boxes."""
-    from compinv_rt.world.scenes import parse_prompt
+    from compinv_rt.apps.world.scenes import parse_prompt
 
     verdicts = judge(np.stack([np.asarray(im) for im in images]))
     spec = parse_prompt(prompt)
@@ -68,15 +68,15 @@ def main(argv=None) -> dict:
 
     import dataclasses
 
+    from compinv_rt.apps.world.judge import load_judge
+    from compinv_rt.apps.world.scenes import heldout_prompts
+    from compinv_rt.generate.session import GenerationSession, Request
     from compinv_rt.models.loading import load_model
-    from compinv_rt.runtime.pipeline import SamplingConfig
-    from compinv_rt.session import GenerationSession, Request
-    from compinv_rt.spatial.capture import cross_attention_layers
+    from compinv_rt.sampling.pipeline import SamplingConfig
     from compinv_rt.spatial.guidance import GuidanceConfig
     from compinv_rt.spatial.layouts import fixed_layout
     from compinv_rt.spatial.plan import SpatialConfig
-    from compinv_rt.world.judge import load_judge
-    from compinv_rt.world.scenes import heldout_prompts
+    from compinv_rt.unet.capture import cross_attention_layers
 
     loaded = load_model(args.model)
     judge = load_judge()

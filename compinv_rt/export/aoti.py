@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from compinv_rt.errors import ExportError
-from compinv_rt.export.iospec import INPUTS, BatchProfile, UNetIOSpec
+from compinv_rt.core.errors import ExportError
+from compinv_rt.unet.iospec import INPUTS, BatchProfile, UNetIOSpec
 
 
 def package_name(profile: BatchProfile) -> str:
@@ -18,7 +18,7 @@ def export_aoti(unet, spec: UNetIOSpec, profiles: list[BatchProfile], out_dir: P
                 device: str, freezing: bool = False) -> list[str]:
     import torch
 
-    from compinv_rt.spatial.attention import BiasedUNet
+    from compinv_rt.unet.attention import BiasedUNet
 
     module = BiasedUNet(copy.deepcopy(unet).to(device=device, dtype=spec.precision.torch_dtype)).eval()
     names = []

@@ -10,8 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from compinv_rt.errors import BackendUnavailable, EngineMismatch
-from compinv_rt.export.iospec import BatchProfile, UNetIOSpec
+from compinv_rt.core.errors import BackendUnavailable, EngineMismatch
 from compinv_rt.export.manifest import (
     EngineFormat,
     EngineRequest,
@@ -21,6 +20,7 @@ from compinv_rt.export.manifest import (
     verify_engine,
     write_manifest,
 )
+from compinv_rt.unet.iospec import BatchProfile, UNetIOSpec
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def export_engine(fmt: EngineFormat, model, spec: UNetIOSpec, profiles: list[Bat
 def remove_stale_builds(root: Path) -> list[Path]:
     """Temp folders of builds whose process is gone (killed mid-export): `.<dirname>.<pid>.XXXX`.
     A build still running in another process keeps its folder."""
-    from compinv_rt.outputs import pid_alive
+    from compinv_rt.core.outputs import pid_alive
 
     removed = []
     for p in Path(root).glob(".*-*.*.*"):

@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
-from compinv_rt.errors import EngineMismatch
-from compinv_rt.export.iospec import INPUTS, BatchProfile, UNetIOSpec
-from compinv_rt.outputs import atomic_write_json
+from compinv_rt.core.errors import EngineMismatch
+from compinv_rt.core.outputs import atomic_write_json
+from compinv_rt.unet.iospec import INPUTS, BatchProfile, UNetIOSpec
 
 SCHEMA_VERSION = 2  # 2: a seal binds the engine files' hashes to the key
 MANIFEST = "manifest.json"
@@ -155,7 +155,7 @@ def read_manifest(engine_dir: Path) -> dict:
     path = Path(engine_dir) / MANIFEST
     if not path.is_file():
         raise EngineMismatch(f"{engine_dir} is not an engine folder: {MANIFEST} is missing")
-    from compinv_rt.schemas import check_manifest, loads_strict
+    from compinv_rt.core.schemas import check_manifest, loads_strict
 
     try:
         manifest = loads_strict(path.read_text())

@@ -11,8 +11,8 @@ import warnings
 from enum import Enum
 from pathlib import Path
 
-from compinv_rt.errors import ConfigError, ExportError
-from compinv_rt.export.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
+from compinv_rt.core.errors import ConfigError, ExportError
+from compinv_rt.unet.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def export_onnx(unet, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
     import onnx
     import torch
 
-    from compinv_rt.spatial.attention import BiasedUNet
+    from compinv_rt.unet.attention import BiasedUNet
 
     check_opset(exporter, opset)
     _require_folding_tools()  # before any work: a missing package is one error line, not a traceback

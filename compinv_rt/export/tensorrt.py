@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from compinv_rt.export.iospec import INPUTS, BatchProfile, Precision, UNetIOSpec
+from compinv_rt.core.types import Precision
+from compinv_rt.unet.iospec import INPUTS, BatchProfile, UNetIOSpec
 
 PLAN_FILE = "unet.plan"
 
@@ -47,7 +48,7 @@ def timing_cache_path(engines_root: Path, device_tag: str, trt_version: str) -> 
 def trt_build_settings(spec: UNetIOSpec, profiles: list[BatchProfile], optimization_level: int,
                        timing_cache: Path) -> TrtBuildSettings:
     if not 0 <= optimization_level <= 5:
-        from compinv_rt.errors import ConfigError
+        from compinv_rt.core.errors import ConfigError
 
         raise ConfigError(f"--optimization-level must be 0-5, got {optimization_level}")
     shapes = []
@@ -61,7 +62,7 @@ def build_tensorrt_engine(onnx_path: Path, settings: TrtBuildSettings, out_dir: 
     """Parse the ONNX file, build one plan with one profile per bucket, save it. Needs TensorRT."""
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
 
-    from compinv_rt.errors import ExportError
+    from compinv_rt.core.errors import ExportError
 
     profiles = []
     for shapes in settings.profiles:
@@ -79,7 +80,7 @@ def build_tensorrt_engine(onnx_path: Path, settings: TrtBuildSettings, out_dir: 
         raise ExportError(f"TensorRT build failed: {str(exc).splitlines()[0]}") from exc
     if plan is None:
         raise ExportError("TensorRT build failed (see the TensorRT log above)")
-    from compinv_rt.outputs import atomic_write_bytes
+    from compinv_rt.core.outputs import atomic_write_bytes
 
     atomic_write_bytes(out_dir / PLAN_FILE, bytes(plan))
     return PLAN_FILE

@@ -12,10 +12,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from compinv_rt.errors import ConfigError
-from compinv_rt.export.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
+from compinv_rt.core.errors import ConfigError
 from compinv_rt.export.manifest import compute_capability, profiles_of, read_manifest
 from compinv_rt.export.onnx_export import EXTERNAL_DATA_FILE, ONNX_FILE
+from compinv_rt.unet.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
@@ -51,7 +51,7 @@ def config_pbtxt(name: str, platform: str, spec: UNetIOSpec, profiles: list[Batc
 def write_triton_repository(engine_dirs: list[Path], repo: Path, name: str = "unet") -> Path:
     """Place one or more engines of the same model into `repo/<name>/`: an ONNX engine, or
     TensorRT plans for different GPUs (one file per compute capability)."""
-    from compinv_rt.outputs import atomic_write_text
+    from compinv_rt.core.outputs import atomic_write_text
 
     manifests = [(Path(d), read_manifest(d)) for d in engine_dirs]
     formats = {m["format"] for _, m in manifests}

@@ -1,11 +1,11 @@
-"""The embedded default model: a tiny Stable Diffusion trained on the shapes world (compinv_rt.world),
+"""The embedded default model: a tiny Stable Diffusion trained on the shapes world (compinv_rt.apps.world),
 shipped inside the package so every command works out of the box."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from compinv_rt.errors import ModelError
+from compinv_rt.core.errors import ModelError
 
 EMBEDDED_ROOT = Path(__file__).resolve().parent.parent / "embedded"
 EMBEDDED_MODEL_DIR = EMBEDDED_ROOT / "shapes_sd"

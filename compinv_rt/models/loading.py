@@ -15,8 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compinv_rt.errors import ModelError
-from compinv_rt.export.iospec import Precision
+from compinv_rt.core.errors import ModelError
+from compinv_rt.core.types import Precision
 
 if TYPE_CHECKING:
     import torch
@@ -229,7 +229,7 @@ def content_hash(files: list[Path]) -> str:
             changed = True
         total.update(digest.encode())
     if changed:
-        from compinv_rt.outputs import atomic_write_text
+        from compinv_rt.core.outputs import atomic_write_text
 
         try:
             atomic_write_text(cache_file, json.dumps(cache))
@@ -262,8 +262,8 @@ class LoadedModel:
 def pick_device(name: str = "auto"):
     import torch
 
-    from compinv_rt.errors import BackendUnavailable, ConfigError
-    from compinv_rt.schemas import DEVICE
+    from compinv_rt.core.errors import BackendUnavailable, ConfigError
+    from compinv_rt.core.schemas import DEVICE
 
     if not DEVICE.match(str(name)):
         raise ConfigError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {name!r}")

@@ -15,7 +15,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from compinv_rt.errors import ModelError
+from compinv_rt.core.errors import ModelError
 
 VOCAB_SIZE = 49408
 MAX_LENGTH = 77

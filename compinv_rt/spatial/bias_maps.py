@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compinv_rt.errors import ConfigError
+from compinv_rt.core.errors import ConfigError
 from compinv_rt.spatial.layouts import Layout
 
 MAX_STRENGTH = 1000.0  # far inside fp16's range (65504) even after pooling and summing

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from compinv_rt.spatial.attention import bias_for_layer
 from compinv_rt.spatial.bias_maps import concept_masks
-from compinv_rt.spatial.capture import capturing, guidance_layers
+from compinv_rt.unet.attention import bias_for_layer
+from compinv_rt.unet.capture import capturing, guidance_layers
 
 
 @dataclass(frozen=True)

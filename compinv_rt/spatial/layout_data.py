@@ -1,13 +1,13 @@
 """Layouts learned from the base model's own cross-attention on generated "A and B" (or "A") images (no
 external data; works for any base model). Ground-truth layouts of the shapes world come from
-`compinv_rt.world.layouts`."""
+`compinv_rt.apps.world.layouts`."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
 
-from compinv_rt.errors import ConfigError
+from compinv_rt.core.errors import ConfigError
 from compinv_rt.spatial.layout_model import LayoutExample
 
 
@@ -34,7 +34,7 @@ def attention_examples(loaded, prompts: list[tuple[str, tuple[str, ...]]], image
     """Generate `images_per_prompt` images per prompt with the plain base model, record its
     cross-attention (conditional half, averaged over steps, layers and heads) and read one box per
     concept: the bounding box of the cells above `threshold` of its tokens' mean map."""
-    from compinv_rt.runtime.pipeline import Pipeline
+    from compinv_rt.sampling.pipeline import Pipeline
     from compinv_rt.spatial.heatmaps import AttentionRecorder, box_from_map
     from compinv_rt.spatial.layouts import concept_tokens
 

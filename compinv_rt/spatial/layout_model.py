@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compinv_rt.errors import ArtifactError, ConfigError
+from compinv_rt.core.errors import ArtifactError, ConfigError
 from compinv_rt.spatial.layouts import MAX_CONCEPTS, check_box, concept_tokens
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def read_jsonl(path: str | Path) -> list[LayoutExample]:
 
 
 def write_jsonl(path: str | Path, examples) -> Path:
-    from compinv_rt.outputs import atomic_write_text
+    from compinv_rt.core.outputs import atomic_write_text
 
     lines = [json.dumps({"prompt": e.prompt, "phrases": list(e.phrases),
                          "boxes": [[round(v, 4) for v in b] for b in e.boxes]}) for e in examples]
@@ -245,7 +245,7 @@ def save(model: LayoutMLP, out_dir: str | Path, info: dict, half: bool = False) 
     `half`: float16 weights (half the size; `load` computes in float32 either way)."""
     from safetensors.torch import save as st_save
 
-    from compinv_rt.outputs import atomic_write_bytes, atomic_write_json
+    from compinv_rt.core.outputs import atomic_write_bytes, atomic_write_json
 
     out = Path(out_dir)
     meta = {"format_version": FORMAT_VERSION, "config": asdict(model.cfg), **info}

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from compinv_rt.errors import ConfigError
+from compinv_rt.core.errors import ConfigError
 
 MAX_CONCEPTS = 4
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1, normalized

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from compinv_rt.errors import ConfigError
+from compinv_rt.core.errors import ConfigError
 from compinv_rt.spatial.layouts import Layout, LayoutSpec, SpatialMode, parse_layout
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class SpatialConfig:
         """CLI options -> a checked config. `--spatial` defaults to bias when a layout is given;
         `--layout` defaults to auto when a spatial mode is asked for. Strength, steps and decay
         default per mode (`bias` s = 2 logits on 20 % of the steps, `adaptive` the ADAPTIVE_*)."""
-        from compinv_rt.runtime.registry import Backend
+        from compinv_rt.engines.registry import Backend
         from compinv_rt.spatial.bias_maps import check_decay, check_strength, resolve_steps
 
         spec = layout if isinstance(layout, LayoutSpec) else parse_layout(layout)

@@ -17,8 +17,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from compinv_rt.models.tokens import single_token_id
 from compinv_rt.train.config import parse_anchor_spec
-from compinv_rt.train.tokens import single_token_id
 
 _WORD = re.compile(r"^[a-z]{2,}</w>$")
 CARRIES_WEIGHT = 0.05  # an anchor "carries weight" when alpha_k >= 5% of sum(alpha)

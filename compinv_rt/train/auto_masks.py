@@ -20,10 +20,10 @@ LOW, HIGH = 0.25, 0.6  # ramp of the normalized attention map
 @torch.no_grad()
 def attention_masks(model, images: list, size: int, class_word: str, seed: int = 0) -> list:
     """One soft (size, size) mask in [0, 1] per image (PIL), from `model` (a LoadedModel)."""
-    from compinv_rt.spatial.capture import capturing
+    from compinv_rt.models.tokens import single_token_id
     from compinv_rt.spatial.heatmaps import AttentionRecorder
     from compinv_rt.train.data import square
-    from compinv_rt.train.tokens import single_token_id
+    from compinv_rt.unet.capture import capturing
 
     tok, te, unet, vae = model.tokenizer, model.text_encoder, model.unet, model.vae
     prompt = f"a photo of a {class_word.strip()}"

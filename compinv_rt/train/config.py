@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from compinv_rt.errors import ConfigError
+from compinv_rt.core.errors import ConfigError
 
 # Fields that change what a training step computes: a checkpoint may only be resumed under the
 # same values (`steps` and `checkpoint_every` may change on resume).

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compinv_rt.errors import ConfigError
+from compinv_rt.core.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +67,7 @@ def read_images(files: list[Path]) -> list:
     """Fully decode every image (a truncated file fails here, not mid-training)."""
     from PIL import Image, UnidentifiedImageError
 
-    from compinv_rt.schemas import limits
+    from compinv_rt.core.schemas import limits
 
     top = limits().max_image_pixels
     out = []

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from compinv_rt.errors import ConfigError, OutputError
+from compinv_rt.core.errors import ConfigError, OutputError
 from compinv_rt.train.config import RESUME_KEYS, TrainConfig
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def load_tokenizer(files):
         return CLIPTokenizer.from_pretrained(str(files.root), subfolder="tokenizer",
                                              local_files_only=True)
     except Exception as exc:
-        from compinv_rt.errors import ModelError
+        from compinv_rt.core.errors import ModelError
 
         raise ModelError(f"cannot load the tokenizer of {files.root}: {exc}") from None
 
@@ -107,9 +107,9 @@ def load_tokenizer(files):
 def prepare(config: TrainConfig, images_dir, model=None) -> Plan:
     """Validate everything that is cheap to validate. Raises ConfigError/ModelError."""
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
+    from compinv_rt.models.tokens import check_new_token, single_token_id
     from compinv_rt.train.anchors import resolve_anchor_words
     from compinv_rt.train.data import list_images, read_captions, read_images, read_masks
-    from compinv_rt.train.tokens import check_new_token, single_token_id
 
     image_files = list_images(images_dir)
     files = inspect_model_dir(resolve_model_dir(model))
@@ -142,7 +142,7 @@ def save_checkpoint(out: Path, step: int, vectors, target, optimizer, history: n
     import torch
     from safetensors.torch import save
 
-    from compinv_rt.outputs import atomic_write_bytes
+    from compinv_rt.core.outputs import atomic_write_bytes
 
     tensors = {"vectors": vectors.detach().float().contiguous(),
                "coefs": target.coefs.detach().float().contiguous(),
@@ -212,7 +212,7 @@ def resume_point(out: Path, cfg: TrainConfig, fingerprint: dict, status):
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
-    from compinv_rt.outputs import check_writable_dir
+    from compinv_rt.core.outputs import check_writable_dir
 
     check_writable_dir(out)
     if out.exists() and not out.is_dir():
@@ -231,7 +231,7 @@ def check_out_dir(out: Path, resume: bool) -> None:
 def _auto_masks(m, plan: Plan, out: Path, status) -> list:
     """`--masks auto`: masks from the base model's attention to the class word, saved as PNGs
     next to the artifacts (auto_masks/) so they can be checked."""
-    from compinv_rt.outputs import save_png
+    from compinv_rt.core.outputs import save_png
     from compinv_rt.train.auto_masks import attention_masks
 
     status(f"masks from the base model's attention to {plan.config.class_word!r}")
@@ -252,7 +252,7 @@ def _step_generator(seed: int, step: int, micro: int):
 
 
 def _diverged(out: Path, step: int, loss: float):
-    from compinv_rt.errors import NonFiniteError
+    from compinv_rt.core.errors import NonFiniteError
 
     kept = sorted((out / CHECKPOINTS).glob("step-*.safetensors"))
     last = (f"the last good checkpoint ({kept[-1].name}) is kept" if kept
@@ -269,14 +269,15 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     from diffusers import DDPMScheduler
 
     from compinv_rt import __version__
+    from compinv_rt.models import tokens as T
+    from compinv_rt.models.artifact import FORMAT, SCHEMA_VERSION
     from compinv_rt.models.loading import content_hash, load_model
     from compinv_rt.train import anchors as A
     from compinv_rt.train import regularizers as R
-    from compinv_rt.train import tokens as T
     from compinv_rt.train.analysis import analyze, vocabulary_ids
-    from compinv_rt.train.artifact import FORMAT, SCHEMA_VERSION, write_artifacts
     from compinv_rt.train.data import DEFAULT_TEMPLATES, build_prompts, encode_variants, images_hash, make_variants
     from compinv_rt.train.losses import diffusion_target, masked_mse
+    from compinv_rt.train.save import write_artifacts
 
     cfg = plan.config
     out = Path(out)

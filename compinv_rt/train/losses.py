@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from compinv_rt.errors import ConfigError
+from compinv_rt.core.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compinv_rt.outputs import atomic_write_bytes
+from compinv_rt.core.outputs import atomic_write_bytes
 
 
 def _smooth(y: np.ndarray, k: int) -> np.ndarray:

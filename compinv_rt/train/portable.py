@@ -21,7 +21,7 @@ import re
 from enum import Enum
 from pathlib import Path
 
-from compinv_rt.outputs import atomic_write_bytes, atomic_write_json
+from compinv_rt.core.outputs import atomic_write_bytes, atomic_write_json
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
 
@@ -56,7 +56,7 @@ def a1111_safetensors_bytes(token: str, vectors, step: int, checkpoint_hash: str
 
 def write_portable(folder: Path, fmt: EmbeddingFormat | str) -> list[Path]:
     """Write the `fmt` copies of a finished concept folder's embedding; returns their paths."""
-    from compinv_rt.train.artifact import (
+    from compinv_rt.models.artifact import (
         ARTIFACT,
         EMBEDDINGS,
         embeddings_bytes,

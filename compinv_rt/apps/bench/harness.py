@@ -1,0 +1,273 @@
+"""`compinv-rt bench`: UNet step latency, end-to-end throughput and peak memory across
+backend x batch x bias, always against stock diffusers StableDiffusionPipeline in the same run.
+
+Every cell runs one untimed warm-up generation first (compilation, engine loading, allocator
+warm-up), then `repeats` timed generations with the same seeds. Step latency is the wall time
+of each UNet call (CUDA-synchronized on GPU); end-to-end is prompt encoding + all steps + VAE
+decode, which is what a user waits for.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from compinv_rt.apps.bench.memory import PeakMemory
+
+PROMPT = "a red star and a blue circle on grass"
+STOCK = "diffusers"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    steps: int = 25
+    bias: tuple[bool, ...] = (False, True)
+    repeats: int = 2
+    guidance: float = 7.5
+    bias_strength: float = 2.0
+    prompt: str = PROMPT
+    engines_root: Path = Path("engines")
+    # "eager": stock StableDiffusionPipeline as loaded; "compiled": the same with its UNet in
+    # channels_last + torch.compile(mode="reduce-overhead"), the fastest stock PyTorch path on GPU.
+    baseline: str = "eager"
+    # Every backend and the stock baseline run at each precision; speedups are against stock at
+    # the first one (the reference), and also against stock at the cell's own precision.
+    precisions: tuple[str, ...] = ("auto",)
+    # our backends' sampler (runtime.quality); the stock baseline runs its own DDIM for
+    # `baseline_steps` (None: `steps`), so with a cheaper preset the end-to-end speed-up includes
+    # the sampler's saving (the per-step latency does not)
+    scheduler: str = "ddim"
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    baseline_steps: int | None = None
+
+
+@dataclass
+class Cell:
+    backend: str
+    batch: int
+    bias: bool
+    steps: int
+    step_ms_p50: float
+    step_ms_p90: float
+    e2e_s: float
+    images_per_s: float
+    peak_rss_mb: float
+    peak_cuda_mb: float  # torch allocator peak, increase over the cell's start (CUDA only)
+    step_speedup: float | None = None  # stock p50 / this p50
+    e2e_speedup: float | None = None  # stock e2e / this e2e
+    precision: str = "fp32"
+    e2e_speedup_same_precision: float | None = None  # vs stock at this cell's precision
+    # Device-wide (every allocator: torch, ONNX Runtime, TensorRT) peak increase over the cell's
+    # start, and what was resident at its start (loaded models, engines). CUDA only.
+    peak_device_mb: float = 0.0
+    resident_device_mb: float = 0.0
+    provider: str | None = None  # onnxruntime: the execution provider that actually ran
+
+
+@dataclass
+class BenchResult:
+    meta: dict
+    cells: list[Cell] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"meta": self.meta, "cells": [asdict(c) for c in self.cells]}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Wraps a UNet callable and records the wall time of every call."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.times = fn, device, []
+        self.name = getattr(fn, "name", "stock")
+
+    def __call__(self, *args, **kwargs):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        _sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def layout_spatial(prompt: str, strength: float, steps: int):
+    """A realistic bias on every step: the prompt's first two objects get the left / right halves."""
+    from compinv_rt.spatial.layouts import SpatialMode, boxes_layout, concept_phrases
+    from compinv_rt.spatial.plan import SpatialConfig
+
+    phrases = concept_phrases(prompt)[:2]
+    halves = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+    return SpatialConfig(SpatialMode.bias, boxes_layout(phrases, halves), strength, str(steps))
+
+
+def _measure(run, device, repeats: int, timer: StepTimer, batch: int):
+    e2e = []
+    # The warm-up is inside the memory section: ONNX Runtime's arena, CUDA-graph pools and
+    # compile workspaces are allocated there.
+    with PeakMemory(device) as mem:
+        run()  # warm-up: compilation, engine load, allocator
+        timer.times.clear()
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            e2e.append(time.perf_counter() - t0)
+    e2e_s = statistics.median(e2e)
+    return dict(step_ms_p50=1000 * _percentile(timer.times, 0.5),
+                step_ms_p90=1000 * _percentile(timer.times, 0.9), e2e_s=e2e_s,
+                images_per_s=batch / e2e_s, peak_rss_mb=mem.rss_mb, peak_cuda_mb=mem.cuda_mb,
+                peak_device_mb=mem.device_mb, resident_device_mb=mem.resident_mb)
+
+
+def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int, Cell]:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=model.dtype,
+                                                   safety_checker=None, local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(model.device)
+    timer = StepTimer(pipe.unet.forward, model.device)
+    pipe.unet.forward = timer  # instance attribute: times every UNet call of the stock loop
+    if cfg.baseline == "compiled":
+        # Like for like with our compile backend: the same compile_unet settings (mode, static
+        # shapes but for a dynamic batch dimension), channels_last on CUDA.
+        from compinv_rt.engines.compiled_backends import compile_unet, mark_batch_dynamic
+
+        if model.device.type == "cuda":
+            pipe.unet.to(memory_format=torch.channels_last)
+        compiled = compile_unet(timer.fn, model.device)
+
+        def stock_compiled(sample, timestep, encoder_hidden_states, *args, **kwargs):
+            mark_batch_dynamic(sample, encoder_hidden_states)
+            return compiled(sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+        timer.fn = stock_compiled
+    cells = {}
+    for batch in cfg.batch_sizes:
+        on_status(f"{STOCK} {model.precision.value}: batch {batch}")
+
+        def run(pipe=pipe, batch=batch):
+            pipe(cfg.prompt, num_images_per_prompt=batch, num_inference_steps=cfg.baseline_steps or cfg.steps,
+                 guidance_scale=cfg.guidance,
+                 generator=[torch.Generator().manual_seed(s) for s in range(batch)])
+
+        cells[batch] = Cell(STOCK, batch, False, cfg.baseline_steps or cfg.steps,
+                            **_measure(run, model.device, cfg.repeats, timer, batch),
+                            precision=model.precision.value)
+    del pipe
+    return cells
+
+
+def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", label: str = "",
+              on_status=lambda msg: None, on_cell=lambda result: None) -> BenchResult:
+    """`on_cell(result)` after every measured cell (the CLI rewrites its report: a run stopped by
+    a timeout keeps what it measured)."""
+    from compinv_rt import __version__
+    from compinv_rt.core.errors import BackendUnavailable
+    from compinv_rt.generate.session import GenerationSession, Request
+    from compinv_rt.models.loading import LoadedModel, load_model
+    from compinv_rt.sampling.pipeline import SamplingConfig
+    from compinv_rt.spatial.plan import SpatialConfig
+
+    # resolved precision name ("auto" -> fp32 on CPU) -> model; the first is the reference
+    models: dict[str, LoadedModel] = {}
+    for requested in cfg.precisions:
+        m = load_model(model_spec, device=device, dtype=requested)
+        models.setdefault(m.precision.value, m)
+    model = next(iter(models.values()))
+    sampling = SamplingConfig(steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
+                              guidance_interval=cfg.guidance_interval).resolved(model.files)
+    result = BenchResult(meta={
+        "model": str(model.root), "model_hash": model.hash, "label": label,
+        "device": str(model.device), "device_name": _device_name(model.device),
+        "dtype": model.precision.value, "precisions": list(models),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "compinv_rt": __version__,
+        "image_size": [sampling.height, sampling.width], "steps": cfg.steps,
+        "scheduler": str(sampling.as_dict()["scheduler"]), "guidance_interval": list(cfg.guidance_interval),
+        "unet_evaluations_per_image": sampling.unet_evaluations(),
+        "guidance": cfg.guidance, "repeats": cfg.repeats, "prompt": cfg.prompt,
+        "baseline": f"stock diffusers StableDiffusionPipeline ({cfg.baseline})",
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "skipped": [],
+    })
+    stock = {}
+    for precision, m in models.items():
+        stock[precision] = _stock_cells(str(m.root), m, cfg, on_status)
+        result.cells.extend(stock[precision].values())
+        on_cell(result)
+    reference = stock[model.precision.value]
+    for cells in list(stock.values())[1:]:
+        for batch, cell in cells.items():
+            cell.step_speedup = reference[batch].step_ms_p50 / cell.step_ms_p50
+            cell.e2e_speedup = reference[batch].e2e_s / cell.e2e_s
+    grid = ((p, m, b, n) for p, m in models.items() for b in cfg.backends for n in cfg.batch_sizes)
+    unavailable = set()
+    height, width = sampling.size
+    for precision, model, backend, batch in grid:
+        if (backend, precision) in unavailable:
+            continue
+        on_status(f"{backend} {precision}: batch {batch} (opening)")
+        session = GenerationSession(model, backend, engines_root=cfg.engines_root, max_batch=batch,
+                                    on_status=on_status)
+        try:
+            session.unet(height, width, cfg.guidance > 1)
+        except BackendUnavailable as exc:  # e.g. onnxruntime has no bf16 kernels
+            unavailable.add((backend, precision))
+            result.meta["skipped"].append(f"{backend} {precision}: {exc}")
+            on_status(f"skipped: {exc}")
+            continue
+        provider = getattr(session.unet(height, width, cfg.guidance > 1), "provider", None)
+        timer = session.wrap_unet(height, width, cfg.guidance > 1,
+                                  lambda unet: StepTimer(unet, model.device))
+        for with_bias in cfg.bias:
+            on_status(f"{backend} {precision}: batch {batch}, bias {'on' if with_bias else 'off'}")
+            spatial = (layout_spatial(cfg.prompt, cfg.bias_strength, cfg.steps) if with_bias
+                       else SpatialConfig())
+            tasks = session.tasks(Request(cfg.prompt, 0, batch, sampling=sampling, spatial=spatial))
+
+            def run(session=session, tasks=tasks):
+                session.run_batch(tasks)
+
+            cell = Cell(backend, batch, with_bias, cfg.steps,
+                        **_measure(run, model.device, cfg.repeats, timer, batch),
+                        precision=precision, provider=provider)
+            base = reference[batch]
+            cell.step_speedup = base.step_ms_p50 / cell.step_ms_p50
+            cell.e2e_speedup = base.e2e_s / cell.e2e_s
+            cell.e2e_speedup_same_precision = stock[precision][batch].e2e_s / cell.e2e_s
+            result.cells.append(cell)
+            on_cell(result)
+        del run, session, timer, tasks  # free this backend's memory before the next one opens
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"

@@ -1,0 +1,311 @@
+"""The FastAPI application: routes, auth, error mapping, and the batcher's lifecycle.
+
+`create_app(engine, settings)` takes any object with the ServeEngine methods (compinv_rt.apps.serve.
+engine.SessionEngine in production, small fakes in tests), so the HTTP behaviour is tested without
+a model and the model behaviour without HTTP.
+"""
+
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Annotated, Protocol
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from compinv_rt.apps.serve import schemas
+from compinv_rt.apps.serve.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
+from compinv_rt.apps.serve.engine import ConceptExists
+from compinv_rt.apps.serve.guard import Guard
+from compinv_rt.apps.serve.metrics import ServeMetrics
+from compinv_rt.apps.serve.settings import ServeSettings, is_local
+from compinv_rt.core.errors import CompinvError
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("compinv_rt.apps.serve.audit")  # concept uploads and deletes
+
+SIDECAR_HEADER = "X-Compinv-Sidecar"
+UPLOAD_FILES = ("embeddings", "artifact")  # multipart fields of a concept upload
+
+
+# No `from __future__ import annotations` here: FastAPI reads the per-server request model from
+# the endpoint's annotation at run time.
+
+
+class ServeEngine(Protocol):
+    def describe(self) -> dict: ...  # {"model": {...}, "backend": str}
+    def plan(self, request) -> tuple[list, object]: ...  # (items, batch key); CompinvError = 400
+    # per item (png bytes, sidecar, batch size) or the CompinvError that failed its request
+    def run(self, items: Sequence, should_stop: Callable[[], bool]) -> list: ...
+    def list_concepts(self) -> list[dict]: ...
+    def add_concept(self, name: str, files: dict[str, bytes]) -> dict: ...  # CompinvError = 400
+    def remove_concept(self, name: str) -> None: ...  # KeyError = 404
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """All schema problems in one line: `n: Input should be less than or equal to 4; ...`."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query")]
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        elif err.get("type") == "json_invalid":
+            loc, msg = [], f"the body is not valid JSON ({err.get('ctx', {}).get('error', '?')})"
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the ASGI server sends http.disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "-")
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
+    metrics = ServeMetrics(settings.max_batch)
+    metrics.concepts.set(len(engine.list_concepts()))
+    batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000,
+                      settings.queue_size, on_batch=metrics.on_batch,
+                      on_depth=metrics.queue_depth.set)
+    GenerateRequest = schemas.generate_request_model(settings.limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.close()  # uvicorn has let in-flight requests finish; drain what is queued
+
+    bearer = HTTPBearer(auto_error=False)
+
+    def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        if settings.token is None:
+            return
+        if cred is None or not secrets.compare_digest(cred.credentials.encode(),
+                                                      settings.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(
+        title="compinv-rt", lifespan=lifespan,
+        description="Online generation with trained concepts and layouts; compatible requests "
+        "share one UNet batch. Errors are JSON `{\"error\": message}`; a request that fails "
+        "validation is a 400 (never 422).",
+        responses={400: {"model": schemas.ErrorBody}, 401: {"model": schemas.ErrorBody},
+                   413: {"model": schemas.ErrorBody, "description": "body over the size limit"}})
+    app.state.batcher, app.state.metrics, app.state.engine = batcher, metrics, engine
+    auth = [Depends(require_token)]  # checked before the body by Guard; here for the schema
+    # Outermost first: request ids + access log + token + body limit, then (loopback without a
+    # token) a Host allow-list, so a web page cannot reach this server by DNS rebinding.
+    if settings.token is None and is_local(settings.host):
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware,
+                           allowed_hosts=["localhost", "127.0.0.1", "[::1]", settings.host])
+    app.add_middleware(Guard, token=settings.token, body_limit=settings.body_max_bytes,
+                       upload_limit=settings.upload_max_bytes)
+
+    def openapi() -> dict:
+        """FastAPI documents a 422 for every route with a body; this app answers 400."""
+        schema = app.openapi_schema
+        if schema is None:
+            schema = FastAPI.openapi(app)  # built once, then cached in app.openapi_schema
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request, exc):
+        return _error(400, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.get("/health", response_model=schemas.Health, tags=["ops"])
+    async def health():
+        """Liveness and readiness; needs no token."""
+        info = engine.describe()
+        return {"status": "stopping" if batcher.closing else "ok", "model": info["model"],
+                "backend": info["backend"], "queue_depth": batcher.depth,
+                "max_batch": settings.max_batch}
+
+    @app.get("/metrics", dependencies=auth, tags=["ops"], response_class=PlainTextResponse)
+    async def prometheus_metrics():
+        """Prometheus text format: queue depth, batch size/occupancy, latencies, images."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/generate", dependencies=auth, tags=["generate"],
+              response_model=schemas.GenerateResponse,
+              responses={200: {"content": {"image/png": {}}, "description": (
+                  "JSON (default) or, with response=png and n=1, the PNG bytes with the sidecar "
+                  f"in the {SIDECAR_HEADER} header.")},
+                  503: {"model": schemas.ErrorBody, "description": "queue full (Retry-After)"},
+                  504: {"model": schemas.ErrorBody}, 500: {"model": schemas.ErrorBody}})
+    async def generate(body: GenerateRequest, request: Request):  # type: ignore[valid-type]
+        """Generate n images. Each image equals `compinv-rt generate`'s for the same seed and
+        settings, whatever it is batched with."""
+        started = time.monotonic()
+        metrics.in_flight.inc()
+        try:
+            code, response = await _generate(body, request, started)
+        finally:
+            metrics.in_flight.dec()
+        metrics.requests.labels("generate", str(code)).inc()
+        if code == 200:
+            metrics.latency.observe(time.monotonic() - started)
+        return response
+
+    async def _generate(body, request: Request, started: float):
+        if body.response == "png" and body.n != 1:
+            return 400, _error(400, "response=png returns one image: use n=1 or response=json")
+        try:
+            items, key = engine.plan(body)
+        except (CompinvError, ValueError) as exc:
+            return 400, _error(400, str(exc))
+        try:
+            futures = batcher.submit(items, key)
+        except QueueFull as exc:
+            metrics.rejected.inc()
+            return 503, _error(503, str(exc), {"Retry-After": str(int(exc.retry_after + 0.999))})
+        except ShuttingDown as exc:
+            return 503, _error(503, str(exc), {"Retry-After": "5"})
+        gathered = asyncio.ensure_future(asyncio.gather(*futures))
+        left = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({gathered, left}, timeout=settings.timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if gathered not in done:
+            gathered.cancel()
+            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            for f in futures:  # queued items are dropped; a batch of only these stops early
+                f.cancel()
+            metrics.cancelled.inc(len(futures))
+            if left in done:
+                return 499, Response(status_code=499)  # nobody is listening any more
+            return 504, _error(504, f"not done within the {settings.timeout_s:g} s request timeout")
+        try:
+            results = gathered.result()
+        except BatchFailed as exc:  # its text may hold server paths: for the log only
+            log.error("request %s: batch failed: %s", _request_id(request), exc)
+            return 500, _error(500, f"generation failed ({str(exc).split(':')[0]}); the server "
+                               f"log has the details under request id {_request_id(request)}")
+        except CompinvError as exc:  # found only when its batch ran (a layout phrase, say)
+            return 400, _error(400, str(exc))
+        if body.response == "png":
+            png, sidecar, _ = results[0]
+            return 200, Response(png, media_type="image/png",
+                                 headers={SIDECAR_HEADER: json.dumps(sidecar, separators=(",", ":"))})
+        return 200, {
+            "images": [{"png_base64": base64.b64encode(png).decode(), "sidecar": side}
+                       for png, side, _ in results],
+            "batch_sizes": [size for _, _, size in results],
+            "seconds": round(time.monotonic() - started, 4),
+        }
+
+    @app.get("/v1/concepts", dependencies=auth, response_model=schemas.ConceptList,
+             tags=["concepts"])
+    async def list_concepts():
+        return {"concepts": engine.list_concepts()}
+
+    ConceptPath = Annotated[str, Path(description="The concept's name on this server."),
+                            AfterValidator(schemas.check_concept_name)]
+
+    @app.put("/v1/concepts/{name}", dependencies=auth, response_model=schemas.ConceptInfo,
+             status_code=201, tags=["concepts"],
+             responses={409: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}},
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+                 "schema": {"type": "object", "required": list(UPLOAD_FILES), "properties": {
+                     "embeddings": {"type": "string", "format": "binary",
+                                    "description": "embeddings.safetensors of `compinv-rt train`"},
+                     "artifact": {"type": "string", "format": "binary",
+                                  "description": "its artifact.json"}}}}}}})
+    async def add_concept(request: Request, name: ConceptPath):
+        """Add a trained concept (validated against the served model's hash); live at once."""
+        body = await request.body()  # Guard has capped it at --upload-max-bytes
+        files = await _parse_upload(request, body)
+        where = f"concept {name!r} (request {_request_id(request)}, client {_client(request)})"
+        try:
+            info = await run_in_threadpool(engine.add_concept, name, files)
+        except ConceptExists as exc:
+            audit.info("upload of %s refused: %s", where, exc)
+            return _error(409, str(exc))
+        except (CompinvError, ValueError) as exc:
+            audit.info("upload of %s refused: %s", where, exc)
+            return _error(400, f"concept refused: {exc}")
+        audit.info("uploaded %s: token %s, %d vector(s)", where, info["token"], info["vectors"])
+        metrics.concepts.set(len(engine.list_concepts()))
+        return JSONResponse(info, status_code=201)
+
+    @app.delete("/v1/concepts/{name}", dependencies=auth, status_code=204, tags=["concepts"],
+                responses={404: {"model": schemas.ErrorBody}})
+    async def remove_concept(name: ConceptPath, request: Request):
+        try:
+            await run_in_threadpool(engine.remove_concept, name)
+        except KeyError:
+            return _error(404, f"no concept named {name!r}")
+        audit.info("deleted concept %r (request %s, client %s)", name, _request_id(request),
+                   _client(request))
+        metrics.concepts.set(len(engine.list_concepts()))
+        return Response(status_code=204)
+
+    return app
+
+
+async def _parse_upload(request: Request, body: bytes) -> dict[str, bytes]:
+    """The two files of a concept upload from an already size-checked multipart body."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise HTTPException(400, "upload a multipart/form-data body with the files 'embeddings' "
+                            "(embeddings.safetensors) and 'artifact' (artifact.json)")
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, replay).form(max_files=len(UPLOAD_FILES), max_fields=4,
+                                                       max_part_size=len(body) + 1)
+    files = {}
+    for key in UPLOAD_FILES:
+        part = form.get(key)
+        if part is None or isinstance(part, str):
+            raise HTTPException(400, f"the upload lacks the file {key!r} (multipart fields: "
+                                f"{', '.join(UPLOAD_FILES)})")
+        files[key] = await part.read()
+    extra = sorted(set(form.keys()) - set(UPLOAD_FILES))
+    if extra:
+        raise HTTPException(400, f"unknown upload field(s) {extra}; known: {list(UPLOAD_FILES)}")
+    return files

@@ -1,0 +1,217 @@
+"""TensorRT backend: a deserialized plan, torch tensors bound by address, CUDA graphs for static
+profiles.
+
+Written against TensorRT 10.1+'s Python API (set_input_shape / set_tensor_address /
+execute_async_v3, USER_MANAGED device memory). One execution context per optimization profile
+(batch bucket); all contexts share ONE device-memory block of `device_memory_size_v2` bytes (the
+largest any profile needs), since only one runs at a time on one stream: N profiles cost the
+activation memory of one, not N.
+
+A context remembers the last shapes and addresses it was given, so every call checks that the
+context is bound to this call's batch and rebinds if not: with a dynamic profile, batches
+2 -> 4 -> 2 run the third call on batch-2 buffers, not on the batch-4 bindings. Every boolean
+result of TensorRT is checked. TensorRT is imported lazily and every CUDA call goes through
+`CudaOps` (torch.cuda), so tests/test_trt_runtime.py runs all of this logic on CPU with a stand-in
+`tensorrt` module and a recording torch.cuda.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compinv_rt.core.errors import EngineMismatch
+from compinv_rt.unet.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
+from compinv_rt.export.tensorrt import PLAN_FILE
+from compinv_rt.unet.bucketing import run_bucketed
+
+
+class CudaOps:
+    """The CUDA calls the backend makes, in one place."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def ordered(self) -> None:
+        """Where torch work queued after the engine's on the same stream reads its results: a no-op
+        on a GPU (stream order does it); the CPU tests' stand-in finishes the queued work here."""
+
+    def guard(self):
+        """Make this backend's GPU current: TensorRT deserializes, allocates and runs on the current
+        device, not on the one the tensors name, so --device cuda:1 ran its engine on cuda:0."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+
+    def empty_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextmanager
+    def capture(self):
+        """Capture a CUDA graph; inside, `stream()` is the capture stream. Yields the graph."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yield graph
+
+
+def _torch_dtypes(trt) -> dict:
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+    if hasattr(trt.DataType, "BF16"):
+        table[trt.DataType.BF16] = torch.bfloat16
+    return table
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, engine_dir: Path, spec: UNetIOSpec, profiles: list[BatchProfile],
+                 device: torch.device, cuda_graphs: bool = True):
+        self.spec, self.profiles, self.device = spec, list(profiles), device
+        self.cuda_graphs = cuda_graphs
+        self.cuda = CudaOps(device)
+        with self.cuda.guard():
+            self._open(engine_dir)
+
+    def _open(self, engine_dir: Path) -> None:
+        import tensorrt as trt
+
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine((Path(engine_dir) / PLAN_FILE).read_bytes())
+        if self.engine is None:
+            raise EngineMismatch(f"TensorRT could not deserialize {engine_dir}/{PLAN_FILE}")
+        self._check_engine(trt, engine_dir)
+        # One scratch block for every context (USER_MANAGED): sized for the largest profile.
+        memory = torch.empty(int(self.engine.device_memory_size_v2), dtype=torch.uint8, device=self.device)
+        self.device_memory: torch.Tensor | None = memory
+        stream = self.cuda.stream()
+        self._contexts: dict[BatchProfile, Any] = {}  # tensorrt.IExecutionContext
+        for index, profile in enumerate(self.profiles):
+            ctx = self.engine.create_execution_context(
+                trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is None:
+                raise RuntimeError(f"TensorRT could not create an execution context for profile {index}")
+            ctx.set_device_memory(memory.data_ptr(), memory.numel())
+            self._ok(ctx.set_optimization_profile_async(index, stream),
+                     f"set_optimization_profile_async({index})")
+            self._contexts[profile] = ctx
+        self.cuda.synchronize()  # the profile switch is asynchronous
+        self._bound: dict[BatchProfile, int] = {}  # context -> batch its shapes/addresses are for
+        self._buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self._graphs: dict[int, object] = {}
+
+    def _check_engine(self, trt, engine_dir) -> None:
+        """The plan must be the engine the manifest describes: profiles and IO dtypes."""
+        engine = self.engine
+        if engine.num_optimization_profiles != len(self.profiles):
+            raise EngineMismatch(f"{engine_dir}/{PLAN_FILE} has {engine.num_optimization_profiles} "
+                                 f"optimization profiles, its manifest lists {len(self.profiles)}")
+        dtypes = _torch_dtypes(trt)
+        for name in INPUTS + OUTPUTS:
+            got = dtypes.get(engine.get_tensor_dtype(name))
+            if got != self.spec.dtype(name):
+                raise EngineMismatch(f"{engine_dir}/{PLAN_FILE}: tensor {name} is "
+                                     f"{engine.get_tensor_dtype(name)}, the manifest says {self.spec.dtype(name)}")
+        for index, profile in enumerate(self.profiles):
+            lo, _, hi = engine.get_tensor_profile_shape(INPUTS[0], index)
+            if (lo[0], hi[0]) != (profile.min, profile.max):
+                raise EngineMismatch(f"{engine_dir}/{PLAN_FILE}: profile {index} takes batches "
+                                     f"{lo[0]}-{hi[0]}, the manifest says {profile.min}-{profile.max}")
+            for name in INPUTS:  # every other dimension is fixed by the spec (size, text length)
+                lo, _, hi = engine.get_tensor_profile_shape(name, index)
+                want = self.spec.shapes(profile.min)[name][1:]
+                if tuple(lo)[1:] != want or tuple(hi)[1:] != want:
+                    raise EngineMismatch(f"{engine_dir}/{PLAN_FILE}: input {name} is {tuple(lo)[1:]} per "
+                                         f"sample in profile {index}, the manifest says {want}")
+
+    @staticmethod
+    def _ok(result, what: str) -> None:
+        if not result:
+            raise RuntimeError(f"TensorRT {what} failed (see the TensorRT log above)")
+
+    def _buffers_for(self, batch: int) -> dict[str, torch.Tensor]:
+        bufs = self._buffers.get(batch)
+        if bufs is None:
+            shapes = self.spec.shapes(batch)
+            bufs = {n: torch.empty(shapes[n], dtype=self.spec.dtype(n), device=self.device)
+                    for n in INPUTS + OUTPUTS}
+            self._buffers[batch] = bufs
+        return bufs
+
+    def _context_for(self, batch: int):
+        """The profile's context, bound (shapes + addresses) to this batch's buffers."""
+        profile = next(p for p in self.profiles if p.accepts(batch))
+        ctx, bufs = self._contexts[profile], self._buffers_for(batch)
+        if self._bound.get(profile) != batch:
+            self._bound.pop(profile, None)  # a failure below leaves it unbound, not half-bound
+            for n in INPUTS:
+                shape = tuple(bufs[n].shape)
+                self._ok(ctx.set_input_shape(n, shape), f"set_input_shape({n}, {shape})")
+            for n, t in bufs.items():
+                self._ok(ctx.set_tensor_address(n, t.data_ptr()), f"set_tensor_address({n})")
+            self._bound[profile] = batch
+        return ctx, profile, bufs
+
+    def _execute(self, ctx) -> None:
+        self._ok(ctx.execute_async_v3(self.cuda.stream()), "execute_async_v3")
+
+    def _run(self, *inputs):
+        batch = inputs[0].shape[0]
+        ctx, profile, bufs = self._context_for(batch)
+        for n, x in zip(INPUTS, inputs):
+            bufs[n].copy_(x)
+        if self.cuda_graphs and profile.static:
+            # A graph replays fixed addresses and shapes: only static profiles, whose context is
+            # bound to one batch forever. Order: bind, one plain run (TensorRT's shape-dependent
+            # set-up must not be captured, and it gives this call's output), sync, then capture;
+            # later calls replay.
+            graph = self._graphs.get(batch)
+            if graph is None:
+                self._execute(ctx)
+                self.cuda.synchronize()
+                with self.cuda.capture() as graph:
+                    self._execute(ctx)
+                self._graphs[batch] = graph
+            else:
+                graph.replay()
+        else:
+            self._execute(ctx)
+        self.cuda.ordered()
+        return bufs[OUTPUTS[0]].clone()
+
+    def close(self) -> None:
+        """Free the engine's GPU memory now (graphs, contexts, engine, scratch block, IO buffers), in
+        the order TensorRT needs (contexts before their engine), instead of whenever GC gets to it."""
+        with self.cuda.guard():
+            self._graphs.clear()
+            self._contexts.clear()
+            self._bound.clear()
+            self.engine = None
+            self._buffers.clear()
+            self.device_memory = None
+            self.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
+        if self.engine is None:
+            raise RuntimeError("this TensorRT backend was closed")
+        with self.cuda.guard():
+            return self._call(sample, timestep, encoder_hidden_states, attention_bias, bias_gain)
+
+    def _call(self, sample, timestep, encoder_hidden_states, attention_bias, bias_gain):
+        if attention_bias is None:
+            attention_bias = self.spec.default_input("attention_bias", sample.shape[0], self.device)
+        if bias_gain is None:
+            bias_gain = self.spec.default_input("bias_gain", sample.shape[0], self.device)
+        inputs = tuple(t.to(self.device, self.spec.dtype(n)).contiguous()
+                       for n, t in zip(INPUTS, (sample, timestep, encoder_hidden_states, attention_bias,
+                                                bias_gain)))
+        return run_bucketed(self._run, inputs, self.profiles).to(sample.dtype)

@@ -1,0 +1,163 @@
+"""Text -> images: prompt encoding, seeded initial noise, the denoise loop, VAE decoding."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from compinv_rt.core.errors import ConfigError
+from compinv_rt.models.loading import LoadedModel, ModelFiles
+from compinv_rt.sampling.denoise import BiasGain, LatentHook, StepCallback, denoise
+from compinv_rt.sampling.schedulers import SchedulerName, make_scheduler
+from compinv_rt.unet.backends import TorchBackend, UNetBackend
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 25
+    guidance: float = 7.5
+    scheduler: SchedulerName | str = SchedulerName.ddim
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    # classifier-free guidance only on the steps in [lo, hi) (fractions of the run): the others run
+    # the conditional pass alone. (0, 1): every step, the stock pipeline's behaviour.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+
+    def resolved(self, files: ModelFiles) -> "SamplingConfig":
+        """Fill in the model's native size and validate everything against the model."""
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ConfigError(f"--guidance must be >= 0, got {self.guidance}")
+        lo, hi = self.guidance_interval
+        if not 0 <= lo < hi <= 1:
+            raise ConfigError(f"--guidance-interval must be LO,HI with 0 <= LO < HI <= 1, got {lo},{hi}")
+        factor = files.spatial_factor
+        h = self.height or files.default_size
+        w = self.width or files.default_size
+        for name, v in (("height", h), ("width", w)):
+            if v <= 0 or v % factor:
+                raise ConfigError(
+                    f"--{name} {v} is not a positive multiple of {factor} (this model's factor: "
+                    f"VAE x{files.vae_scale_factor} times the UNet's down-sampling)"
+                )
+        return replace(self, scheduler=SchedulerName(self.scheduler), height=h, width=w,
+                       guidance_interval=(float(lo), float(hi)))
+
+    def guided_steps(self) -> list[bool]:
+        """Per step: does it run the unconditional pass (step i of n is in [lo n, hi n))."""
+        lo, hi = self.guidance_interval
+        return [lo * self.steps <= i < hi * self.steps for i in range(self.steps)]
+
+    def unet_evaluations(self) -> int:
+        """UNet sample-evaluations per image (a guided step costs two)."""
+        guided = self.guidance > 1.0
+        return sum(2 if guided and g else 1 for g in self.guided_steps())
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of a resolved config."""
+        if self.height is None or self.width is None:
+            raise ConfigError("the sampling config is not resolved for a model yet (.resolved())")
+        return self.height, self.width
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["scheduler"] = SchedulerName(self.scheduler).value
+        d["guidance_interval"] = list(self.guidance_interval)
+        return d
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """One CPU generator per image, as diffusers does with a list of generators: an image depends
+    only on its own seed (not on batch size, position or device)."""
+    return torch.cat(
+        [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    )
+
+
+class Pipeline:
+    def __init__(self, model: LoadedModel, backend: UNetBackend | None = None):
+        self.model = model
+        self.backend = backend or TorchBackend(model.unet)
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:  # (B, 77, D)
+        tok, te = self.model.tokenizer, self.model.text_encoder
+        unique = list(dict.fromkeys(prompts))  # each distinct prompt is encoded once
+        ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt")
+        mask = ids.attention_mask.to(self.model.device) if getattr(
+            te.config, "use_attention_mask", False) else None
+        states = te(ids.input_ids.to(self.model.device), attention_mask=mask)[0]
+        states = states.to(self.model.dtype)
+        return states[[unique.index(p) for p in prompts]]
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> list:
+        from PIL import Image
+
+        vae = self.model.vae
+        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        # A NaN would become a black pixel: such images are refused (the rest of the batch kept).
+        finite = torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(images).flatten(1).all(1)
+        images = (torch.nan_to_num(images) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        images = images.float().cpu().numpy()
+        out = [Image.fromarray(a) if ok else None
+               for a, ok in zip((images * 255).round().astype("uint8"), finite.tolist())]
+        bad = [i for i, im in enumerate(out) if im is None]
+        if bad:
+            from compinv_rt.core.errors import NonFiniteOutput
+
+            raise NonFiniteOutput(bad, out)
+        return out
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        config: SamplingConfig,
+        negative_prompts: list[str] | None = None,
+        on_step: StepCallback | None = None,
+        attention_bias: torch.Tensor | None = None,  # (B, T, h, w) for the conditional half
+        bias_steps: int = 0,
+        bias_gain: BiasGain | None = None,  # e.g. spatial.bias_maps.BiasSchedule (adaptive bias)
+        latent_hook: LatentHook | None = None,  # e.g. spatial.guidance.LayoutGuidance
+        attention_recorder=None,  # spatial.heatmaps.AttentionRecorder: needs the torch backend
+    ) -> list:
+        files, m = self.model.files, self.model
+        cfg = config.resolved(files)
+        if len(prompts) != len(seeds):
+            raise ConfigError("one seed per prompt is needed")
+        scheduler = make_scheduler(cfg.scheduler, files.scheduler_config)
+        scheduler.set_timesteps(cfg.steps, device=m.device)
+        f = files.vae_scale_factor
+        height, width = cfg.size
+        shape = (m.unet.config.in_channels, height // f, width // f)
+        latents = initial_noise(seeds, shape).to(m.device, m.dtype) * scheduler.init_noise_sigma
+        cond = self.encode_prompts(prompts)
+        use_cfg = cfg.guidance > 1.0
+        uncond = self.encode_prompts(negative_prompts or [""] * len(prompts)) if use_cfg else None
+        if attention_bias is not None:
+            attention_bias = attention_bias.to(m.device, m.dtype)
+        recording: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if attention_recorder is not None:
+            from compinv_rt.unet.capture import capturing
+
+            recording = capturing(self.torch_module("--save-attention"), attention_recorder,
+                                  exclusive=False)
+        with recording:
+            latents = denoise(self.backend, scheduler, latents, cond, uncond, cfg.guidance,
+                              on_step, attention_bias, bias_steps, latent_hook, bias_gain,
+                              guided_steps=None if cfg.guidance_interval == (0.0, 1.0) else cfg.guided_steps())
+        return self.decode(latents)
+
+    def torch_module(self, feature: str) -> torch.nn.Module:
+        """The eager BiasedUNet behind the backend, for features that need PyTorch itself."""
+        if self.backend.name != "torch":
+            raise ConfigError(f"{feature} needs the UNet's internals and runs only with --backend "
+                              f"torch (got {self.backend.name})")
+        return self.backend.module  # type: ignore[union-attr]  # the torch backend has one
