@@ -34,7 +34,7 @@ def main():
     from compinv_rt.apps.world.judge import load_judge
     from compinv_rt.apps.world.scenes import parse_prompt
     from compinv_rt.apps.world.score import check, default_prompts, summarize
-    from compinv_rt.engines.registry import open_backend
+    from compinv_rt.engines.registry import BatchShape, open_backend
     from compinv_rt.models.loading import load_model
     from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
 
@@ -46,8 +46,8 @@ def main():
         backend, precision = setting.split(":")
         model = load_model(None, dtype=precision)
         sampling = SamplingConfig(steps=args.steps).resolved(model.files)
-        unet = open_backend(backend, model, sampling.height, sampling.width, args.batch,
-                            guidance=True, engines_root=Path(args.engines))
+        unet = open_backend(backend, model, BatchShape(sampling.height, sampling.width, args.batch),
+                            engines_root=Path(args.engines))
         pipe = Pipeline(model, unet)
         t0, images = time.perf_counter(), []
         for i in range(0, len(items), args.batch):

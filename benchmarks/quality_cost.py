@@ -102,14 +102,14 @@ def per_kind(verdicts: list[dict]) -> dict:
 def concept_quality(cfg_text: str, cfg, out: Path) -> dict:
     """The random report set (11 concepts x 3 training seeds) with the adaptive bias, at this setting."""
     from compinv_rt.apps.eval.protocol import EvalConfig, build_protocol, parse_methods
-    from compinv_rt.apps.eval.runner import run_eval
+    from compinv_rt.apps.eval.runner import RunOptions, run_eval
 
     ec = EvalConfig(samples=4, steps=cfg.steps, train_steps=250, train_seeds=3, scheduler=cfg.scheduler,
                     guidance_interval=cfg.guidance_interval)
     protocol = build_protocol(False, None, None, world=True, random=8, random_seed=1, objects=2,
                               methods=parse_methods("words,cap_norm+adaptive"))
     res = run_eval(protocol, ec, out / "eval" / cfg_text.replace(":", "_").replace("@", "_"),
-                   model=None, cache=Path(".cache/eval"))
+                   RunOptions(model=None, cache=Path(".cache/eval")))
     from compinv_rt.apps.world.score import wilson
 
     out_rows = {}

@@ -85,7 +85,7 @@ def main() -> None:
 
     from compinv_rt.apps.world.judge import load_judge
     from compinv_rt.apps.world.model import shapes_world_vocabulary
-    from compinv_rt.apps.world.photos import make_photos
+    from compinv_rt.apps.world.photos import PhotoConcept, make_photos
     from compinv_rt.core.outputs import make_grid, save_png
     from compinv_rt.models.artifact import read_embedding_file
     from compinv_rt.models.loading import inspect_model_dir, load_model, resolve_model_dir
@@ -109,7 +109,7 @@ def main() -> None:
         name = f"{pattern}-{colour}-{shape}"
         photos = args.work / f"photos-{name}"
         if not photos.exists():
-            make_photos(photos, shape, colour, pattern, bg, count=8, seed=1,
+            make_photos(photos, PhotoConcept(shape, colour, pattern, bg), count=8, seed=1,
                         size=files.default_size)
         entry = {"concept": f"{pattern} {colour} {shape} (photos on {bg})", "methods": {}}
         prompt_plain = f"photo of a {shape} on grass"

@@ -46,3 +46,32 @@ def test_the_contract_fails_on_a_deliberate_upward_import(tmp_path, module, upwa
     r = _lint(root)
     assert r.returncode != 0
     assert "BROKEN" in r.stdout and upward in r.stdout
+
+
+MAX_FUNCTION_LINES = 80
+LONG_FUNCTIONS_ALLOWED = {"apps/world/recipe.py"}  # the world-model recipe: one training script
+
+
+def _long_functions(package: Path) -> list[str]:
+    import ast
+
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if rel in LONG_FUNCTIONS_ALLOWED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_over_80_lines():
+    assert _long_functions(ROOT / "compinv_rt") == []
+
+
+def test_the_length_check_finds_a_long_function(tmp_path):
+    (tmp_path / "m.py").write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert _long_functions(tmp_path) == [f"m.py:1 f ({MAX_FUNCTION_LINES + 1} lines)"]

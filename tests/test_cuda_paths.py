@@ -99,12 +99,12 @@ def test_compile_backend_one_graph_per_bias_state(tiny_model, monkeypatch):
 
 def test_ort_cuda_request_without_cuda_provider_fails_before_export(monkeypatch):
     import compinv_rt.export.build as build
-    from compinv_rt.engines.registry import open_backend
+    from compinv_rt.engines.registry import BatchShape, open_backend
 
     monkeypatch.setattr(build, "export_engine", lambda *a, **k: pytest.fail("exported first"))
     model = SimpleNamespace(device=torch.device("cuda", 0))
     with pytest.raises(BackendUnavailable, match="no CUDA provider.*compinv-rt\\[gpu\\]"):
-        open_backend("onnxruntime", model, 128, 128, 1, guidance=True)
+        open_backend("onnxruntime", model, BatchShape(128, 128, 1))
 
 
 @pytest.mark.slow

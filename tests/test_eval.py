@@ -133,7 +133,7 @@ def _det(colour, shape, pattern, x0, y0, size=20):
 
 
 def _slots(template, concepts=None):
-    concepts = concepts or {c["name"]: P.Concept(c["name"], c["shape"], None, c["shape"],
+    concepts = concepts or {c["name"]: P.EvalConcept(c["name"], c["shape"], None, c["shape"],
                                                  c["colour"], c["pattern"], c["background"])
                             for c in CONCEPTS}
     refs = P.parse_template(template, concepts, "test")
@@ -463,30 +463,28 @@ def test_killed_run_continues(e2e, monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_cache_key_changes_with_the_config(e2e, tiny_model):
-    from compinv_rt.apps.eval.training import ensure_trained
+    from compinv_rt.apps.eval.training import TrainingSetup, ensure_trained
     from compinv_rt.models.loading import content_hash, inspect_model_dir
 
     files = inspect_model_dir(tiny_model)
     h = content_hash(files.all_files())
     concept = P.read_concepts(e2e["concepts"])[0]
-    cache = e2e["out"] / "cache"
+    setup = TrainingSetup(tiny_model, h, e2e["out"] / "cache", world=False)
     cfg = P.EvalConfig(samples=2, steps=2, train_steps=2, seed=5)
-    folder, reused = ensure_trained(concept, "ti", cfg, tiny_model, h, cache, world=False)
+    folder, reused = ensure_trained(concept, "ti", cfg, setup)
     assert reused
-    other, reused = ensure_trained(concept, "ti", P.EvalConfig(train_steps=1), tiny_model, h,
-                                   cache, world=False)
+    other, reused = ensure_trained(concept, "ti", P.EvalConfig(train_steps=1), setup)
     assert not reused and other != folder
-    assert ensure_trained(concept, "ti", P.EvalConfig(train_steps=1), tiny_model, h, cache,
-                          world=False) == (other, True)
+    assert ensure_trained(concept, "ti", P.EvalConfig(train_steps=1), setup) == (other, True)
 
 
 def test_semantic_inversion_anchor_settings():
     """--si-anchors / --si-anchor-weight reach the SI training config only; TI stays plain."""
     from compinv_rt.apps.eval.training import train_config
 
-    heart = P.Concept("heart", "heart", shape="heart", colour="orange", pattern="dotted",
+    heart = P.EvalConcept("heart", "heart", shape="heart", colour="orange", pattern="dotted",
                       background="sand")
-    circle = P.Concept("circle", "circle", shape="circle", colour="red", pattern="plain",
+    circle = P.EvalConcept("circle", "circle", shape="circle", colour="red", pattern="plain",
                        background="sand")
     cfg = P.EvalConfig(si_anchors="attributes", si_anchor_weight=0.5)
     si, ti = train_config(heart, "si", cfg, world=True), train_config(heart, "ti", cfg, world=True)
@@ -556,7 +554,7 @@ def test_prompt_kinds_and_method_names():
 def test_recipes_reach_the_training_config(tmp_path):
     from compinv_rt.apps.eval.training import train_config
 
-    heart = P.Concept("heart", "heart", shape="heart", colour="orange", pattern="dotted",
+    heart = P.EvalConcept("heart", "heart", shape="heart", colour="orange", pattern="dotted",
                       background="sand")
     (tmp_path / "masks").mkdir()
     cfg = P.EvalConfig()
@@ -616,7 +614,7 @@ def _block(identity_by_seed, other_by_seed):
 def test_word_parity_is_per_seed_mean_and_range_against_the_words():
     from compinv_rt.apps.eval.runner import word_parity
 
-    protocol = P.Protocol((P.Concept("a", "heart", None, "heart", "red", "plain", "sand"),), ())
+    protocol = P.Protocol((P.EvalConcept("a", "heart", None, "heart", "red", "plain", "sand"),), ())
     methods = {"words": _block([0.8], [0.9]), "ti": _block([0.4, 0.8, 0.6], [0.0, 0.9, 0.45])}
     per, summary = word_parity(methods, protocol)
     row = per["a"]["ti"]
@@ -642,13 +640,13 @@ def test_no_verdict_below_the_floor():
 
 def test_e2e_training_seeds_words_and_progress(tiny_model, tmp_path):
     """Two training seeds of two recipes, the words oracle, progress through generation."""
-    from compinv_rt.apps.eval.runner import run_eval
+    from compinv_rt.apps.eval.runner import RunOptions, run_eval
 
     protocol = P.build_protocol(False, _write(tmp_path, "c.json", CONCEPTS[:1]), objects=1,
                                 methods=P.parse_methods("words,ti,cap,cap_norm+adaptive"))
     cfg = P.EvalConfig(samples=3, steps=2, train_steps=2, train_seeds=2, batch=2, norm="vocab:2")
     seen = []
-    r = run_eval(protocol, cfg, tmp_path / "run", model=str(tiny_model), device="cpu",
+    r = run_eval(protocol, cfg, tmp_path / "run", RunOptions(model=str(tiny_model), device="cpu"),
                  on_progress=lambda done, total, what: seen.append((done, total, what)))
     assert set(r["trained"]) == {"heart-ti", "heart-ti-s1", "heart-cap", "heart-cap-s1",
                                  "heart-cap_norm", "heart-cap_norm-s1"}

@@ -283,17 +283,18 @@ def test_dynamo_exporter_needs_opset_18(tiny_model, tmp_path):
 
 
 def _images(model, backend, bias, engine_root, bias_gain=None):
-    from compinv_rt.engines.registry import open_backend
+    from compinv_rt.engines.registry import BatchShape, open_backend
     from compinv_rt.models.loading import load_model
     from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
 
     m = load_model(model)  # None = the embedded shapes-world model
     sampling = SamplingConfig(steps=6).resolved(m.files)
-    unet = open_backend(backend, m, sampling.height, sampling.width, 2, guidance=True,
+    unet = open_backend(backend, m, BatchShape(sampling.height, sampling.width, 2),
                         engines_root=engine_root)
-    imgs = Pipeline(m, unet).generate(["a dotted red star and a blue circle on grass"] * 2, [3, 4],
-                                      sampling, attention_bias=bias, bias_steps=3,
-                                      bias_gain=bias_gain)
+    from compinv_rt.sampling.denoise import AttentionBias
+
+    imgs = Pipeline(m, unet).generate(["a dotted red star and a blue circle on grass"] * 2, [3, 4], sampling,
+                                      bias=None if bias is None else AttentionBias(bias, 3, bias_gain))
     return np.stack([np.asarray(i, dtype=np.int16) for i in imgs])
 
 

@@ -9,7 +9,7 @@ from compinv_rt.core.errors import ArtifactError, ConfigError
 from compinv_rt.generate.session import GenerationSession, Request
 from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
 from compinv_rt.spatial.layouts import boxes_layout
-from compinv_rt.spatial.plan import SpatialConfig
+from compinv_rt.spatial.plan import SpatialConfig, SpatialOptions
 
 STEPS = SamplingConfig(steps=3)
 
@@ -22,7 +22,7 @@ def session(tiny_model):
 
 
 def _bias(phrase: str, box, strength: float = 2.0) -> SpatialConfig:
-    return SpatialConfig.from_options("bias", boxes_layout([phrase], [box]), strength, "1.0",
+    return SpatialConfig.from_options(SpatialOptions("bias", boxes_layout([phrase], [box]), strength, "1.0"),
                                       total_steps=STEPS.steps)
 
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from compinv_rt.apps.cli import app
 from compinv_rt.core.errors import ArtifactError, ConfigError
+from compinv_rt.sampling.denoise import AttentionBias, Step
 from compinv_rt.spatial.bias_maps import MAX_STRENGTH, bias_batch, bias_map, region_mask, resolve_steps
 from compinv_rt.spatial.heatmaps import box_from_map
 from compinv_rt.spatial.layouts import (
@@ -178,7 +179,7 @@ def test_bias_steps_rejects(value):
 def test_denoise_biases_only_the_conditional_half_and_first_steps():
     from diffusers import DDIMScheduler
 
-    from compinv_rt.sampling.denoise import denoise
+    from compinv_rt.sampling.denoise import AttentionBias, BiasedModel, GuidedDenoiser, denoise
 
     seen = []
 
@@ -190,12 +191,12 @@ def test_denoise_biases_only_the_conditional_half_and_first_steps():
     sched.set_timesteps(6)
     bias = torch.full((2, 77, 4, 4), 2.0)
     hooked = []
-    denoise(fake_unet, sched, torch.randn(2, 4, 4, 4), torch.randn(2, 77, 8), torch.randn(2, 77, 8), 7.5,
-            attention_bias=bias, bias_steps=2,
-            latent_hook=lambda i, t, x, c, s: hooked.append(i) or x)
+    model = BiasedModel(fake_unet, AttentionBias(bias, 2), sched.timesteps[0])
+    denoiser = GuidedDenoiser(model, torch.randn(2, 77, 8), torch.randn(2, 77, 8), 7.5)
+    denoise(denoiser, sched, torch.randn(2, 4, 4, 4), hook=lambda step: hooked.append(step.done))
     assert [b is not None for b in seen] == [True, True, False, False, False, False]
     assert (seen[0][:2] == 0).all() and (seen[0][2:] == 2.0).all()  # [uncond; cond]
-    assert hooked == list(range(6))
+    assert hooked == list(range(7))  # every boundary: before each step and after the last
 
 
 # --- attention capture, bias effect, guidance ----------------------------------------------
@@ -238,9 +239,8 @@ def _in_region_share(loaded, backend_bias, tokenizer, steps=4):
 
     layout = resolve_layout(parse_layout(LAYOUT), tokenizer, PROMPT)
     rec = AttentionRecorder(1, 16, 16)
-    bias = bias_batch([layout], 3.0, 16, 16) if backend_bias else None
-    Pipeline(loaded).generate([PROMPT], [1], SamplingConfig(steps=steps), attention_bias=bias,
-                              bias_steps=steps, attention_recorder=rec)
+    bias = AttentionBias(bias_batch([layout], 3.0, 16, 16), steps) if backend_bias else None
+    Pipeline(loaded).generate([PROMPT], [1], SamplingConfig(steps=steps), bias=bias, attention_recorder=rec)
     maps = rec.maps()[0]
     masks = concept_masks(layout, 16, 16)
     share = [(maps[list(c.tokens)] * m).sum() / maps[list(c.tokens)].sum()
@@ -307,8 +307,8 @@ def test_guidance_lowers_the_layout_loss_and_only_early(loaded, tokenizer):
     cond = Pipeline(loaded, backend).encode_prompts([PROMPT] * 2)
     x = torch.randn(2, 4, 16, 16)
     with torch.inference_mode():  # as inside the pipeline
-        out = guide(0, sched.timesteps[0], x, cond, sched)
-        assert torch.equal(guide(1, sched.timesteps[1], x, cond, sched), x)  # past its steps
+        out = guide(Step(0, 10, sched.timesteps[0], x, cond, sched))
+        assert guide(Step(1, 10, sched.timesteps[1], x, cond, sched)) is None  # past its steps: unchanged
     losses = [h["loss"][0] for h in guide.history]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert all(h["loss"][1] == 0 for h in guide.history)  # no layout, no loss
@@ -691,7 +691,7 @@ def test_bias_schedule_over_the_noise_level():
 def test_denoise_feeds_one_gain_per_biased_step():
     from diffusers import DDIMScheduler
 
-    from compinv_rt.sampling.denoise import denoise
+    from compinv_rt.sampling.denoise import AttentionBias, BiasedModel, GuidedDenoiser, denoise
     from compinv_rt.spatial.bias_maps import BiasSchedule
 
     seen = []
@@ -702,8 +702,8 @@ def test_denoise_feeds_one_gain_per_biased_step():
 
     sched = DDIMScheduler()
     sched.set_timesteps(6)
-    denoise(fake_unet, sched, torch.randn(2, 4, 4, 4), torch.randn(2, 77, 8), torch.randn(2, 77, 8),
-            7.5, attention_bias=torch.ones(2, 77, 4, 4), bias_steps=3, bias_gain=BiasSchedule(2.0))
+    model = BiasedModel(fake_unet, AttentionBias(torch.ones(2, 77, 4, 4), 3, BiasSchedule(2.0)), sched.timesteps[0])
+    denoise(GuidedDenoiser(model, torch.randn(2, 77, 8), torch.randn(2, 77, 8), 7.5), sched, torch.randn(2, 4, 4, 4))
     t0 = seen[0][0]
     assert [b for _, b, _ in seen] == [True] * 3 + [False] * 3
     for t, biased, gain in seen:
@@ -723,9 +723,8 @@ def test_adaptive_bias_moves_concept_attention_into_its_region(loaded, tokenizer
     shares = []
     for gain in (None, BiasSchedule()):
         rec = AttentionRecorder(1, 16, 16)
-        bias = bias_batch([layout], 4.0, 16, 16) if gain is not None else None
-        Pipeline(loaded).generate([PROMPT], [1], SamplingConfig(steps=4), attention_bias=bias,
-                                  bias_steps=4, bias_gain=gain, attention_recorder=rec)
+        bias = AttentionBias(bias_batch([layout], 4.0, 16, 16), 4, gain) if gain is not None else None
+        Pipeline(loaded).generate([PROMPT], [1], SamplingConfig(steps=4), bias=bias, attention_recorder=rec)
         maps = rec.maps()[0]
         shares.append(torch.stack([(maps[list(c.tokens)] * m).sum() / maps[list(c.tokens)].sum()
                                    for c, m in zip(layout.concepts, concept_masks(layout, 16, 16))]))

@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     from compinv_rt.models.loading import load_model
     from compinv_rt.sampling.pipeline import SamplingConfig
     from compinv_rt.spatial.layouts import fixed_layout
-    from compinv_rt.spatial.plan import SpatialConfig
+    from compinv_rt.spatial.plan import SpatialConfig, SpatialOptions
 
     variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     if variants[0] != "none":
@@ -137,10 +137,10 @@ def main(argv=None) -> dict:
     configs = {}
     for v in variants:
         mode, knobs = parse_variant(v)
-        configs[v] = SpatialConfig.from_options(
+        configs[v] = SpatialConfig.from_options(SpatialOptions(
             None if mode == "none" else mode, None,
             None if "s" not in knobs else float(knobs["s"]), knobs.get("steps"),
-            total_steps=args.steps, decay=None if "decay" not in knobs else float(knobs["decay"]))
+            decay=None if "decay" not in knobs else float(knobs["decay"])), total_steps=args.steps)
     stats = {v: {"present": 0, "inside": 0, "n": 0, "steps": [], "loops": [], "regularized": 0}
              for v in variants}
     for prompt in tqdm(prompts, desc=f"{args.split} prompts", file=sys.stderr):

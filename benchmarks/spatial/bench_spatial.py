@@ -46,6 +46,7 @@ def main(argv=None) -> dict:
 
     from compinv_rt.models.loading import load_model
     from compinv_rt.sampling.pipeline import Pipeline, SamplingConfig
+    from compinv_rt.sampling.denoise import AttentionBias, chain_hooks, progress_hook
     from compinv_rt.spatial.bias_maps import BiasSchedule, bias_batch
     from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
     from compinv_rt.spatial.layouts import parse_layout, resolve_layout
@@ -71,20 +72,17 @@ def main(argv=None) -> dict:
     iters: dict[str, list[int]] = {m: [] for m in modes}
 
     def run(mode: str) -> None:
-        kwargs = {}
-        if mode in ("bias", "adaptive"):
-            kwargs = {"attention_bias": bias_batch([layout] * args.batch, args.strength, h, w),
-                      "bias_steps": args.steps}
-            if mode == "adaptive":  # the spread-scaled bias, gain schedule fed per step
-                kwargs["bias_gain"] = BiasSchedule()
-        guide = None
+        bias, guide = None, None
+        if mode in ("bias", "adaptive"):  # adaptive: the spread-scaled bias, gain schedule fed per step
+            bias = AttentionBias(bias_batch([layout] * args.batch, args.strength, h, w), args.steps,
+                                 BiasSchedule() if mode == "adaptive" else None)
         if mode == "guidance":
             guide = LayoutGuidance(backend.module, [layout] * args.batch, (h, w),
                                    GuidanceConfig(steps=args.steps))
-            kwargs = {"latent_hook": guide}
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         stamps = [clock()]
-        pipe.generate(prompts, seeds, cfg, on_step=lambda d, t: stamps.append(clock()), **kwargs)
+        hook = chain_hooks(progress_hook(lambda d, t: stamps.append(clock())), guide)
+        pipe.generate(prompts, seeds, cfg, hook=hook, bias=bias)
         times[mode] += [b - a for a, b in zip(stamps, stamps[1:])]
         if guide is not None:
             per_step = [sum(1 for e in guide.history if e["step"] == s) for s in range(args.steps)]

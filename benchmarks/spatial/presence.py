@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     from compinv_rt.sampling.pipeline import SamplingConfig
     from compinv_rt.spatial.guidance import GuidanceConfig
     from compinv_rt.spatial.layouts import fixed_layout
-    from compinv_rt.spatial.plan import SpatialConfig
+    from compinv_rt.spatial.plan import SpatialConfig, SpatialOptions
     from compinv_rt.unet.capture import cross_attention_layers
 
     loaded = load_model(args.model)
@@ -93,8 +93,8 @@ def main(argv=None) -> dict:
         args.guidance_layers, tuple(args.guidance_layers.split(",")))
     for mode in args.modes.split(","):
         t0 = time.time()
-        spatial = SpatialConfig.from_options(None if mode == "none" else mode, None, args.strength,
-                                             args.bias_steps, total_steps=args.steps)
+        spatial = SpatialConfig.from_options(SpatialOptions(None if mode == "none" else mode, None, args.strength,
+                                                            args.bias_steps), total_steps=args.steps)
         spatial = dataclasses.replace(spatial, guidance=GuidanceConfig(
             iterations=args.guidance_iterations, scale=args.guidance_scale, layers=layers))
         present = inside = n = 0

@@ -310,6 +310,19 @@ def loads_strict(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+def read_versioned_json(path, version_key: str, version, error: type[Exception], advice: str = ""):
+    """A JSON file we wrote (artifact.json, manifest.json): parsed strictly, its schema version
+    checked. Either problem is one `error` naming the file; the fields are the caller's check."""
+    try:
+        data = loads_strict(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from None
+    if isinstance(data, dict) and data.get(version_key) != version:
+        raise error(f"{path}: {version_key} {data.get(version_key)!r}, this compinv-rt reads "
+                    f"{version_key} {version}{advice}")
+    return data
+
+
 # --- artifact.json (trained concepts) ------------------------------------------------------------
 
 

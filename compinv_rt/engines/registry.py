@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,10 +48,22 @@ _ENGINE_FORMAT = {
 DEFAULT_ENGINES = Path("engines")
 
 
-def open_backend(name: Backend | str, model: LoadedModel, height: int, width: int, images_per_batch: int,
-                 guidance: bool, engine: Path | None = None, engines_root: Path = DEFAULT_ENGINES,
-                 on_status=None):
+@dataclass(frozen=True)
+class BatchShape:
+    """What a backend is opened for: image size and images per batch (x2 UNet rows with guidance)."""
+
+    height: int
+    width: int
+    images_per_batch: int
+    guidance: bool = True
+
+
+def open_backend(name: Backend | str, model: LoadedModel, shape: BatchShape, engine: Path | None = None,
+                 engines_root: Path = DEFAULT_ENGINES, on_status=None):
+    """The UNet backend `name` for `shape`: eager ones wrap the model; engine ones use `engine`
+    (verified against the model) or find, else build, one under `engines_root`."""
     name = Backend(name)
+    height, width, images_per_batch, guidance = shape.height, shape.width, shape.images_per_batch, shape.guidance
     if name is Backend.torch:
         from compinv_rt.unet.backends import TorchBackend
 

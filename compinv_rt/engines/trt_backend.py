@@ -106,7 +106,7 @@ class TensorRTBackend:
         self.cuda.synchronize()  # the profile switch is asynchronous
         self._bound: dict[BatchProfile, int] = {}  # context -> batch its shapes/addresses are for
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
-        self._graphs: dict[int, object] = {}
+        self._graphs: dict[int, Any] = {}  # torch.cuda.CUDAGraph
 
     def _check_engine(self, trt, engine_dir) -> None:
         """The plan must be the engine the manifest describes: profiles and IO dtypes."""

@@ -155,15 +155,9 @@ def read_manifest(engine_dir: Path) -> dict:
     path = Path(engine_dir) / MANIFEST
     if not path.is_file():
         raise EngineMismatch(f"{engine_dir} is not an engine folder: {MANIFEST} is missing")
-    from compinv_rt.core.schemas import check_manifest, loads_strict
+    from compinv_rt.core.schemas import check_manifest, read_versioned_json
 
-    try:
-        manifest = loads_strict(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EngineMismatch(f"{path} is corrupt (not valid JSON: {exc})") from None
-    if isinstance(manifest, dict) and manifest.get("schema") != SCHEMA_VERSION:
-        raise EngineMismatch(f"{path} has schema {manifest.get('schema')!r}; this compinv-rt "
-                             f"reads schema {SCHEMA_VERSION}: re-export the engine")
+    manifest = read_versioned_json(path, "schema", SCHEMA_VERSION, EngineMismatch, ": re-export the engine")
     return check_manifest(manifest, path)
 
 

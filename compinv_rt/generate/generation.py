@@ -22,6 +22,12 @@ class GenerationResult:
 GRID_MAX = 64  # images tiled into the grid: the first 64 (a run of 10,000 keeps memory flat)
 
 
+def image_name(image: GeneratedImage) -> str:
+    """An image's file name, `<prompt slug>_<seed>.png`: what `generate` writes and the server's
+    sidecars name."""
+    return f"{slug(image.request.prompt)}_{image.seed}.png"
+
+
 def generate_to_folder(session: GenerationSession, request: Request, out: Path,
                        on_step: StepCallback | None = None) -> GenerationResult:
     """Each batch is written as it finishes: memory depends on the batch size, not on n."""
@@ -36,7 +42,7 @@ def generate_to_folder(session: GenerationSession, request: Request, out: Path,
         for r in session.run(session.tasks(request), on_step):
             if len(tiles) < GRID_MAX:
                 tiles.append(r.image)
-            png = written = save_png(out / f"{stem}_{r.seed}.png", r.image)
+            png = written = save_png(out / image_name(r), r.image)
             extra: dict = {"index": r.index, "image": png.name}
             if r.attention is not None:
                 grid_img, shares = _attention_outputs(session, r)

@@ -116,7 +116,7 @@ def read_jobs(path: Path, defaults: dict) -> tuple[list[Job], list[str]]:
     return jobs, problems
 
 
-def pending_items(jobs: list[Job], out: Path, model_files, resume: bool,
+def pending_items(jobs: list[Job], out: str | Path, model_files, resume: bool,
                   summary: JobsSummary, exists: Callable[[str], bool] | None = None) -> list[Item]:
     """Items not yet done. Without `resume`, existing results are an error (never overwritten
     silently); jobs whose settings do not fit the model are reported and skipped."""
@@ -156,18 +156,15 @@ class JobsConfig:
 
 def job_request(job: Job, config: JobsConfig) -> Request:
     """A job as a generation request (its layout, if any, becomes a bias; ConfigError if bad)."""
-    from compinv_rt.sampling.pipeline import SamplingConfig
-    from compinv_rt.spatial.plan import SpatialConfig
+    from compinv_rt.generate.requests import RequestSpec, build_request
+    from compinv_rt.spatial.plan import SpatialOptions
 
-    spatial = SpatialConfig()
-    if job.layout:
-        spatial = SpatialConfig.from_options("bias", job.layout, config.bias_strength,
-                                             config.bias_steps, backend=config.options.backend,
-                                             total_steps=job.steps)
-    return Request(job.prompt, job.seed, job.n, job.negative_prompt,
-                   SamplingConfig(job.steps, job.guidance, config.scheduler, job.height, job.width,
-                                  tuple(config.guidance_interval)),  # type: ignore[arg-type]
-                   tuple(job.concepts), spatial)
+    spatial = SpatialOptions("bias", job.layout, config.bias_strength, config.bias_steps) if job.layout \
+        else SpatialOptions()
+    return build_request(RequestSpec(
+        job.prompt, job.seed, job.n, job.negative_prompt, job.steps, job.guidance, config.scheduler,
+        job.height, job.width, config.guidance_interval, tuple(job.concepts), spatial),
+        backend=config.options.backend)
 
 
 KILL_AFTER_ENV = "COMPINV_TEST_KILL_AFTER"  # "N:MARKER", for the kill tests only (kill_hook)

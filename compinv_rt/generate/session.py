@@ -10,10 +10,10 @@ API
                              backend=Backend.torch, engine=None, max_batch=8)
     session = GenerationSession.open(options, on_status=print)   # loads the model once
 
-    request = Request(prompt="a <my-heart> heart and a blue circle", seed=3, n=4,
-                      negative_prompt="", sampling=SamplingConfig(steps=25, guidance=7.5),
-                      concepts=("concepts/heart",),
-                      spatial=SpatialConfig.from_options("bias", "<my-heart> heart=0.1,0.2,0.5,0.8"))
+    request = build_request(RequestSpec(   # compinv_rt.generate.requests: the one builder
+        prompt="a <my-heart> heart and a blue circle", seed=3, n=4, steps=25, guidance=7.5,
+        concepts=("concepts/heart",),
+        spatial=SpatialOptions("bias", "<my-heart> heart=0.1,0.2,0.5,0.8")))
     session.check(request)            # cheap validation (no weights): raises CompinvError
     for image in session.run(session.tasks(request)):   # GeneratedImage, in batch order
         image.image.save(...); json.dump(session.sidecar(image, index=image.index), ...)
@@ -90,6 +90,15 @@ class SessionOptions:
     engine: Path | None = None  # an engine folder from `compinv-rt export` (engine backends)
     engines_root: Path = DEFAULT_ENGINES  # where a missing engine is built once
     max_batch: int = 8  # images per UNet batch (x2 with classifier-free guidance)
+
+    def check(self) -> "SessionOptions":
+        """The combinations no backend accepts (ConfigError; cheap, before any model import)."""
+        if self.engine is not None and Backend(self.backend) in (Backend.torch, Backend.compile):
+            raise ConfigError(f"--engine is for --backend onnxruntime, tensorrt or aoti, not "
+                              f"{Backend(self.backend).value}")
+        if Backend(self.backend) is Backend.onnxruntime and Precision(self.precision) is Precision.bf16:
+            raise ConfigError("--backend onnxruntime runs fp32 or fp16 engines, not --precision bf16")
+        return self
 
 
 @dataclass(frozen=True)
@@ -311,6 +320,7 @@ class GenerationSession:
     def _run_scoped(self, tasks: list[Task], concepts: dict[int, list[Concept]],
                     on_step: StepCallback | None, on_error: ErrorCallback | None,
                     failed: set[int]) -> list[GeneratedImage]:
+        from compinv_rt.sampling.denoise import chain_hooks, progress_hook
         from compinv_rt.sampling.pipeline import Pipeline
         from compinv_rt.spatial.plan import spatial_inputs
 
@@ -338,14 +348,13 @@ class GenerationSession:
         pipe = Pipeline(self.model, self.unet(height, width, cfg.guidance > 1.0))
         f = self.model.files.vae_scale_factor
         module = pipe.torch_module("--spatial guidance") if key.spatial is SpatialMode.guidance else None
-        inputs = spatial_inputs(key.spatial, key.regularized_steps, [p.layout for p in preps],
-                                [t.request.spatial.strength for t in batch], module,
-                                (height // f, width // f), self.model.files.text_len,
-                                key.guidance_config, key.save_attention, key.bias_decay)
+        inputs = spatial_inputs(key, [p.layout for p in preps], [t.request.spatial.strength for t in batch],
+                                module, (height // f, width // f), self.model.files.text_len)
+        hook = chain_hooks(progress_hook(on_step) if on_step is not None else None, inputs.guidance)
         try:
             images = pipe.generate([p.text for p in preps], [t.seed for t in batch], cfg,
-                                   negative_prompts=[p.negative for p in preps], on_step=on_step,
-                                   **inputs.kwargs())
+                                   negative_prompts=[p.negative for p in preps], hook=hook,
+                                   bias=inputs.bias, attention_recorder=inputs.attention_recorder)
         except NonFiniteOutput as exc:  # NaN/Inf never reach disk: fail those requests only
             images = exc.images
             bad: dict[int, list[Task]] = {}
@@ -357,7 +366,7 @@ class GenerationSession:
                     f"image(s) of seed {seeds} came out non-finite (NaN/Inf; a diverged concept "
                     "embedding or extreme settings?): nothing written for them"), failed, on_error)
         maps = inputs.attention_recorder.maps() if inputs.attention_recorder is not None else None
-        history = inputs.latent_hook.history if inputs.latent_hook is not None else None
+        history = inputs.guidance.history if inputs.guidance is not None else None
         return [GeneratedImage(
             task, image, prep.text, cfg, prep.concepts, prep.layout,
             task.request.spatial.sidecar(cfg.steps, prep.layout, history, j), pipe.backend.name,
@@ -385,12 +394,12 @@ class GenerationSession:
 
     def unet(self, height: int, width: int, guidance: bool):
         """The backend for one image size, opened once (engines: found, verified or built)."""
-        from compinv_rt.engines.registry import open_backend
+        from compinv_rt.engines.registry import BatchShape, open_backend
 
         key = (height, width, guidance)
         if key not in self._unets:
             self._unets[key] = open_backend(
-                self.backend, self.model, height, width, self.max_batch, guidance=guidance,
+                self.backend, self.model, BatchShape(height, width, self.max_batch, guidance),
                 engine=self.engine, engines_root=self.engines_root, on_status=self.on_status)
         return self._unets[key]
 

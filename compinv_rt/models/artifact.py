@@ -93,15 +93,9 @@ def read_artifact(folder: str | Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{d} is not a trained concept: {ARTIFACT} is missing "
                             "(training unfinished? resume it with `compinv-rt train ... --resume`)")
-    from compinv_rt.core.schemas import check_artifact, loads_strict
+    from compinv_rt.core.schemas import check_artifact, read_versioned_json
 
-    try:
-        art = loads_strict(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
-    if isinstance(art, dict) and art.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"{path}: schema version {art.get('schema_version')!r}, this "
-                            f"compinv-rt reads version {SCHEMA_VERSION}")
+    art = read_versioned_json(path, "schema_version", SCHEMA_VERSION, ArtifactError)
     check_artifact(art, path)  # types and bounds; `files` must hash the embeddings
     emb = d / EMBEDDINGS
     if not emb.is_file():

@@ -1,72 +1,142 @@
-"""The one denoising loop. Every backend, every command and every batch shape goes through here."""
+"""The one denoising loop. Every backend, every command and every batch shape goes through here.
+
+The loop only steps a scheduler; what a step computes is a *denoiser* (k-diffusion style): the UNet
+backend wrapped by `BiasedModel` (the attention bias on the first steps) and by `GuidedDenoiser`
+(classifier-free guidance, optionally on an interval of the steps). Everything that watches or
+steers the run is one step hook, called at every step boundary (like diffusers'
+`callback_on_step_end`): progress, cancellation, the spatial layout guidance.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from compinv_rt.unet.backends import UNetBackend
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
-# (step index, timestep, latents, cond, scheduler) -> latents, run before each UNet step (e.g. the
-# spatial layout guidance, which moves the latents along an attention-loss gradient).
-LatentHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 # (timestep / first timestep: the noise level relative to the start) -> the (2,) [fixed, adaptive]
 # gains of the bias at this step (spatial.bias_maps.BiasSchedule), fed as the UNet's bias_gain.
 BiasGain = Callable[[float], torch.Tensor]
 
 
-def denoise(
-    unet: UNetBackend,
-    scheduler,
-    latents: torch.Tensor,  # (B, 4, h, w), already scaled by init_noise_sigma
-    cond: torch.Tensor,  # (B, 77, D)
-    uncond: torch.Tensor | None,  # (B, 77, D); None = no classifier-free guidance
-    guidance: float | torch.Tensor,  # scalar or (B,) per-sample scale
-    on_step: StepCallback | None = None,
-    attention_bias: torch.Tensor | None = None,  # (B, T, h, w) for the conditional half
-    bias_steps: int = 0,  # the first `bias_steps` steps get the bias
-    latent_hook: LatentHook | None = None,
-    bias_gain: BiasGain | None = None,  # per-step [fixed, adaptive] gains; None: fixed bias
-    guided_steps: Sequence[bool] | None = None,  # per step: run the unconditional pass; None: all
-) -> torch.Tensor:
-    """Run `scheduler.timesteps` (set by the caller) with classifier-free guidance.
+@dataclass
+class Step:
+    """The loop at a step boundary: `done` of `total` steps are done."""
+
+    done: int
+    total: int
+    timestep: torch.Tensor | None  # the next step's t; None after the last step
+    latents: torch.Tensor
+    cond: torch.Tensor  # (B, 77, D) the conditional text states
+    scheduler: Any  # a diffusers scheduler
+
+
+# Called at every boundary (done = 0 .. total); before a step it may return new latents (e.g. the
+# layout guidance moves them along an attention-loss gradient); None keeps them. May raise to stop.
+StepHook = Callable[[Step], "torch.Tensor | None"]
+
+
+def chain_hooks(*hooks: StepHook | None) -> StepHook | None:
+    """One hook that runs `hooks` in order, each seeing the latents the previous one returned."""
+    active = [h for h in hooks if h is not None]
+    if len(active) <= 1:
+        return active[0] if active else None
+
+    def chained(step: Step) -> torch.Tensor | None:
+        for hook in active:
+            out = hook(step)
+            if out is not None:
+                step.latents = out
+        return step.latents
+
+    return chained
+
+
+def progress_hook(on_step: StepCallback) -> StepHook:
+    """A (done, total) progress callback as a step hook (called after each step)."""
+
+    def hook(step: Step) -> None:
+        if step.done:
+            on_step(step.done, step.total)
+
+    return hook
+
+
+@dataclass(frozen=True)
+class AttentionBias:
+    """The spatial bias of one batch: maps for the conditional half, on the first `steps` steps,
+    with per-step [fixed, adaptive] gains (`gain`; None: the fixed bias)."""
+
+    maps: torch.Tensor  # (B, T, h, w)
+    steps: int
+    gain: BiasGain | None = None
+
+
+class BiasedModel:
+    """The UNet backend with the attention bias: (x, t, context, step index, guided) -> noise.
+    `guided`: x is [uncond; cond], and the unconditional half is never biased."""
+
+    def __init__(self, unet: UNetBackend, bias: AttentionBias | None, first_timestep: torch.Tensor):
+        self.unet, self.bias, self.first = unet, bias, float(first_timestep)
+        maps = None if bias is None else bias.maps
+        self.guided_maps = None if maps is None else torch.cat([torch.zeros_like(maps), maps])
+
+    def __call__(self, x, t, context, i: int, guided: bool) -> torch.Tensor:
+        tt = t.expand(x.shape[0])
+        if self.bias is None or i >= self.bias.steps:
+            return self.unet(x, tt, context, None)
+        bias = self.guided_maps if guided else self.bias.maps
+        if self.bias.gain is None:
+            return self.unet(x, tt, context, bias)
+        gain = self.bias.gain(float(t) / self.first).to(bias).expand(x.shape[0], 2)
+        return self.unet(x, tt, context, bias, gain)
+
+
+class GuidedDenoiser:
+    """Classifier-free guidance around a model: (x, t, step index) -> noise.
 
     Mirrors diffusers' StableDiffusionPipeline step for step ([uncond; cond] in one UNet batch,
     `uncond + g * (cond - uncond)`), so results match the stock pipeline exactly. On a step that
     `guided_steps` leaves out, only the conditional pass runs (guidance in a limited interval,
-    Kynkaanniemi et al. 2024): half the UNet work of that step.
+    Kynkaanniemi et al. 2024): half the UNet work of that step. `uncond` None: no guidance.
     """
-    batch = latents.shape[0]
-    if uncond is not None:
-        context = torch.cat([uncond, cond])  # (2B, 77, D)
-        if isinstance(guidance, torch.Tensor):
-            guidance = guidance.to(latents).view(batch, 1, 1, 1)
-    else:
-        context = cond
-    cond_bias = attention_bias  # an unguided step's batch is the conditional half alone
-    if attention_bias is not None and uncond is not None:
-        # The unconditional half of classifier-free guidance is never biased.
-        attention_bias = torch.cat([torch.zeros_like(attention_bias), attention_bias])
+
+    def __init__(self, model: BiasedModel, cond: torch.Tensor, uncond: torch.Tensor | None,
+                 scale: float | torch.Tensor, guided_steps: Sequence[bool] | None = None):
+        self.model, self.cond, self.uncond, self.guided_steps = model, cond, uncond, guided_steps
+        self.context = cond if uncond is None else torch.cat([uncond, cond])  # (2B, 77, D)
+        if isinstance(scale, torch.Tensor):  # (B,) per-sample scales
+            scale = scale.to(cond).view(cond.shape[0], 1, 1, 1)
+        self.scale = scale
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        guided = self.uncond is not None and (self.guided_steps is None or self.guided_steps[i])
+        if not guided:
+            return self.model(x, t, self.cond, i, False)
+        noise_uncond, noise_cond = self.model(torch.cat([x] * 2), t, self.context, i, True).chunk(2)
+        return noise_uncond + self.scale * (noise_cond - noise_uncond)
+
+
+def denoise(denoiser: GuidedDenoiser, scheduler, latents: torch.Tensor,
+            hook: StepHook | None = None) -> torch.Tensor:
+    """Run `scheduler.timesteps` (set by the caller) from `latents` (already scaled by
+    init_noise_sigma) with `denoiser`, calling `hook` at every step boundary."""
     timesteps = scheduler.timesteps
+    total = len(timesteps)
     for i, t in enumerate(timesteps):
-        if latent_hook is not None:
-            latents = latent_hook(i, t, latents, cond, scheduler)
-        guided = uncond is not None and (guided_steps is None or guided_steps[i])
-        model_in = torch.cat([latents] * 2) if guided else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        bias = None if i >= bias_steps else attention_bias if guided else cond_bias
-        tt = t.expand(model_in.shape[0])
-        if bias is not None and bias_gain is not None:
-            gain = bias_gain(float(t) / float(timesteps[0])).to(bias).expand(model_in.shape[0], 2)
-            noise = unet(model_in, tt, context if guided else cond, bias, gain)
-        else:
-            noise = unet(model_in, tt, context if guided else cond, bias)
-        if guided:
-            noise_uncond, noise_cond = noise.chunk(2)
-            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+        if hook is not None:
+            latents = _call(hook, Step(i, total, t, latents, denoiser.cond, scheduler))
+        noise = denoiser(scheduler.scale_model_input(latents, t), t, i)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-        if on_step is not None:
-            on_step(i + 1, len(timesteps))
+    if hook is not None:
+        latents = _call(hook, Step(total, total, None, latents, denoiser.cond, scheduler))
     return latents
+
+
+def _call(hook: StepHook, step: Step) -> torch.Tensor:
+    out = hook(step)
+    return step.latents if out is None else out

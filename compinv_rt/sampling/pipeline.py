@@ -9,7 +9,7 @@ import torch
 
 from compinv_rt.core.errors import ConfigError
 from compinv_rt.models.loading import LoadedModel, ModelFiles
-from compinv_rt.sampling.denoise import BiasGain, LatentHook, StepCallback, denoise
+from compinv_rt.sampling.denoise import AttentionBias, BiasedModel, GuidedDenoiser, StepHook, denoise
 from compinv_rt.sampling.schedulers import SchedulerName, make_scheduler
 from compinv_rt.unet.backends import TorchBackend, UNetBackend
 
@@ -121,11 +121,8 @@ class Pipeline:
         seeds: list[int],
         config: SamplingConfig,
         negative_prompts: list[str] | None = None,
-        on_step: StepCallback | None = None,
-        attention_bias: torch.Tensor | None = None,  # (B, T, h, w) for the conditional half
-        bias_steps: int = 0,
-        bias_gain: BiasGain | None = None,  # e.g. spatial.bias_maps.BiasSchedule (adaptive bias)
-        latent_hook: LatentHook | None = None,  # e.g. spatial.guidance.LayoutGuidance
+        hook: StepHook | None = None,  # progress, cancellation, layout guidance (denoise.Step)
+        bias: AttentionBias | None = None,  # the spatial attention bias (conditional half)
         attention_recorder=None,  # spatial.heatmaps.AttentionRecorder: needs the torch backend
     ) -> list:
         files, m = self.model.files, self.model
@@ -141,8 +138,11 @@ class Pipeline:
         cond = self.encode_prompts(prompts)
         use_cfg = cfg.guidance > 1.0
         uncond = self.encode_prompts(negative_prompts or [""] * len(prompts)) if use_cfg else None
-        if attention_bias is not None:
-            attention_bias = attention_bias.to(m.device, m.dtype)
+        if bias is not None:
+            bias = replace(bias, maps=bias.maps.to(m.device, m.dtype))
+        model = BiasedModel(self.backend, bias, scheduler.timesteps[0])
+        guided_steps = None if cfg.guidance_interval == (0.0, 1.0) else cfg.guided_steps()
+        denoiser = GuidedDenoiser(model, cond, uncond, cfg.guidance, guided_steps)
         recording: contextlib.AbstractContextManager = contextlib.nullcontext()
         if attention_recorder is not None:
             from compinv_rt.unet.capture import capturing
@@ -150,9 +150,7 @@ class Pipeline:
             recording = capturing(self.torch_module("--save-attention"), attention_recorder,
                                   exclusive=False)
         with recording:
-            latents = denoise(self.backend, scheduler, latents, cond, uncond, cfg.guidance,
-                              on_step, attention_bias, bias_steps, latent_hook, bias_gain,
-                              guided_steps=None if cfg.guidance_interval == (0.0, 1.0) else cfg.guided_steps())
+            latents = denoise(denoiser, scheduler, latents, hook)
         return self.decode(latents)
 
     def torch_module(self, feature: str) -> torch.nn.Module:

@@ -11,6 +11,7 @@ cross-attention resolution itself (`bias_for_layer`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,15 +60,18 @@ def bias_map(layout: Layout, strength: float, height: int, width: int,
     return bias.to(dtype)
 
 
-def bias_batch(layouts, strength: float, height: int, width: int, seq_len: int = 77,
+def bias_batch(layouts, strengths: float | Sequence[float], height: int, width: int, seq_len: int = 77,
                dtype=torch.float32) -> torch.Tensor | None:  # (B, T, h, w) or None
-    """Stack per-prompt bias maps; prompts without a layout get zeros. None if no prompt has one."""
+    """Stack per-prompt bias maps (one strength, or one per prompt); prompts without a layout get
+    zeros. None if no prompt has one."""
     if all(layout is None for layout in layouts):
         return None
+    if not isinstance(strengths, Sequence):
+        strengths = [strengths] * len(layouts)
     zero = torch.zeros(seq_len, height, width, dtype=dtype)
     return torch.stack([zero if layout is None else
-                        bias_map(layout, strength, height, width, seq_len, dtype)
-                        for layout in layouts])
+                        bias_map(layout, s, height, width, seq_len, dtype)
+                        for layout, s in zip(layouts, strengths)])
 
 
 def resolve_steps(value: str | float | int, total: int, option: str = "--bias-steps") -> int:

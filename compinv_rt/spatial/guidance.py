@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compinv_rt.sampling.denoise import Step
 from compinv_rt.spatial.bias_maps import concept_masks
 from compinv_rt.unet.attention import bias_for_layer
 from compinv_rt.unet.capture import capturing, guidance_layers
@@ -42,7 +43,8 @@ def step_size(scheduler, t, latents: torch.Tensor) -> float:
 
 
 class LayoutGuidance:
-    """A `latent_hook` for `denoise`: (step index, t, latents, cond, scheduler) -> latents."""
+    """A step hook of the denoise loop: before each of the first `config.steps` steps it moves the
+    latents along the gradient of the layout loss."""
 
     def __init__(self, module: torch.nn.Module, layouts, latent_hw: tuple[int, int],
                  config: GuidanceConfig = GuidanceConfig()):
@@ -76,10 +78,11 @@ class LayoutGuidance:
             losses.append(torch.stack(per_layer).mean())
         return torch.stack(losses)
 
-    def __call__(self, i: int, t, latents: torch.Tensor, cond: torch.Tensor, scheduler) -> torch.Tensor:
+    def __call__(self, at: Step) -> torch.Tensor | None:
         cfg = self.config
-        if i >= cfg.steps or all(item is None for item in self.items):
-            return latents
+        i, t, latents, cond, scheduler = at.done, at.timestep, at.latents, at.cond, at.scheduler
+        if t is None or i >= cfg.steps or all(item is None for item in self.items):
+            return None
         step = step_size(scheduler, t, latents)
         with torch.inference_mode(False), torch.enable_grad():
             x = latents.detach().clone()  # a normal tensor, even if made under inference_mode

@@ -4,8 +4,8 @@ denoise-loop inputs.
 `SpatialConfig.from_options()` validates everything that needs no model (so bad input costs
 milliseconds); `LayoutResolver` needs the loaded model's tokenizer and text encoder and resolves a
 prompt's layout (explicit boxes, the layout model's, or the fixed ones); `spatial_inputs()` turns
-one batch's per-image layouts into what `Pipeline.generate` takes (an attention-bias batch, the
-number of biased steps, a guidance latent hook, an attention recorder).
+one batch's per-image layouts into what `Pipeline.generate` takes (the attention bias, the layout
+guidance's step hook, an attention recorder).
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from compinv_rt.core.errors import ConfigError
 from compinv_rt.spatial.layouts import Layout, LayoutSpec, SpatialMode, parse_layout
 
 if TYPE_CHECKING:
-    import torch
 
     from compinv_rt.models.loading import LoadedModel
-    from compinv_rt.spatial.bias_maps import BiasSchedule
+    from compinv_rt.sampling.denoise import AttentionBias
     from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
     from compinv_rt.spatial.heatmaps import AttentionRecorder
 
@@ -35,6 +34,20 @@ ADAPTIVE_STRENGTH = 3.0
 ADAPTIVE_STEPS = "0.4"
 ADAPTIVE_DECAY = 4.0
 LAYOUT_MODEL_SUBDIR = "layout"  # <model>/layout/layout_model.safetensors: used by --layout auto
+
+
+@dataclass(frozen=True)
+class SpatialOptions:
+    """A request's spatial options as the user gave them (CLI flags, a job line, an API body);
+    None means "the mode's default". `SpatialConfig.from_options` checks and resolves them."""
+
+    mode: str | None = None  # none | bias | adaptive | guidance; None: bias if a layout is given
+    layout: str | LayoutSpec | None = None
+    strength: float | None = None
+    steps: str | None = None
+    layout_model: Path | None = None
+    save_attention: bool = False
+    decay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -51,17 +64,16 @@ class SpatialConfig:
     decay: float = ADAPTIVE_DECAY  # --spatial adaptive: gain (t / t_first) ** decay
 
     @staticmethod
-    def from_options(spatial: str | None, layout: str | LayoutSpec | None,
-                     strength: float | None = None,
-                     steps: str | None = None, layout_model: Path | None = None,
-                     save_attention: bool = False, backend: str = "torch",
-                     total_steps: int = 50, decay: float | None = None) -> "SpatialConfig":
-        """CLI options -> a checked config. `--spatial` defaults to bias when a layout is given;
+    def from_options(options: SpatialOptions, backend: str = "torch",
+                     total_steps: int = 50) -> "SpatialConfig":
+        """User options -> a checked config. `--spatial` defaults to bias when a layout is given;
         `--layout` defaults to auto when a spatial mode is asked for. Strength, steps and decay
         default per mode (`bias` s = 2 logits on 20 % of the steps, `adaptive` the ADAPTIVE_*)."""
         from compinv_rt.engines.registry import Backend
         from compinv_rt.spatial.bias_maps import check_decay, check_strength, resolve_steps
 
+        spatial, layout, strength, steps = options.mode, options.layout, options.strength, options.steps
+        layout_model, save_attention, decay = options.layout_model, options.save_attention, options.decay
         spec = layout if isinstance(layout, LayoutSpec) else parse_layout(layout)
         if spatial is None:
             mode = SpatialMode.none if spec.kind == "none" else SpatialMode.bias
@@ -175,48 +187,50 @@ class LayoutResolver:
 class SpatialInputs:
     """One batch's spatial inputs to `Pipeline.generate` (all per image, in batch order)."""
 
-    attention_bias: torch.Tensor | None = None  # (B, T, h, w) for the conditional half
-    bias_steps: int = 0
-    latent_hook: LayoutGuidance | None = None
+    bias: AttentionBias | None = None  # maps (B, T, h, w) for the conditional half, steps, gains
+    guidance: LayoutGuidance | None = None  # a step hook of the denoise loop
     attention_recorder: AttentionRecorder | None = None
-    bias_gain: BiasSchedule | None = None  # the adaptive bias's per-step gains
-
-    def kwargs(self) -> dict:
-        return {"attention_bias": self.attention_bias, "bias_steps": self.bias_steps,
-            "latent_hook": self.latent_hook, "attention_recorder": self.attention_recorder,
-            "bias_gain": self.bias_gain}
 
 
-def spatial_inputs(mode: SpatialMode, steps: int, layouts: list[Layout | None],
-                   strengths: list[float], module, latent_hw: tuple[int, int], text_len: int,
-                   guidance: GuidanceConfig | None = None,
-                   save_attention: bool = False, decay: float | None = None) -> SpatialInputs:
+class SpatialBatch(Protocol):
+    """What the images of one batch share about spatial regularization (session.BatchKey has it)."""
+
+    @property
+    def spatial(self) -> SpatialMode: ...
+    @property
+    def regularized_steps(self) -> int: ...
+    @property
+    def guidance_config(self) -> GuidanceConfig | None: ...
+    @property
+    def save_attention(self) -> bool: ...
+    @property
+    def bias_decay(self) -> float | None: ...
+
+
+def spatial_inputs(key: SpatialBatch, layouts: list[Layout | None], strengths: list[float], module,
+                   latent_hw: tuple[int, int], text_len: int) -> SpatialInputs:
     """Bias maps (zeros for images without a layout) and, for the adaptive bias, its gain
-    schedule (`decay`); or one guidance hook over the batch (`module`: the eager BiasedUNet); and
-    an attention recorder when asked for."""
-    import torch
-
+    schedule; or one guidance hook over the batch (`module`: the eager BiasedUNet); and an
+    attention recorder when asked for."""
     h, w = latent_hw
     out = SpatialInputs()
-    biased = mode in (SpatialMode.bias, SpatialMode.adaptive)
-    if biased and steps and any(lay is not None for lay in layouts):
-        from compinv_rt.spatial.bias_maps import BiasSchedule, bias_map
+    mode, steps = key.spatial, key.regularized_steps
+    if mode in (SpatialMode.bias, SpatialMode.adaptive) and steps:
+        from compinv_rt.sampling.denoise import AttentionBias
+        from compinv_rt.spatial.bias_maps import BiasSchedule, bias_batch
 
-        zeros = torch.zeros((text_len, h, w))
-        out.attention_bias = torch.stack([
-            zeros if lay is None else bias_map(lay, s, h, w, text_len)
-            for lay, s in zip(layouts, strengths)])
-        out.bias_steps = steps
-        if mode is SpatialMode.adaptive:
-            out.bias_gain = BiasSchedule(ADAPTIVE_DECAY if decay is None else decay)
+        maps = bias_batch(layouts, strengths, h, w, text_len)
+        if maps is not None:
+            decay = ADAPTIVE_DECAY if key.bias_decay is None else key.bias_decay
+            out.bias = AttentionBias(maps, steps, BiasSchedule(decay) if mode is SpatialMode.adaptive else None)
     elif mode is SpatialMode.guidance:
         from compinv_rt.spatial.guidance import GuidanceConfig, LayoutGuidance
 
         if module is None:
             raise ConfigError("--spatial guidance runs only with --backend torch")
-        config = dataclasses.replace(guidance or GuidanceConfig(), steps=steps)
-        out.latent_hook = LayoutGuidance(module, layouts, (h, w), config)
-    if save_attention:
+        config = dataclasses.replace(key.guidance_config or GuidanceConfig(), steps=steps)
+        out.guidance = LayoutGuidance(module, layouts, (h, w), config)
+    if key.save_attention:
         from compinv_rt.spatial.heatmaps import AttentionRecorder
 
         out.attention_recorder = AttentionRecorder(len(layouts), h, w)

@@ -2,14 +2,15 @@
 
 `prepare` checks everything cheap (model folder, tokenizer, token, words, images) before any
 weights load or any file is written. `train_concept` then:
-  1. loads the model, adds the placeholder token(s), installs the trainable-rows embedding;
-  2. encodes every image variant with the VAE once (`data.encode_variants`);
-  3. per step and micro-batch: draws variants, a latent sample, noise, timesteps and prompts from a
-     generator seeded by (seed, step, micro) -- so a resumed run repeats the uninterrupted one --,
-     runs text encoder + UNet, and minimizes
+  1. loads the model, adds the placeholder token(s), installs the trainable-rows embedding
+     (`_load_model`, `_install_rows`);
+  2. encodes every image variant with the VAE once (`_encode_data`, `data.encode_variants`);
+  3. restores a checkpoint (`_restore`), then per step and micro-batch (`_step`): draws variants, a
+     latent sample, noise, timesteps and prompts from a generator seeded by (seed, step, micro) --
+     so a resumed run repeats the uninterrupted one --, runs text encoder + UNet, and minimizes
          recon_weight * masked_mse + anchor_weight * (attraction + l1 penalty);
-  4. checkpoints every `checkpoint_every` steps (atomic; the last two are kept);
-  5. writes the rows into the table (only those rows change) and the artifacts.
+  4. checkpoints every `checkpoint_every` steps (atomic; the last two are kept; `_train_steps`);
+  5. writes the rows into the table (only those rows change) and the artifacts (`_finish`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -261,23 +262,54 @@ def _diverged(out: Path, step: int, loss: float):
                          f"no longer finite); nothing of that step was saved; {last}; retrain with a lower --lr")
 
 
+@dataclass
+class _Embedding:
+    """The fp32 model with the token's trainable rows installed, and what the anchor loss, the norm
+    constraint and the analysis read."""
+
+    m: Any  # models.loading.LoadedModel
+    table0: Any  # the real vocabulary, untouched
+    anchor_ids: list
+    wrapper: Any  # models.tokens' trainable-rows embedding
+    target: Any  # anchors.AnchorTarget
+    vocab: Any  # the analysis vocabulary's ids
+    fixed_norm: float | None  # --norm: every vector's norm (None: free)
+    n_vec: int  # the concept's vectors (a context token's row follows them)
+
+
+@dataclass
+class _Data:
+    """What every step draws from: the encoded variants, the prompts, the noise schedule."""
+
+    n_variants: int
+    bank: Any  # data.encode_variants' latents, keys and loss masks
+    prompts: Any  # data.build_prompts' token ids per variant key
+    scheduler: Any  # DDPMScheduler
+    pred_type: str
+    use_mask: bool  # the text encoder takes an attention mask
+    context_reg: Any  # regularizers.ContextRegularizer, or None
+
+
+@dataclass
+class _Training:
+    """One training run, handed to its steps."""
+
+    cfg: TrainConfig
+    out: Path
+    fingerprint: dict  # what a resumed run must match
+    images_hash: str
+    t_start: float
+    emb: _Embedding
+    data: _Data
+    optimizer: Any
+
+
 def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str = "auto",
                   on_step: Callable[[StepInfo], None] | None = None,
                   on_status: Callable[[str], None] | None = None,
                   analysis_words: list[str] | None = None) -> TrainResult:
-    import torch
-    from diffusers import DDPMScheduler
-
-    from compinv_rt import __version__
-    from compinv_rt.models import tokens as T
-    from compinv_rt.models.artifact import FORMAT, SCHEMA_VERSION
-    from compinv_rt.models.loading import content_hash, load_model
-    from compinv_rt.train import anchors as A
-    from compinv_rt.train import regularizers as R
-    from compinv_rt.train.analysis import analyze, vocabulary_ids
-    from compinv_rt.train.data import DEFAULT_TEMPLATES, build_prompts, encode_variants, images_hash, make_variants
-    from compinv_rt.train.losses import diffusion_target, masked_mse
-    from compinv_rt.train.save import write_artifacts
+    from compinv_rt.models.loading import content_hash
+    from compinv_rt.train.data import images_hash
 
     cfg = plan.config
     out = Path(out)
@@ -288,16 +320,42 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     fingerprint = _fingerprint(cfg, content_hash(plan.files.all_files()), plan.inputs_hash())
     ck = resume_point(out, cfg, fingerprint, status) if resume else None  # before heavy work
 
-    m = load_model(str(plan.files.root), device=device, dtype="fp32")  # training runs in fp32
-    tok, te, unet, vae = m.tokenizer, m.text_encoder, m.unet, m.vae
+    m, masks = _load_model(plan, out, device, status)
+    emb = _install_rows(plan, m, status, analysis_words)
+    data = _encode_data(plan, emb, masks, status)
+    t = _Training(cfg, out, fingerprint, img_hash, t_start, emb, data, _optimizer(cfg, emb))
+    start, history = _restore(t, ck, status)
+    history = _train_steps(t, start, history, on_step)
+    return _finish(t, plan, history, start)
+
+
+def _load_model(plan: Plan, out: Path, device: str, status) -> tuple[Any, list | None]:
+    """The base model in fp32 (training runs in fp32), and the masks (`--masks auto`: from it)."""
+    from compinv_rt.models.loading import load_model
+
+    m = load_model(str(plan.files.root), device=device, dtype="fp32")
     masks = plan.masks
-    if (cfg.masks or "").strip().lower() == "auto":
+    if (plan.config.masks or "").strip().lower() == "auto":
         masks = _auto_masks(m, plan, out, status)
+    return m, masks
+
+
+def _install_rows(plan: Plan, m, status, analysis_words: list[str] | None) -> _Embedding:
+    """Add the placeholder token(s) (and the context token) and install their trainable rows,
+    starting at the init word; the anchor target; the fixed norm, applied at once."""
+    import torch
+
+    from compinv_rt.models import tokens as T
+    from compinv_rt.train import anchors as A
+    from compinv_rt.train import regularizers as R
+    from compinv_rt.train.analysis import vocabulary_ids
+
+    cfg = plan.config
+    tok, te = m.tokenizer, m.text_encoder
     table0 = te.get_input_embeddings().weight.detach().clone()  # the real vocabulary, untouched
     init_id = T.single_token_id(tok, cfg.init, "init word")
     anchor_ids = A.resolve_anchor_ids(tok, table0, cfg.anchors, cfg.class_word, init_id)
     ids = T.add_placeholders(tok, te, cfg.token, cfg.vectors)
-    seq_len = tok.model_max_length
     init = table0[init_id][None].repeat(cfg.vectors, 1)  # (N, D)
     n_vec = cfg.vectors
     if cfg.context_token:  # one more trainable row right after the concept's, never saved
@@ -314,119 +372,196 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
     if fixed_norm is not None:
         R.project_norm(wrapper.vectors.data[:n_vec], fixed_norm)
         status(f"vector norm fixed at {fixed_norm:.4f} (direction learned)")
+    return _Embedding(m, table0, anchor_ids, wrapper, target, vocab, fixed_norm, n_vec)
 
-    # -- data: encode each variant once --------------------------------------------------------
+
+def _encode_data(plan: Plan, emb: _Embedding, masks, status) -> _Data:
+    """Encode each image variant with the VAE once; the prompts; the noise schedule; the context
+    regularizer (--context-weight)."""
+    from diffusers import DDPMScheduler
+
+    from compinv_rt.models import tokens as T
+    from compinv_rt.train import regularizers as R
+    from compinv_rt.train.data import DEFAULT_TEMPLATES, build_prompts, encode_variants, make_variants
+
+    cfg, m = plan.config, emb.m
+    tok, te = m.tokenizer, m.text_encoder
     contexts = plan.prompt_contexts()
     variants = make_variants(plan.images, plan.resolution, cfg.augment, cfg.variants, cfg.seed,
                              masks, contexts)
     status(f"encoding {len(variants)} image variants with the VAE (once)")
-    bank = encode_variants(vae, variants, plan.files.vae_scale_factor, m.device, m.dtype)
+    bank = encode_variants(m.vae, variants, plan.files.vae_scale_factor, m.device, m.dtype)
     placeholder_text = " ".join(T.placeholder_tokens(cfg.token, cfg.vectors))
     templates = cfg.templates or DEFAULT_TEMPLATES
     prompts = build_prompts(tok, templates, placeholder_text, cfg.class_word, contexts or [""])
     scheduler = DDPMScheduler.from_config(plan.files.scheduler_config)
-    pred_type = plan.files.prediction_type
-    n_train_t = scheduler.config.num_train_timesteps
     use_mask = getattr(te.config, "use_attention_mask", False)
     context_reg = None
     if cfg.context_weight > 0:
         others = R.composition_others(plan.files.vocabulary, cfg.class_word)
         context_reg = R.ContextRegularizer(tok, te, templates, placeholder_text, cfg.class_word,
                                            cfg.vectors, others, use_mask)
+    return _Data(len(variants), bank, prompts, scheduler, plan.files.prediction_type, use_mask,
+                 context_reg)
 
-    groups = [{"params": [wrapper.vectors], "lr": cfg.effective_lr,
+
+def _optimizer(cfg: TrainConfig, emb: _Embedding):
+    import torch
+
+    groups = [{"params": [emb.wrapper.vectors], "lr": cfg.effective_lr,
                "weight_decay": cfg.weight_decay}]
-    if target.learned:
-        groups.append({"params": [target.coefs], "lr": cfg.coef_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
+    if emb.target.learned:
+        groups.append({"params": [emb.target.coefs], "lr": cfg.coef_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups)
 
-    # -- resume: restore the checkpoint read before loading -----------------------------------
+
+def _restore(t: _Training, ck, status) -> tuple[int, np.ndarray]:
+    """-> (first step, loss history so far): the checkpoint read before loading, or step 0."""
+    import torch
+
     start, history = 0, np.zeros((0, len(HISTORY_COLUMNS)), np.float32)
     if ck is not None:
         start, tensors, _ = ck
         with torch.no_grad():
-            wrapper.vectors.copy_(tensors["vectors"])
-            target.coefs.copy_(tensors["coefs"])
-        _restore_optimizer(optimizer, tensors)
+            t.emb.wrapper.vectors.copy_(tensors["vectors"])
+            t.emb.target.coefs.copy_(tensors["coefs"])
+        _restore_optimizer(t.optimizer, tensors)
         history = tensors["history"].numpy()[:start].copy()
         if history.shape[1] < len(HISTORY_COLUMNS):  # a checkpoint from before a column existed
             history = np.pad(history, ((0, 0), (0, len(HISTORY_COLUMNS) - history.shape[1])))
         status(f"resuming from checkpoint at step {start}")
+    return start, history
 
-    # -- train --------------------------------------------------------------------------------
+
+def _train_steps(t: _Training, start: int, history: np.ndarray,
+                 on_step: Callable[[StepInfo], None] | None) -> np.ndarray:
+    """Steps start..cfg.steps: each checked finite before it counts, checkpointed every
+    `checkpoint_every` and at the end. -> the whole loss history."""
+    cfg = t.cfg
     rows = [history] if len(history) else []
-    unet.eval()
-    te.eval()
+    t.emb.m.unet.eval()
+    t.emb.m.text_encoder.eval()
     for step in range(start, cfg.steps):
-        parts = np.zeros(4)
-        for micro in range(cfg.grad_accum):
-            gen = _step_generator(cfg.seed, step, micro)
-            pick = torch.randint(len(variants), (cfg.batch,), generator=gen)
-            latents = bank.sample(pick, gen)  # (B, C, h, w)
-            noise = torch.randn(latents.shape, generator=gen).to(latents)
-            t = torch.randint(0, n_train_t, (cfg.batch,), generator=gen).to(m.device)
-            input_ids = prompts.pick([bank.keys[i] for i in pick.tolist()], gen).to(m.device)
-            noisy = scheduler.add_noise(latents, noise, t)
-            mask = (input_ids != tok.pad_token_id).long() if use_mask else None
-            states = te(input_ids, attention_mask=mask)[0]  # (B, 77, D)
-            pred = unet(noisy, t, states, return_dict=False)[0]
-            rec = masked_mse(pred, diffusion_target(scheduler, pred_type, latents, noise, t),
-                             bank.mask[pick])
-            attraction, l1 = A.anchor_loss(wrapper.vectors[:n_vec], target, seq_len, cfg.anchor_l1)
-            loss = cfg.recon_weight * rec + cfg.anchor_weight * (attraction + l1)
-            ctx_loss = (context_reg.loss(te, gen, cfg.batch) if context_reg is not None
-                        else rec.new_zeros(()))
-            loss = loss + cfg.context_weight * ctx_loss
-            (loss / cfg.grad_accum).backward()
-            parts += np.array([rec.item(), attraction.item(), l1.item(),
-                               ctx_loss.item()]) / cfg.grad_accum
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        target.project()
-        if fixed_norm is not None:
-            R.project_norm(wrapper.vectors.data[:n_vec], fixed_norm)
-        with torch.no_grad():
-            dist = float((wrapper.vectors[:n_vec] - target()[None]).norm(dim=-1).mean())
-        total = (cfg.recon_weight * parts[0] + cfg.anchor_weight * (parts[1] + parts[2])
-                 + cfg.context_weight * parts[3])
-        row = np.array([[parts[0], parts[1], parts[2], total, dist, parts[3]]], np.float32)
+        row, total = _step(t, step)
         done = step + 1
-        if not (np.isfinite(row).all() and bool(wrapper.vectors.isfinite().all())):
-            _diverged(out, done, total)  # nothing of this step is saved
+        if not (np.isfinite(row).all() and bool(t.emb.wrapper.vectors.isfinite().all())):
+            _diverged(t.out, done, total)  # nothing of this step is saved
         rows.append(row)
         if on_step is not None:
             on_step(StepInfo(done, cfg.steps, *map(float, row[0])))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(out, done, wrapper.vectors, target, optimizer,
-                            np.concatenate(rows), fingerprint, cfg)
-    history = np.concatenate(rows) if rows else history
+            save_checkpoint(t.out, done, t.emb.wrapper.vectors, t.emb.target, t.optimizer,
+                            np.concatenate(rows), t.fingerprint, cfg)
+    return np.concatenate(rows) if rows else history
 
-    # -- finish: rows into the table, analysis, artifacts -------------------------------------
-    vectors = wrapper.vectors.detach()[:n_vec].clone()  # the context token is dropped here
-    wrapper.vectors = torch.nn.Parameter(vectors.clone())
-    T.uninstall(te, wrapper)
-    reports = A.report(tok, anchor_ids, target)
+
+def _step(t: _Training, step: int) -> tuple[np.ndarray, float]:
+    """One optimizer step over `grad_accum` micro-batches, each drawn from a generator seeded by
+    (seed, step, micro) so that a resumed run repeats the uninterrupted one. -> (its history row,
+    its total loss)."""
+    import torch
+
+    from compinv_rt.train import anchors as A
+    from compinv_rt.train import regularizers as R
+    from compinv_rt.train.losses import diffusion_target, masked_mse
+
+    cfg, emb, data = t.cfg, t.emb, t.data
+    m, wrapper, target = emb.m, emb.wrapper, emb.target
+    tok, te = m.tokenizer, m.text_encoder
+    parts = np.zeros(4)
+    for micro in range(cfg.grad_accum):
+        gen = _step_generator(cfg.seed, step, micro)
+        pick = torch.randint(data.n_variants, (cfg.batch,), generator=gen)
+        latents = data.bank.sample(pick, gen)  # (B, C, h, w)
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        timesteps = torch.randint(0, data.scheduler.config.num_train_timesteps, (cfg.batch,),
+                                  generator=gen).to(m.device)
+        input_ids = data.prompts.pick([data.bank.keys[i] for i in pick.tolist()], gen).to(m.device)
+        noisy = data.scheduler.add_noise(latents, noise, timesteps)
+        mask = (input_ids != tok.pad_token_id).long() if data.use_mask else None
+        states = te(input_ids, attention_mask=mask)[0]  # (B, 77, D)
+        pred = m.unet(noisy, timesteps, states, return_dict=False)[0]
+        rec = masked_mse(pred, diffusion_target(data.scheduler, data.pred_type, latents, noise, timesteps),
+                         data.bank.mask[pick])
+        attraction, l1 = A.anchor_loss(wrapper.vectors[:emb.n_vec], target, tok.model_max_length,
+                                       cfg.anchor_l1)
+        loss = cfg.recon_weight * rec + cfg.anchor_weight * (attraction + l1)
+        ctx_loss = (data.context_reg.loss(te, gen, cfg.batch) if data.context_reg is not None
+                    else rec.new_zeros(()))
+        loss = loss + cfg.context_weight * ctx_loss
+        (loss / cfg.grad_accum).backward()
+        parts += np.array([rec.item(), attraction.item(), l1.item(),
+                           ctx_loss.item()]) / cfg.grad_accum
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    target.project()
+    if emb.fixed_norm is not None:
+        R.project_norm(wrapper.vectors.data[:emb.n_vec], emb.fixed_norm)
     with torch.no_grad():
-        tgt = target().detach()
-    analysis = analyze(table0, tok, vectors, tgt, anchor_ids, vocab, seed=cfg.seed)
-    seconds = time.perf_counter() - t_start
-    tokens = T.placeholder_tokens(cfg.token, cfg.vectors)
+        dist = float((wrapper.vectors[:emb.n_vec] - target()[None]).norm(dim=-1).mean())
+    total = (cfg.recon_weight * parts[0] + cfg.anchor_weight * (parts[1] + parts[2])
+             + cfg.context_weight * parts[3])
+    return np.array([[parts[0], parts[1], parts[2], total, dist, parts[3]]], np.float32), total
+
+
+def _finish(t: _Training, plan: Plan, history: np.ndarray, start: int) -> TrainResult:
+    """The trained rows into the table (the context token dropped), the analysis, the artifacts."""
+    import torch
+
+    from compinv_rt.models import tokens as T
+    from compinv_rt.models.artifact import FORMAT, SCHEMA_VERSION
+    from compinv_rt.train import anchors as A
+    from compinv_rt.train.analysis import analyze
+    from compinv_rt.train.save import write_artifacts
+
+    cfg, emb = t.cfg, t.emb
+    vectors = emb.wrapper.vectors.detach()[:emb.n_vec].clone()  # the context token is dropped here
+    emb.wrapper.vectors = torch.nn.Parameter(vectors.clone())
+    T.uninstall(emb.m.text_encoder, emb.wrapper)
+    reports = A.report(emb.m.tokenizer, emb.anchor_ids, emb.target)
+    with torch.no_grad():
+        tgt = emb.target().detach()
+    analysis = analyze(emb.table0, emb.m.tokenizer, vectors, tgt, emb.anchor_ids, emb.vocab,
+                       seed=cfg.seed)
+    seconds = time.perf_counter() - t.t_start
+    record = _record(t, plan, history, reports, (vectors, tgt),
+                     {"analysis": analysis, "seconds": round(seconds, 2)})
+    metadata = {"format": FORMAT, "schema_version": str(SCHEMA_VERSION), "token": cfg.token,
+                "vectors": str(cfg.vectors), "base_model_hash": emb.m.hash,
+                "class_word": cfg.class_word, "config": cfg.as_dict()}
+    title = (f"{cfg.token} ({record['method']}, anchor weight {cfg.anchor_weight}, "
+             f"anchors {', '.join(r.word for r in reports)})")
+    record = write_artifacts(t.out, token=cfg.token, vectors=vectors, metadata=metadata,
+                             history=history, record=record, title=title)
+    return TrainResult(t.out, record, start, seconds, reports, emb.m)
+
+
+def _record(t: _Training, plan: Plan, history: np.ndarray, reports: list, trained: tuple,
+            measured: dict) -> dict:
+    """artifact.json's record. `trained`: (the vectors, the anchor target); `measured`: the
+    analysis and the seconds."""
+    from compinv_rt import __version__
+    from compinv_rt.models import tokens as T
+    from compinv_rt.models.artifact import SCHEMA_VERSION
+
+    cfg, m = t.cfg, t.emb.m
+    vectors, tgt = trained
     n = len(history)
     tail = history[-max(1, n // 10):]
     head = history[:max(1, n // 10)]
-    record = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "kind": "compinv-rt.concept",
         "method": "semantic-inversion" if cfg.anchor_weight > 0 else "textual-inversion",
         "token": cfg.token,
-        "tokens": tokens,
+        "tokens": T.placeholder_tokens(cfg.token, cfg.vectors),
         "vectors": cfg.vectors,
         "class_word": cfg.class_word,
         "init_word": cfg.init,
         "base_model": {"hash": m.hash, "path": str(m.root),
-                       "prediction_type": pred_type},
-        "images": {"count": len(plan.image_files), "hash": img_hash,
-                   "files": [p.name for p in plan.image_files], "variants": len(variants)},
+                       "prediction_type": t.data.pred_type},
+        "images": {"count": len(plan.image_files), "hash": t.images_hash,
+                   "files": [p.name for p in plan.image_files], "variants": t.data.n_variants},
         "anchors": [vars(r) for r in reports],
         "anchors_carrying_weight": [r.word for r in reports if r.carries_weight],
         "anchor_target_distance": round(float((vectors - tgt[None]).norm(dim=-1).mean()), 6),
@@ -434,7 +569,7 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
         "effective_lr": cfg.effective_lr,
         # what --norm applied (`auto` resolved): the config alone does not say
         "norm_constraint": {"spec": cfg.norm_spec,
-                            "value": None if fixed_norm is None else round(fixed_norm, 6)},
+                            "value": None if t.emb.fixed_norm is None else round(t.emb.fixed_norm, 6)},
         "steps_done": n,
         "loss": {
             "columns": list(HISTORY_COLUMNS),
@@ -442,15 +577,6 @@ def train_concept(plan: Plan, out: str | Path, resume: bool = False, device: str
             "last_10pct_mean": [round(float(v), 6) for v in tail.mean(0)],
             "final": [round(float(v), 6) for v in history[-1]],
         },
-        "analysis": analysis,
-        "seconds": round(seconds, 2),
+        **measured,
         "compinv_rt": __version__,
     }
-    metadata = {"format": FORMAT, "schema_version": str(SCHEMA_VERSION), "token": cfg.token,
-                "vectors": str(cfg.vectors), "base_model_hash": m.hash,
-                "class_word": cfg.class_word, "config": cfg.as_dict()}
-    title = (f"{cfg.token} ({record['method']}, anchor weight {cfg.anchor_weight}, "
-             f"anchors {', '.join(r.word for r in reports)})")
-    record = write_artifacts(out, token=cfg.token, vectors=vectors, metadata=metadata,
-                             history=history, record=record, title=title)
-    return TrainResult(out, record, start, seconds, reports, m)

@@ -14,6 +14,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -106,14 +107,14 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def layout_spatial(prompt: str, strength: float, steps: int):
+def layout_options(prompt: str, strength: float, steps: int):
     """A realistic bias on every step: the prompt's first two objects get the left / right halves."""
-    from compinv_rt.spatial.layouts import SpatialMode, boxes_layout, concept_phrases
-    from compinv_rt.spatial.plan import SpatialConfig
+    from compinv_rt.spatial.layouts import boxes_layout, concept_phrases
+    from compinv_rt.spatial.plan import SpatialOptions
 
     phrases = concept_phrases(prompt)[:2]
     halves = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
-    return SpatialConfig(SpatialMode.bias, boxes_layout(phrases, halves), strength, str(steps))
+    return SpatialOptions("bias", boxes_layout(phrases, halves), strength, str(steps))
 
 
 def _measure(run, device, repeats: int, timer: StepTimer, batch: int):
@@ -176,16 +177,29 @@ def _stock_cells(model_dir: str, model, cfg: BenchConfig, on_status) -> dict[int
     return cells
 
 
+@dataclass
+class _Run:
+    """One bench run's shared state, handed to its steps."""
+
+    cfg: BenchConfig
+    result: BenchResult
+    size: tuple[int, int]  # the image (height, width) every cell generates
+    on_status: Callable[[str], None]
+    on_cell: Callable[[BenchResult], None]
+    stock: dict = field(default_factory=dict)  # precision -> batch -> the stock Cell
+
+    @property
+    def reference(self) -> dict:
+        """batch -> stock Cell at the first precision: what every speed-up is measured against."""
+        return next(iter(self.stock.values()))
+
+
 def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", label: str = "",
               on_status=lambda msg: None, on_cell=lambda result: None) -> BenchResult:
     """`on_cell(result)` after every measured cell (the CLI rewrites its report: a run stopped by
     a timeout keeps what it measured)."""
-    from compinv_rt import __version__
-    from compinv_rt.core.errors import BackendUnavailable
-    from compinv_rt.generate.session import GenerationSession, Request
     from compinv_rt.models.loading import LoadedModel, load_model
     from compinv_rt.sampling.pipeline import SamplingConfig
-    from compinv_rt.spatial.plan import SpatialConfig
 
     # resolved precision name ("auto" -> fp32 on CPU) -> model; the first is the reference
     models: dict[str, LoadedModel] = {}
@@ -195,7 +209,28 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
     model = next(iter(models.values()))
     sampling = SamplingConfig(steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
                               guidance_interval=cfg.guidance_interval).resolved(model.files)
-    result = BenchResult(meta={
+    run = _Run(cfg, BenchResult(meta=_meta(models, cfg, sampling, label)), sampling.size, on_status,
+               on_cell)
+    _stock_baselines(run, models)
+    unavailable: set = set()
+    grid = ((p, m, b, n) for p, m in models.items() for b in cfg.backends for n in cfg.batch_sizes)
+    for precision, model, backend, batch in grid:
+        if (backend, precision) in unavailable:
+            continue
+        if not _backend_cells(run, model, backend, batch):
+            unavailable.add((backend, precision))
+            continue
+        # this backend's session and timers are gone with _backend_cells' frame
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()  # free this backend's memory before the next one opens
+    return run.result
+
+
+def _meta(models: dict, cfg: BenchConfig, sampling, label: str) -> dict:
+    from compinv_rt import __version__
+
+    model = next(iter(models.values()))
+    return {
         "model": str(model.root), "model_hash": model.hash, "label": label,
         "device": str(model.device), "device_name": _device_name(model.device),
         "dtype": model.precision.value, "precisions": list(models),
@@ -207,58 +242,72 @@ def run_bench(model_spec: str | None, cfg: BenchConfig, device: str = "auto", la
         "guidance": cfg.guidance, "repeats": cfg.repeats, "prompt": cfg.prompt,
         "baseline": f"stock diffusers StableDiffusionPipeline ({cfg.baseline})",
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "skipped": [],
-    })
-    stock = {}
+    }
+
+
+def _stock_baselines(run: _Run, models: dict) -> None:
+    """Stock diffusers at every precision; those after the first get speed-ups against it."""
     for precision, m in models.items():
-        stock[precision] = _stock_cells(str(m.root), m, cfg, on_status)
-        result.cells.extend(stock[precision].values())
-        on_cell(result)
-    reference = stock[model.precision.value]
-    for cells in list(stock.values())[1:]:
+        run.stock[precision] = _stock_cells(str(m.root), m, run.cfg, run.on_status)
+        run.result.cells.extend(run.stock[precision].values())
+        run.on_cell(run.result)
+    reference = run.reference
+    for cells in list(run.stock.values())[1:]:
         for batch, cell in cells.items():
             cell.step_speedup = reference[batch].step_ms_p50 / cell.step_ms_p50
             cell.e2e_speedup = reference[batch].e2e_s / cell.e2e_s
-    grid = ((p, m, b, n) for p, m in models.items() for b in cfg.backends for n in cfg.batch_sizes)
-    unavailable = set()
-    height, width = sampling.size
-    for precision, model, backend, batch in grid:
-        if (backend, precision) in unavailable:
-            continue
-        on_status(f"{backend} {precision}: batch {batch} (opening)")
-        session = GenerationSession(model, backend, engines_root=cfg.engines_root, max_batch=batch,
-                                    on_status=on_status)
-        try:
-            session.unet(height, width, cfg.guidance > 1)
-        except BackendUnavailable as exc:  # e.g. onnxruntime has no bf16 kernels
-            unavailable.add((backend, precision))
-            result.meta["skipped"].append(f"{backend} {precision}: {exc}")
-            on_status(f"skipped: {exc}")
-            continue
-        provider = getattr(session.unet(height, width, cfg.guidance > 1), "provider", None)
-        timer = session.wrap_unet(height, width, cfg.guidance > 1,
-                                  lambda unet: StepTimer(unet, model.device))
-        for with_bias in cfg.bias:
-            on_status(f"{backend} {precision}: batch {batch}, bias {'on' if with_bias else 'off'}")
-            spatial = (layout_spatial(cfg.prompt, cfg.bias_strength, cfg.steps) if with_bias
-                       else SpatialConfig())
-            tasks = session.tasks(Request(cfg.prompt, 0, batch, sampling=sampling, spatial=spatial))
 
-            def run(session=session, tasks=tasks):
-                session.run_batch(tasks)
 
-            cell = Cell(backend, batch, with_bias, cfg.steps,
-                        **_measure(run, model.device, cfg.repeats, timer, batch),
-                        precision=precision, provider=provider)
-            base = reference[batch]
-            cell.step_speedup = base.step_ms_p50 / cell.step_ms_p50
-            cell.e2e_speedup = base.e2e_s / cell.e2e_s
-            cell.e2e_speedup_same_precision = stock[precision][batch].e2e_s / cell.e2e_s
-            result.cells.append(cell)
-            on_cell(result)
-        del run, session, timer, tasks  # free this backend's memory before the next one opens
-        if model.device.type == "cuda":
-            torch.cuda.empty_cache()
-    return result
+def _backend_cells(run: _Run, model, backend: str, batch: int) -> bool:
+    """Measure one backend at one precision and batch size, bias off and on (False: the backend
+    cannot run at this precision; noted in the result's skipped list)."""
+    from compinv_rt.core.errors import BackendUnavailable
+    from compinv_rt.generate.requests import build_request
+    from compinv_rt.generate.session import GenerationSession
+
+    cfg, precision = run.cfg, model.precision.value
+    height, width = run.size
+    run.on_status(f"{backend} {precision}: batch {batch} (opening)")
+    session = GenerationSession(model, backend, engines_root=cfg.engines_root, max_batch=batch,
+                                on_status=run.on_status)
+    try:
+        session.unet(height, width, cfg.guidance > 1)
+    except BackendUnavailable as exc:  # e.g. onnxruntime has no bf16 kernels
+        run.result.meta["skipped"].append(f"{backend} {precision}: {exc}")
+        run.on_status(f"skipped: {exc}")
+        return False
+    provider = getattr(session.unet(height, width, cfg.guidance > 1), "provider", None)
+    timer = session.wrap_unet(height, width, cfg.guidance > 1,
+                              lambda unet: StepTimer(unet, model.device))
+    for with_bias in cfg.bias:
+        run.on_status(f"{backend} {precision}: batch {batch}, bias {'on' if with_bias else 'off'}")
+        tasks = session.tasks(build_request(_request_spec(cfg, batch, run.size, with_bias), backend))
+
+        def generate(session=session, tasks=tasks):
+            session.run_batch(tasks)
+
+        cell = Cell(backend, batch, with_bias, cfg.steps,
+                    **_measure(generate, model.device, cfg.repeats, timer, batch),
+                    precision=precision, provider=provider)
+        base = run.reference[batch]
+        cell.step_speedup = base.step_ms_p50 / cell.step_ms_p50
+        cell.e2e_speedup = base.e2e_s / cell.e2e_s
+        cell.e2e_speedup_same_precision = run.stock[precision][batch].e2e_s / cell.e2e_s
+        run.result.cells.append(cell)
+        run.on_cell(run.result)
+    return True
+
+
+def _request_spec(cfg: BenchConfig, batch: int, size: tuple[int, int], with_bias: bool):
+    """One generation of `batch` images of the bench prompt (seeds 0..batch-1), biased or not."""
+    from compinv_rt.generate.requests import RequestSpec
+    from compinv_rt.spatial.plan import SpatialOptions
+
+    spatial = (layout_options(cfg.prompt, cfg.bias_strength, cfg.steps) if with_bias
+               else SpatialOptions())
+    return RequestSpec(cfg.prompt, 0, batch, steps=cfg.steps, guidance=cfg.guidance,
+                       scheduler=cfg.scheduler, height=size[0], width=size[1],
+                       guidance_interval=cfg.guidance_interval, spatial=spatial)
 
 
 def _device_name(device) -> str:

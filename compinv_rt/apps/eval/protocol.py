@@ -129,7 +129,7 @@ METHODS = tuple(method(n) for n in (WORDS, "ti", "si", "ti_bias", "ti_guidance",
 
 
 @dataclass(frozen=True)
-class Concept:
+class EvalConcept:
     name: str
     class_word: str
     photos: Path | None = None  # None: made from the world attributes
@@ -189,7 +189,7 @@ class Prompt:
         others = self.detect or parse_prompt(rest).objects or re.search(r"\b(and|with)\b", rest)
         return "pretrained" if others else "single"
 
-    def render(self, concepts: dict[str, Concept], how: str, embedding: str = "ti",
+    def render(self, concepts: dict[str, EvalConcept], how: str, embedding: str = "ti",
                seed: int = 0) -> str:
         """how: "tokens" (generation), "plain" (CLIP text: class words), "world" (judge and the
         words method: the concept written out)."""
@@ -272,13 +272,13 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Protocol:
-    concepts: tuple[Concept, ...]
+    concepts: tuple[EvalConcept, ...]
     prompts: tuple[Prompt, ...]
     methods: tuple[Method, ...] = METHODS
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
-    def by_name(self) -> dict[str, Concept]:
+    def by_name(self) -> dict[str, EvalConcept]:
         return {c.name: c for c in self.concepts}
 
     def to_json(self) -> dict:
@@ -294,9 +294,9 @@ class Protocol:
 # "photo of a PATTERN COLOUR SHAPE on grass": 79%, 96%, 83% colour+pattern+shape), with three
 # different shapes, colours and photo backgrounds.
 DEFAULT_CONCEPTS = (
-    Concept("orange-heart", "heart", None, "heart", "orange", "dotted", "sand"),
-    Concept("red-square", "square", None, "square", "red", "striped", "night"),
-    Concept("blue-cross", "cross", None, "cross", "blue", "dotted", "brick"),
+    EvalConcept("orange-heart", "heart", None, "heart", "orange", "dotted", "sand"),
+    EvalConcept("red-square", "square", None, "square", "red", "striped", "night"),
+    EvalConcept("blue-cross", "cross", None, "cross", "blue", "dotted", "brick"),
 )
 # Pretrained objects to compose with: plain known colour-shape pairs (none held out of the base).
 WORLD_OBJECTS = ("blue circle", "green star", "yellow triangle", "purple square", "red heart",
@@ -305,7 +305,7 @@ COCO_OBJECTS = ("backpack", "chair", "dog", "cup")
 BACKGROUND = "on grass"
 
 
-def _clash(concept: Concept, obj: str) -> bool:
+def _clash(concept: EvalConcept, obj: str) -> bool:
     colour, shape = obj.split()
     return concept.is_world and (colour == concept.colour or shape == concept.shape)
 
@@ -343,7 +343,7 @@ def default_protocol(quick: bool) -> Protocol:
     return Protocol(concepts, tuple(default_prompts(concepts, 2 if quick else 5, world=True)))
 
 
-def random_concepts(n: int, seed: int = 0) -> list[Concept]:
+def random_concepts(n: int, seed: int = 0) -> list[EvalConcept]:
     """`n` concepts drawn with `seed` from the world's whole colour x pattern x shape space (no
     filtering by what the base draws), without repeats; each photographed on a background drawn
     from every one but grass (the evaluation prompts' background, where leakage would not show)."""
@@ -360,7 +360,7 @@ def random_concepts(n: int, seed: int = 0) -> list[Concept]:
     for i in rng.choice(len(space), n, replace=False):
         c, p, sh = space[int(i)]
         bg = backgrounds[int(rng.integers(len(backgrounds)))]
-        out.append(Concept(f"{p}-{c}-{sh}", sh, None, sh, c, p, bg))
+        out.append(EvalConcept(f"{p}-{c}-{sh}", sh, None, sh, c, p, bg))
     return out
 
 
@@ -407,7 +407,7 @@ def _read_items(path: Path, what: str) -> list:
     return items
 
 
-def read_concepts(path: str | Path) -> list[Concept]:
+def read_concepts(path: str | Path) -> list[EvalConcept]:
     from compinv_rt.apps.world.scenes import BACKGROUNDS, COLOURS, PATTERNS, SHAPES
 
     path = Path(path)
@@ -450,7 +450,7 @@ def read_concepts(path: str | Path) -> list[Concept]:
         class_word = str(item.get("class_word") or world.get("shape") or "").strip()
         if not class_word or " " in class_word:
             raise ConfigError(f"{where}: class_word must be one word (e.g. \"cat\")")
-        out.append(Concept(name, class_word, photos, world["shape"], world["colour"],
+        out.append(EvalConcept(name, class_word, photos, world["shape"], world["colour"],
                            world["pattern"], world["background"]))
     names = [c.name.lower() for c in out]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -490,7 +490,7 @@ def drop_repeated_class_words(template: str, known: dict) -> str:
     return template
 
 
-def read_prompts(path: str | Path, concepts: list[Concept]) -> list[Prompt]:
+def read_prompts(path: str | Path, concepts: list[EvalConcept]) -> list[Prompt]:
     path = Path(path)
     known = {c.name: c for c in concepts}
     out = []

@@ -13,13 +13,17 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from compinv_rt.apps.eval.metrics import WORDS_FLOOR, aggregate, attention_stats, prompt_slots, score_image
 from compinv_rt.apps.eval.protocol import WORDS, EvalConfig, Protocol
 from compinv_rt.core.outputs import atomic_write_json, make_grid, remove_stale_temp_files, save_png
+
+if TYPE_CHECKING:
+    from compinv_rt.generate.session import GenerationSession
+    from compinv_rt.models.loading import ModelFiles
 
 log = logging.getLogger(__name__)
 STRIP = 8  # images per cell kept as PNG (the row of the sample grids)
@@ -28,90 +32,143 @@ Progress = Callable[[float, int, str], None]  # (done, fractional within a cell;
 
 @dataclass
 class Scorers:
-    judge: object | None = None
-    clip: object | None = None
-    detector: object | None = None
-    photo_features: dict | None = None  # concept name -> CLIP features of its photos
+    judge: Any = None  # world.judge's judge (world prompts only)
+    clip: Any = None  # clip_metrics.ClipScorer (--clip)
+    detector: Any = None  # clip_metrics.DetrScorer (--detector)
+    photo_features: dict = field(default_factory=dict)  # concept name -> CLIP features of its photos
 
 
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_eval(protocol: Protocol, cfg: EvalConfig, out: str | Path, model: str | None = None,
-             cache: str | Path | None = None, clip: str | Path | None = None,
-             detector: str | Path | None = None, device: str = "auto",
+@dataclass(frozen=True)
+class RunOptions:
+    """Where an evaluation reads from besides its protocol, and where it runs."""
+
+    model: str | None = None  # base model folder (default: embedded)
+    cache: str | Path | None = None  # trained concepts and cells (default: OUT/cache)
+    clip: str | Path | None = None  # open_clip folder: CLIP alignment scores
+    detector: str | Path | None = None  # DETR folder: detector CoI
+    device: str = "auto"
+
+
+@dataclass
+class _Run:
+    """One evaluation's shared state, handed to its steps."""
+
+    protocol: Protocol
+    cfg: EvalConfig
+    options: RunOptions
+    out: Path
+    cache: Path
+    files: ModelFiles
+    model_hash: str
+    scorers: Scorers
+    folders: dict = field(default_factory=dict)  # (concept, recipe, seed) -> trained folder
+    reused: dict = field(default_factory=dict)  # (concept, recipe, seed) -> was it cached
+    session: GenerationSession | None = None
+
+
+@dataclass
+class _Tracker:
+    """Units done of the total (fractional within a cell), reported through `Progress`."""
+
+    report: Progress
+    total: int
+    done: float = 0
+
+    def __call__(self, what: str, within: float = 0.0) -> None:
+        self.report(self.done + within, self.total, what)
+
+
+def run_eval(protocol: Protocol, cfg: EvalConfig, out: str | Path,
+             options: RunOptions = RunOptions(),
              on_status: Callable[[str], None] | None = None,
              on_progress: Progress | None = None) -> dict:
-    from compinv_rt.models.loading import content_hash, inspect_model_dir, resolve_model_dir
-
     t0 = time.time()
     status = on_status or log.info
-    progress = on_progress or (lambda done, total, what: None)
-    out = Path(out)
-    cache = Path(cache) if cache is not None else out / "cache"
-    files = inspect_model_dir(resolve_model_dir(model))
-    from compinv_rt.apps.world.model import DOMAIN
-
-    world = files.metadata.get("domain") == DOMAIN  # the judge and world templates apply
-    model_hash = content_hash(files.all_files())
-    scorers = _load_scorers(protocol, clip, detector, cfg, status)  # fail fast, before training
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out)
-    atomic_write_json(out / "protocol.json", {"config": cfg.as_dict(), **protocol.to_json()})
-
+    run = _open_run(protocol, cfg, Path(out), options, status)
     recipes = sorted({m.embedding for m in protocol.methods if m.trained})
     seeds = list(range(cfg.train_seeds))
     trainings = [(c, e, s) for c in protocol.concepts for e in recipes for s in seeds]
     units = [(m, p, s) for m in protocol.methods for p in protocol.prompts
              for s in (seeds if m.trained else [0])]
-    total = len(trainings) + len(units)
-    done: float = 0
-    folders, reused = {}, {}
+    progress = _Tracker(on_progress or (lambda done, total, what: None), len(trainings) + len(units))
+    _train_all(run, trainings, progress, status)
+    progress("load model")
+    _open_session(run)
+    cells = {(method.name, prompt.id, seed): _cell(run, method, prompt, seed, progress)
+             for method, prompt, seed in units}
+    return _summarize(run, cells, time.time() - t0)
+
+
+def _open_run(protocol: Protocol, cfg: EvalConfig, out: Path, options: RunOptions,
+              status: Callable[[str], None]) -> _Run:
+    """The model's files and hash, the scorers (fail fast, before training), the output folder."""
+    from compinv_rt.models.loading import content_hash, inspect_model_dir, resolve_model_dir
+
+    cache = Path(options.cache) if options.cache is not None else out / "cache"
+    files = inspect_model_dir(resolve_model_dir(options.model))
+    model_hash = content_hash(files.all_files())
+    scorers = _load_scorers(protocol, options.clip, options.detector, cfg, status)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    atomic_write_json(out / "protocol.json", {"config": cfg.as_dict(), **protocol.to_json()})
+    return _Run(protocol, cfg, options, out, cache, files, model_hash, scorers)
+
+
+def _train_all(run: _Run, trainings: list, progress: _Tracker, status: Callable[[str], None]) -> None:
+    from compinv_rt.apps.eval.training import TrainingSetup, ensure_trained
+    from compinv_rt.apps.world.model import DOMAIN
+
+    world = run.files.metadata.get("domain") == DOMAIN  # the judge and world templates apply
+    setup = TrainingSetup(run.files.root, run.model_hash, run.cache, world, run.options.device)
     for c, e, seed in trainings:
-        progress(done, total, f"train {c.token(e, seed)}")
-        folders[c.name, e, seed], reused[c.name, e, seed] = _train(
-            c, e, cfg, files.root, model_hash, cache, world, status, device, seed)
-        done += 1
-    progress(done, total, "load model")
+        progress(f"train {c.token(e, seed)}")
+        run.folders[c.name, e, seed], run.reused[c.name, e, seed] = ensure_trained(
+            c, e, run.cfg, setup, seed=seed, on_status=status)
+        progress.done += 1
 
+
+def _open_session(run: _Run) -> None:
+    """The model, once, with every trained concept; the concepts' photo features for CLIP."""
     from compinv_rt.generate.session import GenerationSession, SessionOptions
-    from compinv_rt.sampling.pipeline import SamplingConfig
 
-    session = GenerationSession.open(SessionOptions(str(files.root), device, max_batch=cfg.batch))
-    session.load_concepts(folders.values())
-    sampling = SamplingConfig(cfg.steps, cfg.guidance, cfg.scheduler, guidance_interval=cfg.guidance_interval)
-    if scorers.clip is not None:
-        scorers.photo_features = _photo_features(scorers.clip, protocol, cache, files.default_size)
+    run.session = GenerationSession.open(SessionOptions(str(run.files.root), run.options.device,
+                                                        max_batch=run.cfg.batch))
+    run.session.load_concepts(run.folders.values())
+    if run.scorers.clip is not None:
+        run.scorers.photo_features = _photo_features(run.scorers.clip, run.protocol, run.cache,
+                                                     run.files.default_size)
 
-    results_cells = {}
-    for method, prompt, seed in units:
-        key = cell_key(cfg, method, prompt, model_hash, folders, seed, clip, detector)
-        path = out / "cells" / method.name / f"{prompt.id}{f'-s{seed}' if seed else ''}.json"
-        stored = cache / "cells" / f"{key}.json"  # shared by every run using this cache
-        what = f"{method.name}{f' seed {seed}' if method.trained else ''}: {prompt.template}"
+
+def _cell(run: _Run, method, prompt, seed: int, progress: _Tracker) -> dict:
+    """One (method, prompt, training seed) cell: this run's copy, else the shared store's, else
+    computed (and stored in both)."""
+    key = cell_key(run.cfg, method, prompt, run.model_hash, run.folders, seed, run.options.clip,
+                   run.options.detector)
+    path = run.out / "cells" / method.name / f"{prompt.id}{f'-s{seed}' if seed else ''}.json"
+    stored = run.cache / "cells" / f"{key}.json"  # shared by every run using this cache
+    what = f"{method.name}{f' seed {seed}' if method.trained else ''}: {prompt.template}"
+    cell = _read_cell(path, key)
+    if cell is None and _read_cell(stored, key) is not None:
+        _copy_cell(stored, path)
         cell = _read_cell(path, key)
-        if cell is None and _read_cell(stored, key) is not None:
-            _copy_cell(stored, path)
-            cell = _read_cell(path, key)
-        if cell is None:
-            progress(done, total, what)
+    if cell is None:
+        progress(what)
 
-            def on_batch(images, n, what=what, base=done):
-                progress(base + images / n, total, f"{what} ({images}/{n} images)")
+        def on_batch(images, n):
+            progress(f"{what} ({images}/{n} images)", images / n)
 
-            cell = _run_cell(method, prompt, protocol, cfg, session, sampling, folders, scorers,
-                             seed, on_batch)
-            cell["key"] = key
-            save_png(path.with_suffix(".png"), make_grid(cell.pop("_images")[:STRIP], cols=STRIP))
-            atomic_write_json(path, cell)
-            _copy_cell(path, stored)
-        results_cells[method.name, prompt.id, seed] = cell
-        done += 1
-        progress(done, total, what)
-
-    return _summarize(protocol, cfg, files, model_hash, folders, reused, results_cells, scorers,
-                      out, time.time() - t0)
+        cell = _run_cell(method, prompt, run, seed, on_batch)
+        cell["key"] = key
+        save_png(path.with_suffix(".png"), make_grid(cell.pop("_images")[:STRIP], cols=STRIP))
+        atomic_write_json(path, cell)
+        _copy_cell(path, stored)
+    progress.done += 1
+    progress(what)
+    return cell
 
 
 def cell_key(cfg: EvalConfig, method, prompt, model_hash: str, folders: dict, seed: int, clip,
@@ -143,13 +200,6 @@ def _copy_cell(src: Path, dst: Path) -> None:
 
     atomic_write_bytes(dst.with_suffix(".png"), src.with_suffix(".png").read_bytes())
     atomic_write_bytes(dst, src.read_bytes())  # the JSON last: it marks the cell complete
-
-
-def _train(concept, embedding, cfg, root, model_hash, cache, world, status, device, seed=0):
-    from compinv_rt.apps.eval.training import ensure_trained
-
-    return ensure_trained(concept, embedding, cfg, root, model_hash, cache, world,
-                          on_status=status, device=device, seed=seed)
 
 
 def _load_scorers(protocol, clip, detector, cfg, status) -> Scorers:
@@ -189,31 +239,67 @@ def _read_cell(path: Path, key: str) -> dict | None:
     return cell if cell.get("key") == key else None
 
 
-def _run_cell(method, prompt, protocol, cfg, session, sampling, folders, scorers, seed=0,
-              on_batch=None) -> dict:
-    import torch
-
-    from compinv_rt.generate.session import Request
-    from compinv_rt.spatial.heatmaps import prompt_token_labels
-    from compinv_rt.spatial.layouts import boxes_layout, concept_phrases, concept_tokens, fixed_boxes
-    from compinv_rt.spatial.plan import SpatialConfig
+def _run_cell(method, prompt, run: _Run, seed: int = 0, on_batch=None) -> dict:
+    from compinv_rt.generate.batching import pack
+    from compinv_rt.generate.requests import build_request
+    from compinv_rt.spatial.layouts import concept_phrases
 
     t0 = time.time()
-    concepts = protocol.by_name
+    session = run.session
+    assert session is not None  # opened before the first cell
+    concepts = run.protocol.by_name
     if method.trained:
-        concept_dirs = tuple(str(folders[n, method.embedding, seed]) for n in prompt.concepts)
+        concept_dirs = tuple(str(run.folders[n, method.embedding, seed]) for n in prompt.concepts)
         used = session.load_concepts(concept_dirs)
         raw = prompt.render(concepts, "tokens", method.embedding, seed)
     else:  # the concept written out in words: no token at all
         concept_dirs, used, raw = (), [], prompt.render(concepts, "world")
     text = session.expand(raw, used)
     phrases = concept_phrases(raw)  # objects in order of mention ("<tok> heart", "blue circle")
+    request = build_request(_cell_spec(run.cfg, method, raw, phrases, concept_dirs))
+    positions = _token_positions(session, method, prompt, text, used, phrases, concepts)
+    readable = prompt_slots(prompt, concepts) if run.scorers.judge is not None else None
+    samples, images, layout = [], [], None
+    tasks = session.tasks(request)
+    # one request: every task has the same key, so these are the request's tasks in order, cut
+    # into batches of cfg.batch
+    for _, batch in pack(tasks, session.batch_key, run.cfg.batch):
+        results = session.run_batch(batch)
+        layout = results[0].spatial
+        samples += _score_batch(run.scorers, prompt, concepts, results, readable, positions)
+        images += [r.image for r in results]
+        if on_batch is not None:
+            on_batch(len(images), len(tasks))
+    return {"method": method.name, "prompt": prompt.to_json(), "text": text,
+            "train_seed": seed if method.trained else None,
+            "judged": readable is not None, "spatial": layout, "samples": samples,
+            "seconds": round(time.time() - t0, 2), "_images": images}
+
+
+def _cell_spec(cfg: EvalConfig, method, raw: str, phrases: list, concept_dirs: tuple):
+    """A cell's request: the protocol's sampler and seeds; the method's spatial mode on the fixed
+    reference boxes (the adaptive bias on its own defaults); attention recorded in every method."""
+    from compinv_rt.generate.requests import RequestSpec
+    from compinv_rt.spatial.layouts import boxes_layout, fixed_boxes
+    from compinv_rt.spatial.plan import SpatialOptions
+
     own_defaults = method.spatial == "adaptive"
-    spatial = SpatialConfig.from_options(
+    spatial = SpatialOptions(
         None if method.spatial == "none" else method.spatial,
         None if method.spatial == "none" else boxes_layout(phrases, fixed_boxes(len(phrases))),
         None if own_defaults else cfg.bias_strength, None if own_defaults else cfg.spatial_steps,
-        save_attention=True, total_steps=cfg.steps)
+        save_attention=True)
+    return RequestSpec(raw, cfg.seed, cfg.samples, steps=cfg.steps, guidance=cfg.guidance,
+                       scheduler=cfg.scheduler, guidance_interval=cfg.guidance_interval,
+                       concepts=concept_dirs, spatial=spatial)
+
+
+def _token_positions(session, method, prompt, text: str, used: list, phrases: list,
+                     concepts: dict) -> tuple[list, list, list]:
+    """-> (content token labels, each concept's token positions, the other objects' positions)."""
+    from compinv_rt.spatial.heatmaps import prompt_token_labels
+    from compinv_rt.spatial.layouts import concept_tokens
+
     tok = session.model.tokenizer
     ids = tok(text, truncation=True, max_length=tok.model_max_length).input_ids
     content = [p for p, _ in prompt_token_labels(tok, text)]
@@ -226,38 +312,33 @@ def _run_cell(method, prompt, protocol, cfg, session, sampling, folders, scorers
         concept_pos = concept_tokens(tok, text, words)
         others = [p for p in phrases if not any(w in p for w in words)]
     other_pos = concept_tokens(tok, text, others) if others else []
-    readable = prompt_slots(prompt, concepts) if scorers.judge is not None else None
-    request = Request(raw, cfg.seed, cfg.samples, sampling=sampling, concepts=concept_dirs,
-                      spatial=spatial)
-    samples, images, layout = [], [], None
-    tasks = session.tasks(request)
-    for i in range(0, len(tasks), cfg.batch):
-        results = session.run_batch(tasks[i:i + cfg.batch])
-        imgs = [r.image for r in results]
-        layout = results[0].spatial
-        judged = scorers.judge(imgs) if readable is not None else [None] * len(imgs)
-        clip = (scorers.clip.score(imgs, prompt.render(concepts, "plain"), torch.cat(
-            [scorers.photo_features[n] for n in prompt.concepts]))
-            if scorers.clip is not None else [{}] * len(imgs))
-        detr = None
-        if scorers.detector is not None and prompt.detect and \
-                len(scorers.detector.known(prompt.detect)) == len(prompt.detect):
-            detr = scorers.detector.coi(imgs, list(prompt.detect))
-        for j, r in enumerate(results):
-            rec = {"seed": r.seed, **attention_stats(r.attention, content, concept_pos, other_pos),
-                   **clip[j], "detr_coi": None if detr is None else detr[j]}
-            if readable is not None:
-                rec.update(score_image(readable[0], readable[1], judged[j],
-                                       scorers.judge.config.size))
-                rec["judgement"] = judged[j].to_json()  # type: ignore[union-attr]
-            samples.append(rec)
-        images += imgs
-        if on_batch is not None:
-            on_batch(len(images), len(tasks))
-    return {"method": method.name, "prompt": prompt.to_json(), "text": text,
-            "train_seed": seed if method.trained else None,
-            "judged": readable is not None, "spatial": layout, "samples": samples,
-            "seconds": round(time.time() - t0, 2), "_images": images}
+    return content, concept_pos, other_pos
+
+
+def _score_batch(scorers: Scorers, prompt, concepts: dict, results: list, readable,
+                 positions: tuple[list, list, list]) -> list[dict]:
+    """Per image of one batch: attention shares, CLIP, DETR and (world prompts) the judge's scores."""
+    import torch
+
+    imgs = [r.image for r in results]
+    judged = scorers.judge(imgs) if readable is not None else [None] * len(imgs)
+    clip = (scorers.clip.score(imgs, prompt.render(concepts, "plain"), torch.cat(
+        [scorers.photo_features[n] for n in prompt.concepts]))
+        if scorers.clip is not None else [{}] * len(imgs))
+    detr = None
+    if scorers.detector is not None and prompt.detect and \
+            len(scorers.detector.known(prompt.detect)) == len(prompt.detect):
+        detr = scorers.detector.coi(imgs, list(prompt.detect))
+    samples = []
+    for j, r in enumerate(results):
+        rec = {"seed": r.seed, **attention_stats(r.attention, *positions),
+               **clip[j], "detr_coi": None if detr is None else detr[j]}
+        if readable is not None:
+            rec.update(score_image(readable[0], readable[1], judged[j],
+                                   scorers.judge.config.size))
+            rec["judgement"] = judged[j].to_json()  # type: ignore[union-attr]
+        samples.append(rec)
+    return samples
 
 
 def _embedding_analysis(folders) -> dict:
@@ -389,18 +470,18 @@ def word_parity(methods: dict, protocol) -> tuple[dict, dict]:
     return per_concept, summary
 
 
-def _summarize(protocol, cfg, files, model_hash, folders, reused, cells, scorers, out,
-               seconds) -> dict:
+def _summarize(run: _Run, cells: dict, seconds: float) -> dict:
     from compinv_rt import __version__
     from compinv_rt.apps.eval.report import write_report
 
+    protocol, cfg, scorers, folders = run.protocol, run.cfg, run.scorers, run.folders
     methods = {m.name: _method_block(m, protocol, cells,
                                      list(range(cfg.train_seeds)) if m.trained else [0])
                for m in protocol.methods}
     parity, parity_summary = word_parity(methods, protocol)
     results = {
         "kind": "compinv-rt.eval", "compinv_rt": __version__,
-        "model": {"path": str(files.root), "hash": model_hash},
+        "model": {"path": str(run.files.root), "hash": run.model_hash},
         "config": cfg.as_dict(), "protocol": protocol.to_json(),
         "judge": "shapes-world judge" if scorers.judge is not None else
                  "skipped (no prompt whose concepts all have world attributes)",
@@ -408,7 +489,7 @@ def _summarize(protocol, cfg, files, model_hash, folders, reused, cells, scorers
         "detector": (str(scorers.detector.path) if scorers.detector is not None
                      else "skipped (no --detector)"),
         "trained": {f"{n}-{e}" + (f"-s{s}" if s else ""): {"folder": str(f),
-                                                             "reused": reused[n, e, s]}
+                                                             "reused": run.reused[n, e, s]}
                     for (n, e, s), f in folders.items()},
         "embeddings": _embedding_analysis(folders),
         "methods": methods,
@@ -416,5 +497,5 @@ def _summarize(protocol, cfg, files, model_hash, folders, reused, cells, scorers
         "word_parity_summary": parity_summary,
         "seconds": round(seconds, 1),
     }
-    results["report"] = {k: str(v) for k, v in write_report(results, out).items()}
+    results["report"] = {k: str(v) for k, v in write_report(results, run.out).items()}
     return results

@@ -11,31 +11,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from compinv_rt.apps.eval.protocol import RECIPES, WORLD_TEMPLATES, Concept, EvalConfig
+from compinv_rt.apps.eval.protocol import RECIPES, WORLD_TEMPLATES, EvalConcept, EvalConfig
 from compinv_rt.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def concept_photos(concept: Concept, cache: Path, size: int) -> Path:
+def concept_photos(concept: EvalConcept, cache: Path, size: int) -> Path:
     """The user's folder, or world photos made once (deterministic) under the cache."""
     if concept.photos is not None:
         return Path(concept.photos)
-    from compinv_rt.apps.world.photos import make_photos
+    from compinv_rt.apps.world.photos import PhotoConcept, make_photos
 
     # v2: the folder also holds captions.json and masks/
     spec = f"{concept.shape},{concept.colour},{concept.pattern},{concept.background},{size},v2"
     d = cache / "photos" / f"{concept.name}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
     if not (d / "concept.json").is_file():  # concept.json is written last
-        make_photos(d, str(concept.shape), str(concept.colour), concept.pattern or "plain",
-                    str(concept.background), count=8, seed=1, size=size)
+        make_photos(d, PhotoConcept(str(concept.shape), str(concept.colour), concept.pattern or "plain",
+                                    str(concept.background)), count=8, seed=1, size=size)
     return d
 
 
-def train_config(concept: Concept, embedding: str, cfg: EvalConfig, world: bool, seed: int = 0,
+def train_config(concept: EvalConcept, embedding: str, cfg: EvalConfig, world: bool, seed: int = 0,
                  photos: Path | None = None) -> TrainConfig:
     """The recipe's training of one concept with one seed. `photos`: where a masks/ folder is
     looked for (recipes with masks)."""
@@ -75,25 +76,35 @@ def is_complete(folder: Path) -> bool:
     return True
 
 
-def ensure_trained(concept: Concept, embedding: str, cfg: EvalConfig, model_root: Path,
-                   model_hash: str, cache: Path, world: bool,
-                   on_status: Callable[[str], None] | None = None,
-                   on_step=None, device: str = "auto", seed: int = 0) -> tuple[Path, bool]:
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What every training of one evaluation shares."""
+
+    model_root: Path  # the base model folder
+    model_hash: str  # its content hash (part of each trained folder's cache key)
+    cache: Path  # <cache>/photos/ and <cache>/concepts/
+    world: bool  # a shapes-world model: its prompt templates apply
+    device: str = "auto"
+
+
+def ensure_trained(concept: EvalConcept, embedding: str, cfg: EvalConfig, setup: TrainingSetup,
+                   seed: int = 0, on_status: Callable[[str], None] | None = None,
+                   on_step=None) -> tuple[Path, bool]:
     """-> (concept folder, reused). Trains (or finishes training) when no complete match exists."""
     from compinv_rt.train.loop import prepare, train_concept
 
     status = on_status or log.info
-    photos = concept_photos(concept, cache, size=_model_size(model_root))
-    tc = train_config(concept, embedding, cfg, world, seed, photos)
-    plan = prepare(tc, photos, str(model_root))  # cheap: reads photos, captions, masks
-    key = cache_key(tc, model_hash, plan.inputs_hash())
-    folder = cache / "concepts" / f"{concept.name.lower()}-{embedding}-{key}"
+    photos = concept_photos(concept, setup.cache, size=_model_size(setup.model_root))
+    tc = train_config(concept, embedding, cfg, setup.world, seed, photos)
+    plan = prepare(tc, photos, str(setup.model_root))  # cheap: reads photos, captions, masks
+    key = cache_key(tc, setup.model_hash, plan.inputs_hash())
+    folder = setup.cache / "concepts" / f"{concept.name.lower()}-{embedding}-{key}"
     if is_complete(folder):
         status(f"reusing {tc.token} from {folder}")
         return folder, True
     status(f"training {tc.token} ({tc.steps} steps, recipe {embedding}, seed {seed}) -> {folder}")
     # the embedding analysis uses the model's own vocabulary (its metadata) when it has one
-    train_concept(plan, folder, resume=True, device=device,
+    train_concept(plan, folder, resume=True, device=setup.device,
                   on_step=on_step, on_status=lambda m: log.info(m))
     return folder, False
 

@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
@@ -88,39 +89,54 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "-"
 
 
+@dataclass(frozen=True)
+class _Served:
+    """What the routes share: one engine, its batcher and metrics, and the server's settings."""
+
+    engine: ServeEngine
+    settings: ServeSettings
+    batcher: Batcher
+    metrics: ServeMetrics
+
+
 def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
+    """The app: one batcher in front of `engine`, the guards, then the routes by group."""
     metrics = ServeMetrics(settings.max_batch)
     metrics.concepts.set(len(engine.list_concepts()))
     batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000,
                       settings.queue_size, on_batch=metrics.on_batch,
                       on_depth=metrics.queue_depth.set)
-    GenerateRequest = schemas.generate_request_model(settings.limits)
+    served = _Served(engine, settings, batcher, metrics)
+    app = _new_app(batcher)
+    app.state.batcher, app.state.metrics, app.state.engine = batcher, metrics, engine
+    _add_guards(app, settings)
+    _answer_errors_as_400(app)
+    auth = [Depends(_token_check(settings.token))]  # checked before the body by Guard; here for the schema
+    # Registration order is the order of /openapi.json's paths: ops, generate, concepts.
+    _add_ops_routes(app, served, auth)
+    _add_generate_route(app, served, auth, schemas.generate_request_model(settings.limits))
+    _add_concept_routes(app, served, auth)
+    return app
 
+
+def _new_app(batcher: Batcher) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
         yield
         await batcher.close()  # uvicorn has let in-flight requests finish; drain what is queued
 
-    bearer = HTTPBearer(auto_error=False)
-
-    def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        if settings.token is None:
-            return
-        if cred is None or not secrets.compare_digest(cred.credentials.encode(),
-                                                      settings.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    app = FastAPI(
+    return FastAPI(
         title="compinv-rt", lifespan=lifespan,
         description="Online generation with trained concepts and layouts; compatible requests "
         "share one UNet batch. Errors are JSON `{\"error\": message}`; a request that fails "
         "validation is a 400 (never 422).",
         responses={400: {"model": schemas.ErrorBody}, 401: {"model": schemas.ErrorBody},
                    413: {"model": schemas.ErrorBody, "description": "body over the size limit"}})
-    app.state.batcher, app.state.metrics, app.state.engine = batcher, metrics, engine
-    auth = [Depends(require_token)]  # checked before the body by Guard; here for the schema
+
+
+def _add_guards(app: FastAPI, settings: ServeSettings) -> None:
+    """ASGI middleware, which sees every request before routing (and bodies before they are read)."""
     # Outermost first: request ids + access log + token + body limit, then (loopback without a
     # token) a Host allow-list, so a web page cannot reach this server by DNS rebinding.
     if settings.token is None and is_local(settings.host):
@@ -130,6 +146,25 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
                            allowed_hosts=["localhost", "127.0.0.1", "[::1]", settings.host])
     app.add_middleware(Guard, token=settings.token, body_limit=settings.body_max_bytes,
                        upload_limit=settings.upload_max_bytes)
+
+
+def _token_check(token: str | None) -> Callable:
+    """The bearer-token dependency: Guard enforces the token; this documents it in the schema."""
+    bearer = HTTPBearer(auto_error=False)
+
+    def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        if token is None:
+            return
+        if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
+def _answer_errors_as_400(app: FastAPI) -> None:
+    """Every error is `{"error": message}`, and a request that fails validation is a 400: FastAPI
+    would answer (and document) a 422 with a list of details."""
 
     def openapi() -> dict:
         """FastAPI documents a 422 for every route with a body; this app answers 400."""
@@ -153,35 +188,49 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
     async def _http_error(request, exc):
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+
+def _add_ops_routes(app: FastAPI, served: _Served, auth: list) -> None:
+    """/health (no token: load balancers probe it) and /metrics."""
+    engine, batcher = served.engine, served.batcher
+
     @app.get("/health", response_model=schemas.Health, tags=["ops"])
     async def health():
         """Liveness and readiness; needs no token."""
         info = engine.describe()
         return {"status": "stopping" if batcher.closing else "ok", "model": info["model"],
                 "backend": info["backend"], "queue_depth": batcher.depth,
-                "max_batch": settings.max_batch}
+                "max_batch": served.settings.max_batch}
 
     @app.get("/metrics", dependencies=auth, tags=["ops"], response_class=PlainTextResponse)
     async def prometheus_metrics():
         """Prometheus text format: queue depth, batch size/occupancy, latencies, images."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(served.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+_GENERATE_RESPONSES: dict = {
+    200: {"content": {"image/png": {}}, "description": (
+        "JSON (default) or, with response=png and n=1, the PNG bytes with the sidecar "
+        f"in the {SIDECAR_HEADER} header.")},
+    503: {"model": schemas.ErrorBody, "description": "queue full (Retry-After)"},
+    504: {"model": schemas.ErrorBody}, 500: {"model": schemas.ErrorBody}}
+
+
+def _add_generate_route(app: FastAPI, served: _Served, auth: list, GenerateRequest: type) -> None:
+    """POST /v1/generate. The body model is built per server (its limits are in the schema), so
+    the route is declared here, where that model is a local name FastAPI can read."""
+    metrics = served.metrics
 
     @app.post("/v1/generate", dependencies=auth, tags=["generate"],
-              response_model=schemas.GenerateResponse,
-              responses={200: {"content": {"image/png": {}}, "description": (
-                  "JSON (default) or, with response=png and n=1, the PNG bytes with the sidecar "
-                  f"in the {SIDECAR_HEADER} header.")},
-                  503: {"model": schemas.ErrorBody, "description": "queue full (Retry-After)"},
-                  504: {"model": schemas.ErrorBody}, 500: {"model": schemas.ErrorBody}})
+              response_model=schemas.GenerateResponse, responses=_GENERATE_RESPONSES)
     async def generate(body: GenerateRequest, request: Request):  # type: ignore[valid-type]
         """Generate n images. Each image equals `compinv-rt generate`'s for the same seed and
         settings, whatever it is batched with."""
         started = time.monotonic()
         metrics.in_flight.inc()
         try:
-            code, response = await _generate(body, request, started)
+            code, response = await _generate(served, body, request, started)
         finally:
             metrics.in_flight.dec()
         metrics.requests.labels("generate", str(code)).inc()
@@ -189,72 +238,99 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
             metrics.latency.observe(time.monotonic() - started)
         return response
 
-    async def _generate(body, request: Request, started: float):
-        if body.response == "png" and body.n != 1:
-            return 400, _error(400, "response=png returns one image: use n=1 or response=json")
-        try:
-            items, key = engine.plan(body)
-        except (CompinvError, ValueError) as exc:
-            return 400, _error(400, str(exc))
-        try:
-            futures = batcher.submit(items, key)
-        except QueueFull as exc:
-            metrics.rejected.inc()
-            return 503, _error(503, str(exc), {"Retry-After": str(int(exc.retry_after + 0.999))})
-        except ShuttingDown as exc:
-            return 503, _error(503, str(exc), {"Retry-After": "5"})
-        gathered = asyncio.ensure_future(asyncio.gather(*futures))
-        left = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({gathered, left}, timeout=settings.timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            left.cancel()
-        if gathered not in done:
-            gathered.cancel()
-            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
-            for f in futures:  # queued items are dropped; a batch of only these stops early
-                f.cancel()
-            metrics.cancelled.inc(len(futures))
-            if left in done:
-                return 499, Response(status_code=499)  # nobody is listening any more
-            return 504, _error(504, f"not done within the {settings.timeout_s:g} s request timeout")
-        try:
-            results = gathered.result()
-        except BatchFailed as exc:  # its text may hold server paths: for the log only
-            log.error("request %s: batch failed: %s", _request_id(request), exc)
-            return 500, _error(500, f"generation failed ({str(exc).split(':')[0]}); the server "
-                               f"log has the details under request id {_request_id(request)}")
-        except CompinvError as exc:  # found only when its batch ran (a layout phrase, say)
-            return 400, _error(400, str(exc))
-        if body.response == "png":
-            png, sidecar, _ = results[0]
-            return 200, Response(png, media_type="image/png",
-                                 headers={SIDECAR_HEADER: json.dumps(sidecar, separators=(",", ":"))})
-        return 200, {
-            "images": [{"png_base64": base64.b64encode(png).decode(), "sidecar": side}
-                       for png, side, _ in results],
-            "batch_sizes": [size for _, _, size in results],
-            "seconds": round(time.monotonic() - started, 4),
-        }
+
+async def _generate(served: _Served, body, request: Request, started: float) -> tuple[int, object]:
+    """(status, response) of one generate request: plan (a 400 before queueing), queue (503 when
+    full), wait (504 on timeout, 499 when the client left), answer."""
+    if body.response == "png" and body.n != 1:
+        return 400, _error(400, "response=png returns one image: use n=1 or response=json")
+    try:
+        items, key = served.engine.plan(body)
+    except (CompinvError, ValueError) as exc:
+        return 400, _error(400, str(exc))
+    try:
+        futures = served.batcher.submit(items, key)
+    except QueueFull as exc:
+        served.metrics.rejected.inc()
+        return 503, _error(503, str(exc), {"Retry-After": str(int(exc.retry_after + 0.999))})
+    except ShuttingDown as exc:
+        return 503, _error(503, str(exc), {"Retry-After": "5"})
+    gathered, failure = await _wait_results(served, futures, request)
+    if failure is not None:
+        return failure
+    try:
+        results = gathered.result()
+    except BatchFailed as exc:  # its text may hold server paths: for the log only
+        log.error("request %s: batch failed: %s", _request_id(request), exc)
+        return 500, _error(500, f"generation failed ({str(exc).split(':')[0]}); the server "
+                           f"log has the details under request id {_request_id(request)}")
+    except CompinvError as exc:  # found only when its batch ran (a layout phrase, say)
+        return 400, _error(400, str(exc))
+    return 200, _generate_response(body, results, started)
+
+
+async def _wait_results(served: _Served, futures: list, request: Request):
+    """Wait for a request's images: (gathered, None) when they are done, else (gathered, (status,
+    response)) after the timeout (504) or the client's disconnect (499), with its items cancelled."""
+    gathered = asyncio.ensure_future(asyncio.gather(*futures))
+    left = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({gathered, left}, timeout=served.settings.timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+    if gathered in done:
+        return gathered, None
+    gathered.cancel()
+    gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+    for f in futures:  # queued items are dropped; a batch of only these stops early
+        f.cancel()
+    served.metrics.cancelled.inc(len(futures))
+    if left in done:
+        return gathered, (499, Response(status_code=499))  # nobody is listening any more
+    return gathered, (504, _error(504, f"not done within the {served.settings.timeout_s:g} s "
+                                       "request timeout"))
+
+
+def _generate_response(body, results: list, started: float):
+    """The PNG with its sidecar in a header (response=png), else JSON with every image."""
+    if body.response == "png":
+        png, sidecar, _ = results[0]
+        return Response(png, media_type="image/png",
+                        headers={SIDECAR_HEADER: json.dumps(sidecar, separators=(",", ":"))})
+    return {
+        "images": [{"png_base64": base64.b64encode(png).decode(), "sidecar": side}
+                   for png, side, _ in results],
+        "batch_sizes": [size for _, _, size in results],
+        "seconds": round(time.monotonic() - started, 4),
+    }
+
+
+ConceptPath = Annotated[str, Path(description="The concept's name on this server."),
+                        AfterValidator(schemas.check_concept_name)]
+
+# Documented by hand: the route reads the multipart body itself (after Guard's size check).
+_UPLOAD_BODY: dict = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": list(UPLOAD_FILES), "properties": {
+        "embeddings": {"type": "string", "format": "binary",
+                       "description": "embeddings.safetensors of `compinv-rt train`"},
+        "artifact": {"type": "string", "format": "binary",
+                     "description": "its artifact.json"}}}}}}}
+
+
+def _add_concept_routes(app: FastAPI, served: _Served, auth: list) -> None:
+    """GET/PUT/DELETE /v1/concepts: the served concepts, changed live (each change audited)."""
+    engine, metrics = served.engine, served.metrics
 
     @app.get("/v1/concepts", dependencies=auth, response_model=schemas.ConceptList,
              tags=["concepts"])
     async def list_concepts():
         return {"concepts": engine.list_concepts()}
 
-    ConceptPath = Annotated[str, Path(description="The concept's name on this server."),
-                            AfterValidator(schemas.check_concept_name)]
-
     @app.put("/v1/concepts/{name}", dependencies=auth, response_model=schemas.ConceptInfo,
              status_code=201, tags=["concepts"],
              responses={409: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}},
-             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
-                 "schema": {"type": "object", "required": list(UPLOAD_FILES), "properties": {
-                     "embeddings": {"type": "string", "format": "binary",
-                                    "description": "embeddings.safetensors of `compinv-rt train`"},
-                     "artifact": {"type": "string", "format": "binary",
-                                  "description": "its artifact.json"}}}}}}})
+             openapi_extra=_UPLOAD_BODY)
     async def add_concept(request: Request, name: ConceptPath):
         """Add a trained concept (validated against the served model's hash); live at once."""
         body = await request.body()  # Guard has capped it at --upload-max-bytes
@@ -283,8 +359,6 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
                    _client(request))
         metrics.concepts.set(len(engine.list_concepts()))
         return Response(status_code=204)
-
-    return app
 
 
 async def _parse_upload(request: Request, body: bytes) -> dict[str, bytes]:

@@ -4,22 +4,26 @@ only at import time, so `compinv-rt --help` stays fast."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from compinv_rt.apps.cli_support import user_errors
+from compinv_rt.apps.options import BackendOption, DeviceOption, EngineOption, ModelOption, PrecisionOption
 from compinv_rt.engines.registry import Backend
+
+if TYPE_CHECKING:
+    from compinv_rt.core.types import Precision
+    from compinv_rt.generate.session import SessionOptions
 
 
 @user_errors
-def serve(
-    model: Optional[str] = typer.Option(None, help="Local diffusers SD 1.x/2.x folder (default: embedded)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
-    backend: Backend = typer.Option(Backend.torch, help="UNet backend."),
-    engine: Optional[Path] = typer.Option(
-        None, help="Engine folder from `compinv-rt export` (default: find or build one in engines/)."),
+def serve(  # noqa: PLR0913 (a Typer command: one parameter per option)
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    backend: BackendOption = Backend.torch,
+    engine: EngineOption = None,
     host: str = typer.Option("127.0.0.1", help="Address to listen on; a non-loopback one needs a token."),
     port: int = typer.Option(8000, help="TCP port."),
     token: Optional[str] = typer.Option(
@@ -88,7 +92,9 @@ def serve(
     serve_forever(create_app(served, settings), host, port, log_level)
 
 
-def _session_options(model, device, precision, backend, engine, max_batch):
+def _session_options(model: str | None, device: str, precision: Precision, backend: Backend,
+                     engine: Path | None, max_batch: int) -> SessionOptions:
+    """The typed options a session opens with (precision already parsed into the enum)."""
     from compinv_rt.generate.session import SessionOptions
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
 

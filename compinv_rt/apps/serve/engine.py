@@ -73,9 +73,8 @@ class SessionEngine:
         """A validated API request -> the session's tasks and their batch key (cheap: no
         weights). Unknown concepts, malformed layouts and work over the cost limit raise here,
         before queueing."""
-        from compinv_rt.generate.session import Request
-        from compinv_rt.sampling.pipeline import SamplingConfig
-        from compinv_rt.spatial.plan import SpatialConfig
+        from compinv_rt.generate.requests import RequestSpec, build_request
+        from compinv_rt.spatial.plan import SpatialOptions
 
         try:
             folders = []
@@ -83,14 +82,13 @@ class SessionEngine:
                 if name not in self._served:
                     raise ConfigError(f"unknown concept {name!r}; served: {sorted(self._served) or 'none'}")
                 folders.append(self._served[name]["folder"])
-            spatial = SpatialConfig.from_options(body.spatial, body.layout, body.bias_strength,
-                                                 body.bias_steps, backend=self.session.backend,
-                                                 total_steps=body.steps, decay=body.bias_decay)
-            sampling = SamplingConfig(body.steps, body.guidance, body.scheduler, body.height,
-                                      body.width)
-            request = Request(prompt=body.prompt, seed=body.seed, n=body.n,
-                              negative_prompt=body.negative_prompt, sampling=sampling,
-                              concepts=tuple(folders), spatial=spatial)
+            spatial = SpatialOptions(mode=body.spatial, layout=body.layout, strength=body.bias_strength,
+                                     steps=body.bias_steps, decay=body.bias_decay)
+            spec = RequestSpec(prompt=body.prompt, seed=body.seed, n=body.n,
+                               negative_prompt=body.negative_prompt, steps=body.steps,
+                               guidance=body.guidance, scheduler=body.scheduler, height=body.height,
+                               width=body.width, concepts=tuple(folders), spatial=spatial)
+            request = build_request(spec, backend=self.session.backend)
             tasks = self.session.tasks(request)
             key = self.session.batch_key(tasks[0])
         except CompinvError as exc:
@@ -106,7 +104,7 @@ class SessionEngine:
     def run(self, tasks: Sequence, should_stop: Callable[[], bool]) -> list:
         """One UNet batch -> per task (PNG bytes, sidecar, batch size), or the CompinvError that
         failed its request (a layout phrase missing from its prompt, say: a 400)."""
-        from compinv_rt.core.outputs import slug
+        from compinv_rt.generate.generation import image_name
 
         errors: dict[int, CompinvError] = {}
 
@@ -127,8 +125,7 @@ class SessionEngine:
                 out.append(errors[id(task.request)])
                 continue
             img = made[id(task)]
-            name = f"{slug(task.request.prompt)}_{img.seed}.png"  # what `generate` names it
-            sidecar = self.session.sidecar(img, index=task.index, image=name)
+            sidecar = self.session.sidecar(img, index=task.index, image=image_name(img))
             # What clients see names the model and concepts, never this machine's paths.
             sidecar["model"] = {"name": self.session.model.root.name, "hash": sidecar["model"]["hash"]}
             sidecar["concepts"] = [{"name": names.get(c["folder"], "?"), "token": c["token"],

@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from compinv_rt.apps.serve.settings import Limits
+from compinv_rt.core.schemas import SEED_MAX
+from compinv_rt.core.schemas import limits as core_limits
 from compinv_rt.sampling.schedulers import SchedulerName
+from compinv_rt.spatial.layouts import SpatialMode
 
 # A concept is named by a folder name under the server's concept folder, never a path.
 CONCEPT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -34,7 +37,7 @@ ConceptName = Annotated[str, AfterValidator(check_concept_name), Field(
 
 # Literals, not enums: strict validation of a parsed JSON body accepts their string values.
 Scheduler = Literal[tuple(s.value for s in SchedulerName)]  # type: ignore[valid-type]
-Spatial = Literal["none", "bias", "adaptive", "guidance"]  # guidance: --backend torch only
+Spatial = Literal[tuple(m.value for m in SpatialMode)]  # type: ignore[valid-type]  # guidance: torch only
 ResponseFormat = Literal["json", "png"]  # png: n = 1, the sidecar in the X-Compinv-Sidecar header
 
 
@@ -46,7 +49,8 @@ class _GenerateBase(BaseModel):
 
 
 def generate_request_model(limits: Limits) -> type[BaseModel]:
-    """GenerateRequest with this server's limits in its schema."""
+    """GenerateRequest with this server's limits in its schema. Bounds that are not the server's
+    policy (seed, guidance) are core's, the same for every entry point (COMPINV_LIMITS)."""
     size = Annotated[int, Field(ge=8, le=limits.max_size, description=(
         "Pixels; a multiple of the model's factor. Default: the model's native size."))]
     fields: dict[str, Any] = {
@@ -55,9 +59,9 @@ def generate_request_model(limits: Limits) -> type[BaseModel]:
         "negative_prompt": (Annotated[str, Field(max_length=limits.max_prompt_chars)], ""),
         "n": (Annotated[int, Field(ge=1, le=limits.max_images,
                                    description="Images; image i uses seed + i.")], 1),
-        "seed": (Annotated[int, Field(ge=0, lt=2**63)], 0),
+        "seed": (Annotated[int, Field(ge=0, lt=SEED_MAX + 1)], 0),  # lt: the schema says < 2**63
         "steps": (Annotated[int, Field(ge=1, le=limits.max_steps)], 25),
-        "guidance": (Annotated[float, Field(ge=0, le=50, allow_inf_nan=False, description=(
+        "guidance": (Annotated[float, Field(ge=0, le=core_limits().max_guidance, allow_inf_nan=False, description=(
             "Classifier-free guidance scale (<= 1 disables it)."))], 7.5),
         "height": (size | None, None),
         "width": (size | None, None),

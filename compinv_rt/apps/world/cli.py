@@ -6,6 +6,7 @@ Only typer and the standard library at module level: torch/diffusers are importe
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -49,7 +50,7 @@ def scenes(
 
 @world_app.command()
 @user_errors
-def train(
+def train(  # noqa: PLR0913
     run_dir: Path = typer.Option(Path(".cache/world/run"), help="Checkpoints, caches and logs (resumable)."),
     stages: str = typer.Option("vae,gate,cache,unet,export", help="Comma-separated stages to run."),
     vae_steps: int = typer.Option(3000, help="VAE optimizer steps."),
@@ -90,86 +91,19 @@ def train(
     import time
 
     deadline = time.monotonic() + 60 * max_minutes  # a wall-clock budget (GPU loans are timed)
-    from dataclasses import replace
-
-    from compinv_rt.apps.world.model import TINY_ARCH, ArchConfig
-    from compinv_rt.apps.world.recipe import STAGES, RecipeConfig, run_recipe
-    from compinv_rt.core.errors import ConfigError
-
-    chosen = [s.strip() for s in stages.split(",") if s.strip()]
-    bad = [s for s in chosen if s not in STAGES]
-    if bad:
-        raise ConfigError(f"unknown stage(s) {', '.join(bad)}; expected some of {', '.join(STAGES)}")
-    for name, v in (("--vae-steps", vae_steps), ("--unet-steps", unet_steps), ("--unet-batch", unet_batch),
-                    ("--cache-scenes", cache_scenes), ("--threads", threads), ("--procs", procs),
-                    ("--ckpt-every", ckpt_every)):
-        if v < 1:
-            raise ConfigError(f"{name} must be >= 1, got {v}")
-    if not 0 <= place_prob <= 1:
-        raise ConfigError(f"--place-prob must be in [0, 1], got {place_prob}")
-    if not 1 <= pattern_boost <= 100:
-        raise ConfigError(f"--pattern-boost must be in [1, 100], got {pattern_boost}")
-    if warmup < 0:
-        raise ConfigError(f"--warmup must be >= 0, got {warmup}")
-    if not 0 <= max_minutes < 1e6 or (max_minutes and procs != 1):
-        raise ConfigError(f"--max-minutes must be >= 0 and needs --procs 1, got {max_minutes} with --procs {procs}")
-    if init_from is not None and not (init_from / "model_index.json").is_file():
-        raise ConfigError(f"--init-from {init_from}: not a diffusers folder (model_index.json missing)")
-    arch = TINY_ARCH if tiny else ArchConfig()
-    if attn16:
-        arch = replace(arch, unet_attn=(True,) * len(arch.unet_channels))
-    cfg = RecipeConfig(
-        run_dir=str(run_dir), init_from=str(init_from) if init_from else None, warmup=warmup,
-        place_prob=place_prob, pattern_boost=pattern_boost, device=device, precision=precision,
-        arch=arch,
-        seed=seed, threads=threads, procs=procs, vae_steps=vae_steps, vae_lr=vae_lr, unet_steps=unet_steps,
-        unet_batch=min(unet_batch, 4) if tiny else unet_batch,
-        unet_lr=unet_lr,
-        cache_scenes=cache_scenes, gate_threshold=gate_threshold, ckpt_every=ckpt_every,
-        snapshot_every=snapshot_every,
-        **({"vae_scenes": 64, "vae_batch": 4, "gate_scenes": 16} if tiny else {}),  # type: ignore[arg-type]
-    )
-    bars: dict = {}
-    import sys
-
-    plain = not sys.stderr.isatty()  # no bar in a log file: a dated line every 50 steps instead
-
-    done: dict = {}  # the last step each stage reported
-
-    def progress(stage, i, n, info):
-        if stage not in bars:
-            bars[stage] = progress_bar(n, stage, unit="it")
-        b = bars[stage]
-        b.update(i - b.n)
-        done[stage] = i
-        if info:
-            b.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
-        if plain and (i % 50 == 0 or i == n):
-            typer.echo(f"{time.strftime('%H:%M:%S')} {stage} {i}/{n} "
-                       + " ".join(f"{k}={v:.4g}" for k, v in info.items()), err=True)
-
+    opts = WorldTrainOptions(
+        run_dir=run_dir, stages=stages, vae_steps=vae_steps, vae_lr=vae_lr, unet_steps=unet_steps,
+        unet_batch=unet_batch, unet_lr=unet_lr, warmup=warmup, place_prob=place_prob,
+        pattern_boost=pattern_boost, attn16=attn16, init_from=init_from, cache_scenes=cache_scenes,
+        gate_threshold=gate_threshold, ckpt_every=ckpt_every, snapshot_every=snapshot_every,
+        threads=threads, procs=procs, device=device, precision=precision, resume_from=resume_from,
+        seed=seed, tiny=tiny, judge=judge, out=out, force=force, max_minutes=max_minutes)
+    cfg, chosen = recipe_config(opts)
+    progress = _StageBars()
     try:
-        from compinv_rt.apps.world.recipe import resolve_device
-
-        resolve_device(cfg)  # a bad --device / --precision fails before any work
-        if max_minutes and "unet" in chosen:
-            # run_recipe has no stop hook: the stages before the UNet, the UNet with train_unet's
-            # `stop`, then the stages after it (run_recipe orders stages itself, so split by STAGES)
-            from compinv_rt.apps.world.recipe import train_unet
-
-            at = STAGES.index("unet")
-            result = run_recipe(cfg, [s for s in chosen if STAGES.index(s) < at], progress, judge_dir=judge,
-                                force=force, resume_from=resume_from)
-            result["unet"] = train_unet(cfg, progress, stop=lambda: time.monotonic() > deadline)
-            result["unet"]["steps"] = done.get("unet", result["unet"]["steps"])  # where it stopped
-            result.update(run_recipe(cfg, [s for s in chosen if STAGES.index(s) > at], progress,
-                                     judge_dir=judge, out_dir=out, force=force))
-        else:
-            result = run_recipe(cfg, chosen, progress, judge_dir=judge, out_dir=out, force=force,
-                                resume_from=resume_from)
+        result = _run_stages(cfg, chosen, opts, progress, deadline)
     finally:
-        for b in bars.values():
-            b.close()
+        progress.close()
     if "gate" in result:
         g = result["gate"]
         typer.echo(f"VAE gate: exact object set on reconstructions {g['exact_object_set_recon']:.3f} "
@@ -179,6 +113,137 @@ def train(
         typer.echo(f"UNet trained to step {result['unet']['steps']}")
     if "export" in result:
         typer.echo(f"model written to {result['export']}")
+
+
+@dataclass(frozen=True)
+class WorldTrainOptions:
+    """`world train`'s options as given (see its --help); `recipe_config` checks them."""
+
+    run_dir: Path
+    stages: str
+    vae_steps: int
+    vae_lr: float
+    unet_steps: int
+    unet_batch: int
+    unet_lr: float
+    warmup: int
+    place_prob: float
+    pattern_boost: float
+    attn16: bool
+    init_from: Optional[Path]
+    cache_scenes: int
+    gate_threshold: float
+    ckpt_every: int
+    snapshot_every: int
+    threads: int
+    procs: int
+    device: str
+    precision: str
+    resume_from: Optional[Path]
+    seed: int
+    tiny: bool
+    judge: Optional[Path]
+    out: Optional[Path]
+    force: bool
+    max_minutes: float
+
+
+def recipe_config(opts: WorldTrainOptions):
+    """`world train`'s options, checked -> (RecipeConfig, the stages to run)."""
+    from dataclasses import replace
+
+    from compinv_rt.apps.world.model import TINY_ARCH, ArchConfig
+    from compinv_rt.apps.world.recipe import STAGES, RecipeConfig
+    from compinv_rt.core.errors import ConfigError
+
+    chosen = [s.strip() for s in opts.stages.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in STAGES]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {', '.join(bad)}; expected some of {', '.join(STAGES)}")
+    for name, v in (("--vae-steps", opts.vae_steps), ("--unet-steps", opts.unet_steps),
+                    ("--unet-batch", opts.unet_batch), ("--cache-scenes", opts.cache_scenes),
+                    ("--threads", opts.threads), ("--procs", opts.procs), ("--ckpt-every", opts.ckpt_every)):
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    if not 0 <= opts.place_prob <= 1:
+        raise ConfigError(f"--place-prob must be in [0, 1], got {opts.place_prob}")
+    if not 1 <= opts.pattern_boost <= 100:
+        raise ConfigError(f"--pattern-boost must be in [1, 100], got {opts.pattern_boost}")
+    if opts.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {opts.warmup}")
+    if not 0 <= opts.max_minutes < 1e6 or (opts.max_minutes and opts.procs != 1):
+        raise ConfigError(f"--max-minutes must be >= 0 and needs --procs 1, got {opts.max_minutes} with "
+                          f"--procs {opts.procs}")
+    if opts.init_from is not None and not (opts.init_from / "model_index.json").is_file():
+        raise ConfigError(f"--init-from {opts.init_from}: not a diffusers folder (model_index.json missing)")
+    arch = TINY_ARCH if opts.tiny else ArchConfig()
+    if opts.attn16:
+        arch = replace(arch, unet_attn=(True,) * len(arch.unet_channels))
+    cfg = RecipeConfig(
+        run_dir=str(opts.run_dir), init_from=str(opts.init_from) if opts.init_from else None,
+        warmup=opts.warmup, place_prob=opts.place_prob, pattern_boost=opts.pattern_boost,
+        device=opts.device, precision=opts.precision, arch=arch, seed=opts.seed, threads=opts.threads,
+        procs=opts.procs, vae_steps=opts.vae_steps, vae_lr=opts.vae_lr, unet_steps=opts.unet_steps,
+        unet_batch=min(opts.unet_batch, 4) if opts.tiny else opts.unet_batch, unet_lr=opts.unet_lr,
+        cache_scenes=opts.cache_scenes, gate_threshold=opts.gate_threshold, ckpt_every=opts.ckpt_every,
+        snapshot_every=opts.snapshot_every,
+        **({"vae_scenes": 64, "vae_batch": 4, "gate_scenes": 16} if opts.tiny else {}),  # type: ignore[arg-type]
+    )
+    return cfg, chosen
+
+
+class _StageBars:
+    """The recipe's progress callback: one bar per stage; in a log file (no terminal) a dated line
+    every 50 steps instead."""
+
+    def __init__(self):
+        import sys
+
+        self.bars: dict = {}
+        self.plain = not sys.stderr.isatty()
+        self.done: dict = {}  # the last step each stage reported
+
+    def __call__(self, stage, i, n, info):
+        import time
+
+        if stage not in self.bars:
+            self.bars[stage] = progress_bar(n, stage, unit="it")
+        b = self.bars[stage]
+        b.update(i - b.n)
+        self.done[stage] = i
+        if info:
+            b.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
+        if self.plain and (i % 50 == 0 or i == n):
+            typer.echo(f"{time.strftime('%H:%M:%S')} {stage} {i}/{n} "
+                       + " ".join(f"{k}={v:.4g}" for k, v in info.items()), err=True)
+
+    def close(self):
+        for b in self.bars.values():
+            b.close()
+
+
+def _run_stages(cfg, chosen: list[str], opts: WorldTrainOptions, progress: _StageBars,
+                deadline: float) -> dict:
+    import time
+
+    from compinv_rt.apps.world.recipe import STAGES, resolve_device, run_recipe
+
+    resolve_device(cfg)  # a bad --device / --precision fails before any work
+    if opts.max_minutes and "unet" in chosen:
+        # run_recipe has no stop hook: the stages before the UNet, the UNet with train_unet's
+        # `stop`, then the stages after it (run_recipe orders stages itself, so split by STAGES)
+        from compinv_rt.apps.world.recipe import train_unet
+
+        at = STAGES.index("unet")
+        result = run_recipe(cfg, [s for s in chosen if STAGES.index(s) < at], progress, judge_dir=opts.judge,
+                            force=opts.force, resume_from=opts.resume_from)
+        result["unet"] = train_unet(cfg, progress, stop=lambda: time.monotonic() > deadline)
+        result["unet"]["steps"] = progress.done.get("unet", result["unet"]["steps"])  # where it stopped
+        result.update(run_recipe(cfg, [s for s in chosen if STAGES.index(s) > at], progress,
+                                 judge_dir=opts.judge, out_dir=opts.out, force=opts.force))
+        return result
+    return run_recipe(cfg, chosen, progress, judge_dir=opts.judge, out_dir=opts.out, force=opts.force,
+                      resume_from=opts.resume_from)
 
 
 @world_app.command()
@@ -222,7 +287,7 @@ def export_cmd(
 
 @world_app.command()
 @user_errors
-def score(
+def score(  # noqa: PLR0913
     model: Optional[Path] = typer.Option(None, help="Diffusers model folder (default: embedded)."),
     prompts: Optional[Path] = typer.Option(
         None, help="Prompt file, one per line, optional 'kind<TAB>prompt' (default: held-out prompts)."),
@@ -282,9 +347,9 @@ def photos(
     seed: int = typer.Option(0, help="Seed."),
 ):
     """Write "user photos" of a novel concept plus concept.json (for textual inversion)."""
-    from compinv_rt.apps.world.photos import make_photos
+    from compinv_rt.apps.world.photos import PhotoConcept, make_photos
 
-    c = make_photos(out, shape, colour, pattern, background, count, seed, overwrite=False)
+    c = make_photos(out, PhotoConcept(shape, colour, pattern, background), count, seed, overwrite=False)
     typer.echo(f"wrote {c['count']} photos of {c['description']} to {out}")
 
 
@@ -350,7 +415,7 @@ def judge_train(
 
 @world_app.command()
 @user_errors
-def curve(
+def curve(  # noqa: PLR0913
     run_dir: Path = typer.Option(Path(".cache/world/run"), help="Training run with EMA snapshots."),
     k: int = typer.Option(2, "-k", help="Images per prompt."),
     prompts_per_kind: int = typer.Option(25, help="Held-out prompts per kind."),

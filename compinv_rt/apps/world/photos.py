@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,22 +81,30 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class PhotoConcept:
+    """The concept the photos show, by the world's attribute words (checked by `make_photos`).
+    The default is the held-out orange dotted heart on sand."""
+
+    shape: str = "heart"
+    colour: str = "orange"
+    pattern: str = "dotted"
+    background: str = "sand"
+
+
 def make_photos(
     out_dir: str | Path,
-    shape: str = "heart",
-    colour: str = "orange",
-    pattern: str = "dotted",
-    background: str = "sand",
+    concept: PhotoConcept = PhotoConcept(),
     count: int = 8,
     seed: int = 0,
     size: int = 64,
     overwrite: bool = True,
 ) -> dict:
     """Write `count` PNG photos and `concept.json` to `out_dir`; returns the concept record."""
-    shape = _check("shape", shape, SHAPES)
-    colour = _check("colour", colour, COLOURS)
-    pattern = _check("pattern", pattern, PATTERNS)
-    background = _check("background", background, BACKGROUNDS)
+    shape = _check("shape", concept.shape, SHAPES)
+    colour = _check("colour", concept.colour, COLOURS)
+    pattern = _check("pattern", concept.pattern, PATTERNS)
+    background = _check("background", concept.background, BACKGROUNDS)
     if not 1 <= count <= 1000:
         raise ConfigError(f"count must be between 1 and 1000, got {count}")
     if size < 32 or size % 8:
@@ -127,7 +136,7 @@ def make_photos(
         captions[name] = phrases[int(rng.integers(len(phrases)))]
     _write_atomic(out / CAPTIONS, (json.dumps(captions, indent=2) + "\n").encode())
     words = ([pattern] if pattern != "plain" else []) + [colour, shape]
-    concept = {
+    record = {
         "class_word": shape,
         "attributes": {"shape": shape, "colour": colour, "pattern": pattern, "size": "large"},
         "background": background,
@@ -142,6 +151,6 @@ def make_photos(
         "masks": MASKS,
     }
     tmp = out / "concept.json.tmp"
-    tmp.write_text(json.dumps(concept, indent=2))
+    tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out / "concept.json")
-    return concept
+    return record

@@ -461,7 +461,7 @@ def _layout(rng, n, size, sizes):
     """Non-overlapping centres/radii for n objects; returns None when it cannot place them."""
     s = size / 64
     for _ in range(100):
-        placed = []
+        placed: list[tuple[float, float, float]] = []
         ok = True
         for sz in sizes:
             lo, hi = SMALL_RADIUS if sz == "small" else LARGE_RADIUS
