@@ -104,3 +104,61 @@ def test_unwritable_output(tiny_model, tmp_path):
 def test_unknown_scheduler_is_a_usage_error(tiny_model, tmp_path):
     result = runner.invoke(app, ["generate", "a cat", "--scheduler", "pndm", "--model", str(tiny_model)])
     assert result.exit_code == 2 and "pndm" in result.output
+
+
+# --- train: inputs that would change what is learned (issue 28 item 2), refused before torch ----
+
+
+def _train_without_torch(tmp_path, images, *args):
+    """`compinv-rt train` with a `torch` that cannot be imported first on the path: every case
+    here must be one `error:` line before any model (or torch) loads, with nothing written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    blocker = tmp_path / "blocker"
+    (blocker / "torch").mkdir(parents=True, exist_ok=True)
+    (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{root}", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "compinv_rt.apps.cli", "train", "--images",
+                        str(images), "--class-word", "heart", "--out", str(out), *args],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    err = r.stderr.strip()
+    assert r.returncode == 1 and err.startswith("error: ") and "\n" not in err, err
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("case", ["partial-txt", "null-caption", "bad-utf8", "mask-7x3", "norm",
+                                  "token-long", "token-clash", "lr", "variants", "grad-accum"])
+def test_train_input_errors_come_before_torch(tmp_path, case):
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    (imgs / "masks").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (64, 64), (200, 40 * i, 40)).save(imgs / f"p{i}.png")
+        Image.new("L", (64, 64), 255).save(imgs / "masks" / f"p{i}.png")
+    args = ["--token", "<ok>"]
+    if case == "partial-txt":
+        (imgs / "p0.txt").write_text("on sand")
+    elif case == "null-caption":
+        (imgs / "captions.json").write_text(json.dumps({"p0.png": "a", "p1.png": None, "p2.png": "b"}))
+    elif case == "bad-utf8":
+        for i in range(3):
+            (imgs / f"p{i}.txt").write_bytes(b"on \xff sand" if i == 2 else b"on sand")
+    elif case == "mask-7x3":
+        Image.new("L", (7, 3), 255).save(imgs / "masks" / "p1.png")
+        args += ["--masks", str(imgs / "masks")]
+    extra = {"norm": ["--norm", "1e-30"], "token-long": ["--token", "<" + "x" * 200 + ">"],
+             "token-clash": ["--token", "<embeddings>", "--format", "a1111"],
+             "lr": ["--lr", "1e6"], "variants": ["--variants", "1000000000"],
+             "grad-accum": ["--grad-accum", "1000000000"]}.get(case, [])
+    expect = {"partial-txt": "p1.png", "null-caption": "p1.png", "bad-utf8": "p2.txt",
+              "mask-7x3": "7x3", "norm": "--norm", "token-long": "64 characters",
+              "token-clash": "embeddings.safetensors", "lr": "--lr", "variants": "--variants",
+              "grad-accum": "--grad-accum"}[case]
+    assert expect in _train_without_torch(tmp_path, imgs, *args, *extra)

@@ -100,6 +100,22 @@ def test_bad_lines_do_not_stop_the_rest_but_set_the_exit_code(tiny_model, tmp_pa
     assert again.exit_code == 1 and "--resume" in again.stderr
 
 
+
+def test_resume_refuses_a_line_edited_since_its_images_were_made(tiny_model, tmp_path):
+    """Same id, other prompt: its finished images are not this line's (issue 28 item 3)."""
+    jobs, out = tmp_path / "jobs.jsonl", tmp_path / "o"
+    args = ["generate", "--jobs", str(jobs), "--model", str(tiny_model), "--out", str(out), "--steps", "2"]
+    jobs.write_text('{"prompt": "a cat", "id": "a", "n": 2}\n{"prompt": "a dog", "id": "b"}\n')
+    assert runner.invoke(app, args).exit_code == 0
+    before = (out / "a_000.png").read_bytes()
+    jobs.write_text('{"prompt": "a red cat", "id": "a", "n": 2}\n{"prompt": "a dog", "id": "b"}\n'
+                    '{"prompt": "a bird", "id": "c"}\n')
+    res = runner.invoke(app, [*args, "--resume"])
+    assert res.exit_code == 1 and "line 1 (a): the line changed" in res.stderr, res.output
+    assert (out / "a_000.png").read_bytes() == before  # nothing of it overwritten or mixed
+    assert (out / "c_000.png").exists()  # the rest still runs; b was done
+    assert "1 already done" in res.stdout
+
 @pytest.mark.slow
 def test_resume_after_kill_9_loses_and_duplicates_nothing(tiny_model, tmp_path):
     jobs = tmp_path / "jobs.jsonl"

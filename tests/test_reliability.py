@@ -392,12 +392,23 @@ def test_non_finite_item_fails_its_job_and_keeps_the_batch_mates(tiny_model, tmp
     _strict_json(out / "a_000.json")
 
 
-def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(tiny_model, photos, tmp_path):
+def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(tiny_model, photos, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from compinv_rt.train import losses
+
+    # A huge --lr is refused up front now (issue 28): the loss itself blows up from the 4th step on.
+    calls, real = [0], losses.masked_mse
+
+    def exploding(*args, **kwargs):
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if calls[0] > 3 else loss
+
+    monkeypatch.setattr(losses, "masked_mse", exploding)
     out = tmp_path / "c"
     res = runner.invoke(app, ["train", "--images", str(photos), "--token", "<t>", "--class-word",
-                              "heart", "--out", str(out), "--model", str(tiny_model), "--lr", "1e30",
+                              "heart", "--out", str(out), "--model", str(tiny_model),
                               "--steps", "6", "--batch", "1", "--resolution", "64", "--variants",
                               "1", "--checkpoint-every", "1", "--device", "cpu"])
     _one_error(res, "diverged")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from compinv_rt.apps.cli import app
 from compinv_rt.core.errors import ArtifactError, ConfigError
 from compinv_rt.sampling.denoise import AttentionBias, Step
-from compinv_rt.spatial.bias_maps import MAX_STRENGTH, bias_batch, bias_map, region_mask, resolve_steps
+from compinv_rt.spatial.bias_maps import bias_batch, bias_map, region_mask
 from compinv_rt.spatial.heatmaps import box_from_map
 from compinv_rt.spatial.layouts import (
     REFERENCE_BOXES,
@@ -24,6 +24,7 @@ from compinv_rt.spatial.layouts import (
     resolve_layout,
     token_positions,
 )
+from compinv_rt.spatial.plan import MAX_STRENGTH, resolve_steps
 
 runner = CliRunner()
 PROMPT = "a red star and a blue circle on grass"

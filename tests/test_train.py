@@ -601,3 +601,225 @@ def test_auto_masks_from_the_base_models_attention(tiny_model, photos, tmp_path)
     train_concept(plan, tmp_path / "am", device="cpu")
     saved = sorted((tmp_path / "am" / "auto_masks").glob("*.png"))
     assert [p.stem for p in saved] == [f.stem for f in list_images(photos)]
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs that would silently change what is learned (issue 28, item 2): refused up front, before
+# any weights load or any file is written
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail loudly if a refused run gets as far as loading the model's weights."""
+    import compinv_rt.models.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded for a run that must be refused")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+
+
+def _bare_photos(photos, tmp_path, name="imgs", masks=False):
+    """The session photos without their captions (and masks unless asked), to edit freely."""
+    import shutil
+
+    d = tmp_path / name
+    d.mkdir()
+    for f in sorted(photos.glob("photo_*.png")):
+        shutil.copy(f, d / f.name)
+    if masks:
+        shutil.copytree(photos / "masks", d / "masks")
+    return d
+
+
+def _refused(images, tmp_path, expect, *extra, model=None):
+    return _bad(["--images", str(images), "--token", "<ok>", "--class-word", "heart",
+                 *(["--model", str(model)] if model else []), *FAST, *extra],
+                tmp_path / "out", expect)
+
+
+def test_some_photos_without_a_caption_file_are_refused(tiny_model, photos, tmp_path,
+                                                         no_weights):
+    """Only some <photo>.txt: all captions used to be dropped without a word."""
+    imgs = _bare_photos(photos, tmp_path)
+    (imgs / "photo_000.txt").write_text("on the sand\n")
+    err = _refused(imgs, tmp_path, "photo_001.png", model=tiny_model)
+    assert "photo_002.png" in err and "caption" in err and "photo_000.png" not in err
+
+
+@pytest.mark.parametrize("value", [5, None, ["on", "sand"], True, {"a": 1}])
+def test_non_string_captions_are_refused(value, tiny_model, photos, tmp_path, no_weights):
+    imgs = _bare_photos(photos, tmp_path)
+    table = {f.name: "on the sand" for f in sorted(imgs.glob("*.png"))}
+    table["photo_001.png"] = value
+    (imgs / "captions.json").write_text(json.dumps(table))
+    err = _refused(imgs, tmp_path, "photo_001.png", model=tiny_model)
+    assert "text" in err
+
+
+def test_caption_file_with_invalid_utf8_is_refused(tiny_model, photos, tmp_path, no_weights):
+    imgs = _bare_photos(photos, tmp_path)
+    for f in sorted(imgs.glob("*.png")):
+        f.with_suffix(".txt").write_text("on the sand")
+    (imgs / "photo_002.txt").write_bytes(b"on the \xff\xfe sand")
+    err = _refused(imgs, tmp_path, "photo_002.txt", model=tiny_model)
+    assert "UTF-8" in err
+
+
+def test_caption_bom_is_not_part_of_the_caption(photos, tmp_path):
+    from compinv_rt.train.data import list_images, read_captions
+
+    imgs = _bare_photos(photos, tmp_path)
+    for f in sorted(imgs.glob("*.png")):
+        f.with_suffix(".txt").write_bytes("\ufeffon the sand".encode())
+    assert read_captions("auto", list_images(imgs)) == ["on the sand"] * 3
+
+
+@pytest.mark.parametrize("where", ["caption", "template", "vectors"])
+def test_training_prompts_over_77_tokens_are_refused(where, tiny_model, photos, tmp_path,
+                                                      no_weights):
+    """Training prompts used to be cut at 77 tokens (generate refuses such prompts)."""
+    imgs, extra = _bare_photos(photos, tmp_path), []
+    if where == "caption":  # within the 200 characters of a caption, over 77 tokens
+        for f in sorted(imgs.glob("*.png")):
+            f.with_suffix(".txt").write_text("on the sand")
+        (imgs / "photo_001.txt").write_text("on the " + " ".join(["x"] * 80))
+    elif where == "template":
+        tpl = tmp_path / "templates.txt"
+        tpl.write_text(f"a photo of a {{}}\na {' '.join(['very'] * 70)} photo of a {{}}\n")
+        extra = ["--templates", str(tpl)]
+    else:
+        tpl = tmp_path / "templates.txt"
+        tpl.write_text(f"a {' '.join(['very'] * 20)} photo of a {{}}\n")
+        extra = ["--vectors", "60", "--templates", str(tpl)]
+    err = _refused(imgs, tmp_path, "tokens", *extra, model=tiny_model)
+    assert "77" in err
+    assert {"caption": "photo_001.png", "template": "a very very",
+            "vectors": "60 vectors"}[where] in err
+
+
+@pytest.mark.parametrize("context_token", [False, True])
+def test_training_prompts_of_77_tokens_are_accepted(context_token, tiny_model, photos, tmp_path):
+    """The longest prompt, "a photo of a a far away <ok> <ok>_1 heart x ... [<ok>_ctx]", is
+    exactly 77 tokens: accepted, and the tokenizer with the placeholders added keeps it whole."""
+    from compinv_rt.models.tokens import placeholder_tokens
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.data import build_prompts
+    from compinv_rt.train.loop import prepare
+
+    imgs = _bare_photos(photos, tmp_path)
+    # start + "a photo of a" + "a far away" + 2 vectors + heart + end = 12 tokens
+    n = 77 - 12 - int(context_token)
+    for f in sorted(imgs.glob("*.png")):
+        f.with_suffix(".txt").write_text(" ".join(["x"] * n))
+    cfg = TrainConfig(token="<ok>", class_word="heart", templates=("a photo of a {}",), vectors=2,
+                      context_token=context_token)
+    plan = prepare(cfg, imgs, tiny_model)
+    tok = plan.tokenizer
+    tok.add_tokens(placeholder_tokens("<ok>", 2) + ["<ok>_ctx"])
+    table = build_prompts(tok, cfg.templates, "<ok> <ok>_1", "heart", plan.prompt_contexts())
+    assert (table.ids[:, -1] == tok.eos_token_id).any()  # one prompt fills all 77, uncut
+    from compinv_rt.core.errors import ConfigError
+
+    (imgs / "photo_000.txt").write_text(" ".join(["x"] * (n + 1)))  # one token more: refused
+    with pytest.raises(ConfigError, match="78 tokens"):
+        prepare(cfg, imgs, tiny_model)
+
+
+@pytest.mark.parametrize("norm", ["1e-30", "0.0009", "1e9", "vocab:1e-9", "vocab:1e6"])
+def test_norm_out_of_bounds_is_refused(norm, tiny_model, photos, tmp_path, no_weights):
+    err = _refused(photos, tmp_path, "--norm", "--norm", norm, model=tiny_model)
+    assert "0.001" in err and "100" in err
+
+
+def test_norm_bounds_are_inclusive():
+    from compinv_rt.train.regularizers import NORM_MAX, NORM_MIN, parse_norm
+
+    assert parse_norm(str(NORM_MIN)) == ("fixed", NORM_MIN)
+    assert parse_norm(f"vocab:{NORM_MAX}") == ("vocab", NORM_MAX)
+
+
+def test_mask_of_another_shape_is_refused(tiny_model, photos, tmp_path, no_weights):
+    """A 7x3 mask for a 64x64 photo used to be stretched over it."""
+    from PIL import Image
+
+    imgs = _bare_photos(photos, tmp_path, masks=True)
+    Image.new("L", (7, 3), 255).save(imgs / "masks" / "photo_001.png")
+    err = _refused(imgs, tmp_path, "7x3", "--masks", str(imgs / "masks"), model=tiny_model)
+    assert "photo_001.png" in err and "64x64" in err
+
+
+def test_mask_of_the_same_aspect_is_resized(photos, tmp_path):
+    """A half-size mask (a segmentation tool's output) is the photo's mask, resized."""
+    from PIL import Image
+
+    from compinv_rt.train.data import list_images, read_masks
+
+    imgs = _bare_photos(photos, tmp_path, masks=True)
+    full = read_masks(str(imgs / "masks"), list_images(imgs))
+    with Image.open(imgs / "masks" / "photo_001.png") as m:
+        m.convert("L").resize((32, 32), Image.BILINEAR).save(imgs / "masks" / "photo_001.png")
+    half = read_masks(str(imgs / "masks"), list_images(imgs))
+    assert half[1].shape == full[1].shape == (64, 64)
+    assert np.abs(half[1] - full[1]).mean() < 0.05
+
+
+@pytest.mark.parametrize("token,fmt,clash", [
+    ("<embeddings>", "a1111", "embeddings.safetensors"),
+    ("<Embeddings>", "both", "embeddings.safetensors"),
+    ("<learned_embeds>", "a1111", "learned_embeds.safetensors"),
+    ("embeddings", "both", "embeddings.safetensors"),
+])
+def test_token_whose_portable_file_clashes_with_the_folders_own_is_refused(
+        token, fmt, clash, tiny_model, photos, tmp_path, no_weights):
+    err = _bad(["--images", str(photos), "--token", token, "--class-word", "heart", "--model",
+                str(tiny_model), "--format", fmt, *FAST], tmp_path / "out", clash)
+    assert "--token" in err
+
+
+def test_token_clash_matters_only_for_a1111_copies():
+    from compinv_rt.train.portable import check_portable_names
+
+    check_portable_names("<embeddings>", "diffusers")  # no <name>.* copy is written
+    check_portable_names("<artifact>", "both")  # artifact.pt/.safetensors: no clash
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--lr", "1e6"], "--lr"),
+    (["--lr", "10.5"], "--lr"),
+    (["--token", "<" + "x" * 498 + ">"], "64 characters"),
+    (["--token", "<a\x00b>"], "--token"),
+    (["--variants", "1000000000"], "--variants"),
+    (["--grad-accum", "1000000000"], "--grad-accum"),
+])
+def test_unbounded_training_options_are_refused_up_front(args, expect, tiny_model, photos,
+                                                         tmp_path, no_weights):
+    _bad(["--images", str(photos), "--token", "<ok>", "--class-word", "heart", "--model",
+          str(tiny_model), *FAST, *args], tmp_path / "out", expect)
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("lr", 1e6, "--lr"), ("variants", 10**9, "max_variants"),
+    ("grad_accum", 10**9, "max_grad_accum"), ("token", "<" + "x" * 100 + ">", "64 characters"),
+])
+def test_train_config_bounds(field, value, expect):
+    """The library's own check (TrainConfig), whatever the command line checked before it."""
+    from compinv_rt.core.errors import ConfigError
+    from compinv_rt.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        TrainConfig(**{"token": "<ok>", "class_word": "heart", field: value})
+
+
+def test_variant_and_grad_accum_limits_are_configurable(monkeypatch):
+    from compinv_rt.core.schemas import _limits_from
+    from compinv_rt.train.config import TrainConfig
+
+    monkeypatch.setenv("COMPINV_LIMITS", json.dumps({"max_variants": 1000,
+                                                     "max_grad_accum": 5000}))
+    _limits_from.cache_clear()
+    try:
+        TrainConfig(token="<ok>", class_word="heart", variants=1000, grad_accum=5000)
+    finally:
+        monkeypatch.delenv("COMPINV_LIMITS")
+        _limits_from.cache_clear()

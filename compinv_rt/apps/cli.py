@@ -66,6 +66,7 @@ def export(  # noqa: PLR0913 (a Typer command: one parameter per option)
     force: bool = typer.Option(False, "--force", help="Rebuild even if a matching engine exists."),
 ):
     """Build the UNet engine (with its attention_bias input) into OUT/<format>-<key>/."""
+    from compinv_rt.core.errors import ConfigError
     from compinv_rt.core.outputs import check_writable_dir
     from compinv_rt.export.build import ExportOptions, export_engine
     from compinv_rt.export.onnx_export import check_opset
@@ -81,6 +82,9 @@ def export(  # noqa: PLR0913 (a Typer command: one parameter per option)
         fmt = EngineFormat.tensorrt if tensorrt_usable(device) else EngineFormat.onnx
     else:
         fmt = EngineFormat(target.value)
+    if fmt is EngineFormat.onnx and precision is Precision.bf16:  # it would build, then not run
+        raise ConfigError("ONNX Runtime runs fp32 or fp16 engines, not bf16: use --precision fp32/fp16, "
+                          "or --format aoti for bf16")
     if fmt is not EngineFormat.aoti:
         check_opset(exporter, opset)
     files = inspect_model_dir(resolve_model_dir(model))
@@ -126,7 +130,8 @@ def train(  # noqa: PLR0913 (a Typer command: one parameter per option)
     steps: int = typer.Option(1000, help="Optimizer steps."),
     batch: int = typer.Option(4, help="Images per micro-batch."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(5e-3, help="Base learning rate (scaled by batch x grad-accum unless --no-scale-lr)."),
+    lr: float = typer.Option(
+        5e-3, help="Base learning rate, in (0, 10] (scaled by batch x grad-accum unless --no-scale-lr)."),
     scale_lr: bool = typer.Option(True, "--scale-lr/--no-scale-lr", help="Scale --lr by batch x grad-accum."),
     resolution: Optional[int] = typer.Option(None, help="Training resolution (default: the model's native size)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="hflip + scale augmentation with a loss mask."),
@@ -135,10 +140,11 @@ def train(  # noqa: PLR0913 (a Typer command: one parameter per option)
     captions: str = typer.Option(
         "auto", help="What each photo shows besides the concept, named in its training prompts "
         "('<tok> heart on the sand'): auto (IMAGES/captions.json or <photo>.txt if present), "
-        "none, or a JSON file {\"photo.png\": \"on the sand\"}."),
+        "none, or a JSON file {\"photo.png\": \"on the sand\"}. Every photo or none, UTF-8 text."),
     masks: Optional[Path] = typer.Option(
-        None, help="Folder of subject masks (<photo stem>.png, white = the concept): the loss "
-        "counts the subject, with a soft border; or 'auto': from the base model's "
+        None, help="Folder of subject masks (<photo stem>.png, white = the concept; the photo's "
+        "size or aspect ratio): the loss counts the subject, with a soft border; or 'auto': from "
+        "the base model's "
         "cross-attention to the class word."),
     context_token: bool = typer.Option(
         False, "--context-token/--no-context-token",
@@ -146,7 +152,8 @@ def train(  # noqa: PLR0913 (a Typer command: one parameter per option)
         "saved, to take up what the photos share besides the concept (photos without captions)."),
     norm: str = typer.Option(
         "auto", help="Fix each vector's norm: none, vocab (the vocabulary's median word norm), "
-        "vocab:K (K times it) or a number; only the direction is learned. auto: vocab:2 for plain "
+        "vocab:K (K times it) or a number (K and the number in [0.001, 100]); only the direction is "
+        "learned. auto: vocab:2 for plain "
         "TI (--anchor-weight 0), none for semantic inversion."),
     context_weight: float = typer.Option(
         0.0, help="Context regularizer: keep the text encoder's outputs for the other words of "
@@ -165,7 +172,8 @@ def train(  # noqa: PLR0913 (a Typer command: one parameter per option)
 
     _check_train_options({"--anchor-weight": anchor_weight, "--recon-weight": recon_weight,
                           "--anchor-l1": anchor_l1, "--lr": lr, "--steps": steps, "--batch": batch,
-                          "--vectors": vectors, "--resolution": resolution or 1, "--seed": seed}, device)
+                          "--vectors": vectors, "--resolution": resolution or 1, "--seed": seed,
+                          "--variants": variants, "--grad-accum": grad_accum}, device, token, format)
     from compinv_rt.train.config import TrainConfig
 
     tpl = None
@@ -185,16 +193,21 @@ def train(  # noqa: PLR0913 (a Typer command: one parameter per option)
 
 # `train`'s numeric options and their bounds (core.schemas.Limits names); the rest have defaults.
 _TRAIN_LIMITS = {"--steps": "max_train_steps", "--batch": "max_batch", "--vectors": "max_vectors",
-                 "--resolution": "max_size"}
+                 "--resolution": "max_size", "--variants": "max_variants",
+                 "--grad-accum": "max_grad_accum"}
 
 
-def _check_train_options(values: dict, device: str) -> None:
-    """One `error:` line for a bad number or device, before anything heavy is imported."""
+def _check_train_options(values: dict, device: str, token: str, fmt: str) -> None:
+    """One `error:` line for a bad number or device, or a token whose portable copies (`fmt`)
+    would overwrite the concept folder's own files, before anything heavy is imported."""
     from compinv_rt.core.errors import ConfigError
     from compinv_rt.core.schemas import SEED_MAX, check_device, check_option
+    from compinv_rt.train.config import LR_MAX
+    from compinv_rt.train.portable import check_portable_names
 
-    for opt in ("--anchor-weight", "--recon-weight", "--anchor-l1", "--lr"):
+    for opt in ("--anchor-weight", "--recon-weight", "--anchor-l1"):
         check_option(opt, values[opt])
+    check_option("--lr", values["--lr"], gt=0, le=LR_MAX)
     for opt, limit in _TRAIN_LIMITS.items():
         check_option(opt, values[opt], limit=limit)
     check_option("--seed", values["--seed"], ge=0, le=SEED_MAX)
@@ -202,6 +215,7 @@ def _check_train_options(values: dict, device: str) -> None:
         check_device(device)
     except ValueError as exc:
         raise ConfigError(f"--device: {exc}, got {device!r}") from None
+    check_portable_names(token, fmt)
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,7 @@ class TrainRun:
 
 def _run_training(cfg, run: TrainRun) -> None:
     from compinv_rt.core.errors import ConfigError
+    from compinv_rt.core.outputs import FolderLock, remove_if_empty
     from compinv_rt.train.loop import check_out_dir, prepare, train_concept
     from compinv_rt.train.portable import EmbeddingFormat, write_portable
 
@@ -235,12 +250,17 @@ def _run_training(cfg, run: TrainRun) -> None:
                         dist=f"{info.anchor_distance:.3f}", refresh=False)
         bar.update(1)
 
-    try:
-        result = train_concept(plan, run.out, resume=run.resume, device=run.device, on_step=on_step,
-                               on_status=lambda msg: typer.echo(msg, err=True))
+    created = not run.out.exists()
+    run.out.mkdir(parents=True, exist_ok=True)
+    try:  # one run per folder: two `--resume`s of one training are refused, not interleaved
+        with FolderLock(run.out):
+            result = train_concept(plan, run.out, resume=run.resume, device=run.device, on_step=on_step,
+                                   on_status=lambda msg: typer.echo(msg, err=True))
+            portable = write_portable(run.out, run.format)
     finally:
         bar.close()
-    portable = write_portable(run.out, run.format)
+        if created:
+            remove_if_empty(run.out)
     rec = result.record
     carrying = ", ".join(f"{a['word']} ({a['coefficient']:.3f})" for a in rec["anchors"]
                          if a["carries_weight"]) or "none"

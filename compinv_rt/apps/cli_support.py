@@ -35,13 +35,16 @@ def typer_app(name: str, help: str) -> typer.Typer:
 
 
 def user_errors(fn):
-    """Turn a CompinvError into one clear line on stderr and exit code 1. Bugs keep their traceback."""
+    """Turn a CompinvError into one clear line on stderr and exit code 1. Bugs keep their traceback.
+    Every numeric option is bounded first (apps/option_bounds.py): huge work is refused up front."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from compinv_rt.apps.option_bounds import check_command_options, command_id
         from compinv_rt.core.errors import CompinvError
 
         try:
+            check_command_options(command_id(fn), kwargs, _flags())
             return fn(*args, **kwargs)
         except CompinvError as exc:
             typer.echo(f"error: {exc}", err=True)
@@ -51,6 +54,16 @@ def user_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _flags() -> dict[str, str]:
+    """The running command's parameter names -> their flags as typed (`-n/--num-images`)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    return {p.name: "/".join(p.opts) for p in ctx.command.params if p.name}
 
 
 class _LogLines:

@@ -122,7 +122,7 @@ def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per optio
     from compinv_rt.core.errors import ConfigError
     from compinv_rt.core.schemas import check_generate
     from compinv_rt.core.types import Precision
-    from compinv_rt.generate.session import SessionOptions
+    from compinv_rt.generate.options import SessionOptions
     from compinv_rt.sampling.quality import parse_interval, sampler_settings
     from compinv_rt.spatial.plan import SpatialOptions
 
@@ -169,16 +169,20 @@ def generate_prompt(spec, options, out: str | None) -> None:
     from dataclasses import replace
 
     from compinv_rt.core.errors import ConfigError
-    from compinv_rt.core.outputs import check_writable_dir, remove_stale_temp_files
+    from compinv_rt.core.outputs import FolderLock, check_writable_dir, remove_if_empty, remove_stale_temp_files
     from compinv_rt.core.schemas import check_concept_tokens
-    from compinv_rt.generate.requests import build_request
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
+    from compinv_rt.spatial.plan import SpatialConfig
 
     if not spec.prompt.strip():
         raise ConfigError("the prompt is empty")
     if spec.n < 1:
         raise ConfigError(f"-n/--num-images must be >= 1, got {spec.n}")
+    # The layout text and spatial options first: no torch is imported yet (an error in < 1 s).
+    SpatialConfig.from_options(spec.spatial, backend=options.backend.value, total_steps=spec.steps)
     files = inspect_model_dir(resolve_model_dir(options.model))
+    from compinv_rt.generate.requests import build_request
+
     request = build_request(spec, backend=options.backend.value)
     request = replace(request, sampling=request.sampling.resolved(files))
     known: set[str] = set()
@@ -195,7 +199,14 @@ def generate_prompt(spec, options, out: str | None) -> None:
     check_writable_dir(folder)
     if folder.is_dir():
         remove_stale_temp_files(folder)  # left by a killed run
-    _run_prompt(request, options, folder, files)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with FolderLock(folder):  # two runs into one folder: the second is refused, not interleaved
+            _run_prompt(request, options, folder, files)
+    finally:
+        if created:
+            remove_if_empty(folder)  # a run that failed before its first image leaves nothing
 
 
 def _run_prompt(request, options, folder: Path, files) -> None:
@@ -242,6 +253,10 @@ def generate_jobs(run: JobsRun, config, defaults: dict) -> None:
     jobs, problems = read_jobs(run.jobs_file, defaults)
     for line in problems:
         typer.echo(f"error: {line}", err=True)
+    if not jobs:  # nothing to run: stop before the model loads or --out is created
+        why = f"all {len(problems)} line(s) failed (above)" if problems else "it holds no job line"
+        typer.echo(f"no job to run in {run.jobs_file}: {why}", err=True)
+        raise typer.Exit(1)
     files = inspect_model_dir(resolve_model_dir(config.options.model))
     out = run.out
     local = "://" not in str(out)
@@ -270,9 +285,9 @@ def _run_jobs(jobs, run: JobsRun, files, summary, sink, config) -> None:
 
     from compinv_rt.generate.jobs import concept_folders, pending_items, write_failures
 
-    items = pending_items(jobs, str(run.out), files, run.resume, summary, exists=sink.exists)
     config = replace(config, options=replace(config.options, model=str(files.root)),
                      concepts=concept_folders(jobs))
+    items = pending_items(jobs, sink, files, run.resume, summary, config)
     bar = progress(len(items), "images", unit="img")
     try:
         if run.ray is not None:

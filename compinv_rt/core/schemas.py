@@ -50,6 +50,8 @@ class Limits(BaseModel):
     max_vectors: int = Field(64, ge=1)
     max_workers: int = Field(256, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)  # training photos (w * h)
+    max_variants: int = Field(256, ge=1)  # train --variants: augmented variants per photo
+    max_grad_accum: int = Field(1024, ge=1)  # train --grad-accum: micro-batches per step
 
 
 @lru_cache(maxsize=1)

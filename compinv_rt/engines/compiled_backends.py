@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from compinv_rt.core.errors import BackendUnavailable
-from compinv_rt.unet.iospec import INPUTS, BatchProfile, UNetIOSpec
-from compinv_rt.unet.bucketing import run_bucketed
 from compinv_rt.unet.attention import BiasedUNet
+from compinv_rt.unet.bucketing import run_bucketed
+from compinv_rt.unet.iospec import INPUTS, BatchProfile, UNetIOSpec
 
 
 def compile_unet(module: torch.nn.Module, device: torch.device):

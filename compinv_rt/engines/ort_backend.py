@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from compinv_rt.core.errors import BackendUnavailable
-from compinv_rt.unet.iospec import INPUTS, OUTPUTS, UNetIOSpec
 from compinv_rt.export.onnx_export import ONNX_FILE
+from compinv_rt.unet.iospec import INPUTS, OUTPUTS, UNetIOSpec
 
 
 def requested_providers(device: torch.device, available: list[str], engine_dir: Path | None = None) -> list:

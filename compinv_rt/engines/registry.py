@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compinv_rt.core.errors import EngineMismatch
-from compinv_rt.unet.iospec import UNetIOSpec, batch_profiles
 from compinv_rt.export.manifest import EngineFormat, profiles_of, unet_files, verify_engine
+from compinv_rt.unet.iospec import UNetIOSpec, batch_profiles
 
 if TYPE_CHECKING:
     from compinv_rt.models.loading import LoadedModel
@@ -85,6 +85,10 @@ def open_backend(name: Backend | str, model: LoadedModel, shape: BatchShape, eng
         manifest = verify_engine(Path(engine), unet_hash=content_hash(unet_files(model.files)),
                                  fmt=fmt, device=str(model.device))
         spec, profiles, engine_dir = UNetIOSpec.from_dict(manifest["io"]), profiles_of(manifest), Path(engine)
+        if spec.precision is not wanted.precision:  # else the sidecars would claim the wrong one
+            raise EngineMismatch(f"engine {engine} runs {spec.precision.value}; this run asks for "
+                                 f"{wanted.precision.value} (pass --precision {spec.precision.value}, or "
+                                 "export an engine at this precision)")
         if (spec.latent_height, spec.latent_width) != (wanted.latent_height, wanted.latent_width):
             raise EngineMismatch(
                 f"engine {engine} was built for {spec.latent_height}x{spec.latent_width} latents; "

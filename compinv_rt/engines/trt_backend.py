@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from compinv_rt.core.errors import EngineMismatch
-from compinv_rt.unet.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
 from compinv_rt.export.tensorrt import PLAN_FILE
 from compinv_rt.unet.bucketing import run_bucketed
+from compinv_rt.unet.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
 
 
 class CudaOps:

@@ -92,9 +92,10 @@ def unet_files(model_files) -> list[Path]:
 
 
 def file_sha256(path: Path) -> str:
+    """An engine file's integrity hash: always read in full (never the mtime-keyed cache)."""
     from compinv_rt.models.loading import content_hash
 
-    return content_hash([path])
+    return content_hash([path], cached=False)
 
 
 @dataclass(frozen=True)

@@ -22,17 +22,35 @@ class GenerationResult:
 GRID_MAX = 64  # images tiled into the grid: the first 64 (a run of 10,000 keeps memory flat)
 
 
-def image_name(image: GeneratedImage) -> str:
-    """An image's file name, `<prompt slug>_<seed>.png`: what `generate` writes and the server's
-    sidecars name."""
-    return f"{slug(image.request.prompt)}_{image.seed}.png"
+def image_name(image: GeneratedImage, stem: str | None = None) -> str:
+    """An image's file name, `<prompt slug>_<seed>.png`: what `generate` writes (with the stem
+    `folder_stem` chose) and the server's sidecars name."""
+    return f"{stem or slug(image.request.prompt)}_{image.seed}.png"
+
+
+def folder_stem(out: Path, prompt: str) -> str:
+    """The prompt's slug, unless files of another prompt in `out` already carry it ("a red star!"
+    and "a red star?" slug alike): then the slug plus a hash of the prompt, so no run overwrites
+    another prompt's images."""
+    import hashlib
+    import json
+
+    stem = slug(prompt)
+    for sidecar in Path(out).glob(f"{stem}_*.json"):
+        try:
+            other = json.loads(sidecar.read_text()).get("prompt")
+        except (OSError, ValueError, AttributeError):
+            other = None
+        if other != prompt:
+            return f"{stem}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+    return stem
 
 
 def generate_to_folder(session: GenerationSession, request: Request, out: Path,
                        on_step: StepCallback | None = None) -> GenerationResult:
     """Each batch is written as it finishes: memory depends on the batch size, not on n."""
-    stem = slug(request.prompt)
     out = Path(out)
+    stem = folder_stem(out, request.prompt)
     pngs: list[Path] = []
     sidecars: list[Path] = []
     heatmaps: list[Path] = []
@@ -42,7 +60,7 @@ def generate_to_folder(session: GenerationSession, request: Request, out: Path,
         for r in session.run(session.tasks(request), on_step):
             if len(tiles) < GRID_MAX:
                 tiles.append(r.image)
-            png = written = save_png(out / image_name(r), r.image)
+            png = written = save_png(out / image_name(r, stem), r.image)
             extra: dict = {"index": r.index, "image": png.name}
             if r.attention is not None:
                 grid_img, shares = _attention_outputs(session, r)

@@ -9,13 +9,17 @@ duplicated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compinv_rt.core.errors import CompinvError, ConfigError
-from compinv_rt.generate.session import Request, SessionOptions
+
+if TYPE_CHECKING:  # the session pulls in torch: reading and checking a jobs file must not
+    from compinv_rt.generate.session import Request, SessionOptions
 
 
 @dataclass(frozen=True)
@@ -116,13 +120,24 @@ def read_jobs(path: Path, defaults: dict) -> tuple[list[Job], list[str]]:
     return jobs, problems
 
 
-def pending_items(jobs: list[Job], out: str | Path, model_files, resume: bool,
-                  summary: JobsSummary, exists: Callable[[str], bool] | None = None) -> list[Item]:
+def job_hash(job: Job, config: JobsConfig) -> str:
+    """What decides a job's images (its line's settings and the run's sampler and bias options),
+    hashed: --resume takes an image as done only if its sidecar holds the same hash."""
+    import hashlib
+
+    fields = {k: v for k, v in dataclasses.asdict(job).items() if k != "line"}
+    fields.update(scheduler=config.scheduler, guidance_interval=list(config.guidance_interval),
+                  bias_strength=config.bias_strength, bias_steps=config.bias_steps)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pending_items(jobs: list[Job], sink, model_files, resume: bool, summary: JobsSummary,
+                  config: JobsConfig) -> list[Item]:
     """Items not yet done. Without `resume`, existing results are an error (never overwritten
-    silently); jobs whose settings do not fit the model are reported and skipped."""
+    silently); jobs whose settings do not fit the model, or whose line changed since their images
+    were made (same id, other settings), are reported and skipped."""
     from compinv_rt.sampling.pipeline import SamplingConfig
 
-    exists = exists or (lambda name: (Path(out) / name).exists())
     items = []
     for job in jobs:
         try:
@@ -130,16 +145,29 @@ def pending_items(jobs: list[Job], out: str | Path, model_files, resume: bool,
         except ConfigError as exc:
             summary.problems.append(f"line {job.line} ({job.id}): {exc}")
             continue
-        for i in range(job.n):
-            item = Item(job, i)
-            if exists(f"{item.name}.json"):
-                if not resume:
-                    raise ConfigError(f"{out} already holds results of these jobs "
-                                      f"({item.name}.json): pass --resume to finish them, or a new --out")
-                summary.skipped += 1
-                continue
-            items.append(item)
+        done = [Item(job, i) for i in range(job.n) if sink.exists(f"{Item(job, i).name}.json")]
+        if done and not resume:
+            raise ConfigError(f"{sink.uri} already holds results of these jobs "
+                              f"({done[0].name}.json): pass --resume to finish them, or a new --out")
+        if done and _made_by_another_line(sink, done, job_hash(job, config)):
+            summary.problems.append(
+                f"line {job.line} ({job.id}): the line changed since its images in {sink.uri} were made "
+                "(same id, other settings): give it a new id, or use another --out")
+            continue
+        summary.skipped += len(done)
+        items += [Item(job, i) for i in range(job.n) if Item(job, i) not in done]
     return items
+
+
+def _made_by_another_line(sink, done: list[Item], expected: str) -> bool:
+    for item in done:
+        try:
+            meta = json.loads(sink.read(f"{item.name}.json"))
+        except (OSError, ValueError):
+            return True  # unreadable: not proof of this line's image
+        if meta.get("job_hash") != expected:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -240,7 +268,7 @@ class JobRunner:
             job = jobs[id(result.request)]
             item = Item(job, result.index)
             meta = self.session.sidecar(result, job_id=job.id, index=item.index, line=job.line,
-                                        image=f"{item.name}.png")
+                                        image=f"{item.name}.png", job_hash=job_hash(job, self.config))
             try:
                 self.sink.write_png(f"{item.name}.png", result.image)
                 self.sink.write_json(f"{item.name}.json", meta)  # written last: marks it done

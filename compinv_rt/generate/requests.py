@@ -9,10 +9,13 @@ request the same way and builds it in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from compinv_rt.generate.session import Request
-from compinv_rt.sampling.pipeline import SamplingConfig
 from compinv_rt.spatial.plan import SpatialConfig, SpatialOptions
+
+if TYPE_CHECKING:  # both pull in torch: a spec is built and checked before that
+    from compinv_rt.generate.session import Request
+    from compinv_rt.sampling.pipeline import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class RequestSpec:
     spatial: SpatialOptions = field(default_factory=SpatialOptions)
 
     def sampling(self) -> SamplingConfig:
+        from compinv_rt.sampling.pipeline import SamplingConfig
+
         lo, hi = self.guidance_interval
         return SamplingConfig(self.steps, self.guidance, self.scheduler, self.height, self.width,
                               (float(lo), float(hi)))
@@ -39,6 +44,8 @@ class RequestSpec:
 def build_request(spec: RequestSpec, backend: str = "torch") -> Request:
     """A checked request (ConfigError on a bad spatial option). `backend` decides which spatial
     modes can run (guidance and attention capture need the eager UNet)."""
+    from compinv_rt.generate.session import Request
+
     spatial = SpatialConfig.from_options(spec.spatial, backend=backend, total_steps=spec.steps)
     return Request(spec.prompt, spec.seed, spec.n, spec.negative_prompt, spec.sampling(),
                    tuple(str(c) for c in spec.concepts), spatial)

@@ -40,6 +40,9 @@ class LocalSink:
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
 
+    def read(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
     def write(self, name: str, data: bytes) -> None:
         atomic_write_bytes(self.root / name, data)
 
@@ -84,6 +87,10 @@ class ArrowSink(LocalSink):
 
         infos = self.fs.get_file_info(fs.FileSelector(self.path, allow_not_found=True))
         return sorted(Path(i.path).name for i in infos)
+
+    def read(self, name: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.path}/{name}") as f:
+            return f.read()
 
     def write(self, name: str, data: bytes) -> None:
         tmp = f"{self.path}/.{name}.{uuid.uuid4().hex}.tmp"

@@ -206,12 +206,14 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("COMPINV_CACHE", Path.home() / ".cache" / "compinv-rt"))
 
 
-def content_hash(files: list[Path]) -> str:
+def content_hash(files: list[Path], cached: bool = True) -> str:
     """sha256 over the files' contents (never their paths). Cached by (path, size, mtime) because
-    hashing a full SD checkpoint takes seconds."""
+    hashing a full SD checkpoint takes seconds: fine for naming a model, not for integrity (a file
+    changed in place with its mtime put back keeps its key), so integrity checks pass
+    cached=False."""
     cache_file = _cache_dir() / "file-hashes.json"
     try:
-        cache = json.loads(cache_file.read_text())
+        cache = json.loads(cache_file.read_text()) if cached else {}
     except (OSError, json.JSONDecodeError):
         cache = {}
     total = hashlib.sha256()
@@ -228,7 +230,7 @@ def content_hash(files: list[Path]) -> str:
             digest = cache[key] = h.hexdigest()
             changed = True
         total.update(digest.encode())
-    if changed:
+    if changed and cached:
         from compinv_rt.core.outputs import atomic_write_text
 
         try:

@@ -21,16 +21,20 @@ def placeholder_tokens(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, vectors)]
 
 
-def in_vocabulary(tokenizer, token: str) -> bool:
-    vocab = tokenizer.get_vocab()
+def in_vocabulary(tokenizer, token: str, vocab=None, added=None) -> bool:
+    """`vocab`/`added`: the tokenizer's, when the caller checks many tokens (49k entries)."""
+    vocab = tokenizer.get_vocab() if vocab is None else vocab
     t = token.lower()
-    added = {k.lower() for k in getattr(tokenizer, "added_tokens_encoder", {})}
+    if added is None:
+        added = {k.lower() for k in getattr(tokenizer, "added_tokens_encoder", {})}
     return token in vocab or t in vocab or f"{t}</w>" in vocab or t in added
 
 
 def check_new_token(tokenizer, token: str, vectors: int = 1) -> None:
+    vocab = tokenizer.get_vocab()
+    added = {k.lower() for k in getattr(tokenizer, "added_tokens_encoder", {})}
     for t in placeholder_tokens(token, vectors):
-        if in_vocabulary(tokenizer, t):
+        if in_vocabulary(tokenizer, t, vocab, added):
             raise ConfigError(
                 f"token {t!r} is already in the tokenizer's vocabulary; pick a new name such as "
                 f"'<my-{token.strip('<>').lower()}>'")

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compinv_rt.core.errors import ConfigError
 from compinv_rt.spatial.layouts import Layout
-
-MAX_STRENGTH = 1000.0  # far inside fp16's range (65504) even after pooling and summing
+from compinv_rt.spatial.plan import check_strength
 
 
 def region_mask(boxes, height: int, width: int) -> torch.Tensor:  # (h, w) in [0, 1]
@@ -41,12 +39,6 @@ def region_mask(boxes, height: int, width: int) -> torch.Tensor:  # (h, w) in [0
 
 def concept_masks(layout: Layout, height: int, width: int) -> torch.Tensor:  # (K, h, w)
     return torch.stack([region_mask(c.boxes, height, width) for c in layout.concepts])
-
-
-def check_strength(strength: float) -> float:
-    if not (strength == strength and 0.0 <= strength <= MAX_STRENGTH):
-        raise ConfigError(f"--bias-strength must be in [0, {MAX_STRENGTH:g}], got {strength:g}")
-    return float(strength)
 
 
 def bias_map(layout: Layout, strength: float, height: int, width: int,
@@ -72,31 +64,6 @@ def bias_batch(layouts, strengths: float | Sequence[float], height: int, width: 
     return torch.stack([zero if layout is None else
                         bias_map(layout, s, height, width, seq_len, dtype)
                         for layout, s in zip(layouts, strengths)])
-
-
-def resolve_steps(value: str | float | int, total: int, option: str = "--bias-steps") -> int:
-    """A fraction of the steps (`0.2`, `1.0`) or a count (`10`) -> a number of steps in [0, total].
-
-    Text with a decimal point, or any value below 1, is a fraction; an integer is a count."""
-    text = str(value).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        raise ConfigError(f"{option} takes a fraction (0.2) or a step count (10), got {text!r}") from None
-    if not (number == number) or number < 0:
-        raise ConfigError(f"{option} must be >= 0, got {text!r}")
-    if "." in text or "e" in text.lower() or number < 1:
-        if number > 1:
-            raise ConfigError(f"{option} fraction must be in [0, 1], got {text!r} "
-                              "(use an integer for a step count)")
-        return int(round(number * total))
-    return min(int(number), total)
-
-
-def check_decay(decay: float) -> float:
-    if not (decay == decay and 0.0 <= decay <= 100.0):
-        raise ConfigError(f"--bias-decay must be in [0, 100], got {decay:g}")
-    return float(decay)
 
 
 @dataclass(frozen=True)

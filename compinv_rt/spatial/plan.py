@@ -34,6 +34,38 @@ ADAPTIVE_STRENGTH = 3.0
 ADAPTIVE_STEPS = "0.4"
 ADAPTIVE_DECAY = 4.0
 LAYOUT_MODEL_SUBDIR = "layout"  # <model>/layout/layout_model.safetensors: used by --layout auto
+MAX_STRENGTH = 1000.0  # far inside fp16's range (65504) even after pooling and summing
+
+
+def check_strength(strength: float) -> float:
+    if not (strength == strength and 0.0 <= strength <= MAX_STRENGTH):
+        raise ConfigError(f"--bias-strength must be in [0, {MAX_STRENGTH:g}], got {strength:g}")
+    return float(strength)
+
+
+def check_decay(decay: float) -> float:
+    if not (decay == decay and 0.0 <= decay <= 100.0):
+        raise ConfigError(f"--bias-decay must be in [0, 100], got {decay:g}")
+    return float(decay)
+
+
+def resolve_steps(value: str | float | int, total: int, option: str = "--bias-steps") -> int:
+    """A fraction of the steps (`0.2`, `1.0`) or a count (`10`) -> a number of steps in [0, total].
+
+    Text with a decimal point, or any value below 1, is a fraction; an integer is a count."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise ConfigError(f"{option} takes a fraction (0.2) or a step count (10), got {text!r}") from None
+    if not (number == number) or number < 0:
+        raise ConfigError(f"{option} must be >= 0, got {text!r}")
+    if "." in text or "e" in text.lower() or number < 1:
+        if number > 1:
+            raise ConfigError(f"{option} fraction must be in [0, 1], got {text!r} "
+                              "(use an integer for a step count)")
+        return int(round(number * total))
+    return min(int(number), total)
 
 
 @dataclass(frozen=True)
@@ -70,7 +102,6 @@ class SpatialConfig:
         `--layout` defaults to auto when a spatial mode is asked for. Strength, steps and decay
         default per mode (`bias` s = 2 logits on 20 % of the steps, `adaptive` the ADAPTIVE_*)."""
         from compinv_rt.engines.registry import Backend
-        from compinv_rt.spatial.bias_maps import check_decay, check_strength, resolve_steps
 
         spatial, layout, strength, steps = options.mode, options.layout, options.strength, options.steps
         layout_model, save_attention, decay = options.layout_model, options.save_attention, options.decay
@@ -119,8 +150,6 @@ class SpatialConfig:
 
     def regularized_steps(self, total_steps: int) -> int:
         """Steps that get the bias or the guidance (0 without a spatial mode)."""
-        from compinv_rt.spatial.bias_maps import resolve_steps
-
         return 0 if self.mode is SpatialMode.none else resolve_steps(self.steps, total_steps)
 
     def sidecar(self, total_steps: int, layout: Layout | None, guidance_history=None,

@@ -17,6 +17,15 @@ RESUME_KEYS = ("token", "class_word", "init_word", "anchors", "anchor_weight", "
 
 _AUTO = re.compile(r"^auto:(\d+)$")
 MAX_AUTO_ANCHORS = 64
+#: The highest --lr (before scaling by batch x grad-accum): far above any that trains (the
+#: default is 5e-3); 1e6 only diverged after the model had loaded, leaving checkpoints behind.
+LR_MAX = 10.0
+#: The longest placeholder token: it names files (`<name>.pt`, a1111) and appears in every prompt.
+MAX_TOKEN_CHARS = 64
+#: Bounds of `--norm X` and of K in `--norm vocab:K`. A vocabulary word's norm is ~0.4 in SD's
+#: CLIP and plain TI drives a token to 5-8x that: 1e-3 is already a near-silent token (1e-30 saved
+#: an all-zero embedding), 100 one that drowns every other word.
+NORM_MIN, NORM_MAX = 1e-3, 100.0
 
 
 #: The norm constraint `--norm auto` applies to plain TI (no anchor): 2x the vocabulary's median
@@ -68,7 +77,7 @@ class TrainConfig:
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (0 < self.lr <= LR_MAX, f"--lr must be in (0, {LR_MAX:g}], got {self.lr}"),
             (self.anchor_weight >= 0, f"--anchor-weight must be >= 0, got {self.anchor_weight}"),
             (self.recon_weight > 0, f"--recon-weight must be > 0, got {self.recon_weight}"),
             (self.anchor_l1 >= 0, f"--anchor-l1 must be >= 0, got {self.anchor_l1}"),
@@ -83,21 +92,23 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
-        if not self.token.strip() or any(c.isspace() for c in self.token):
-            raise ConfigError(f"--token must be one word without spaces, got {self.token!r}")
+        from compinv_rt.core.schemas import check_option
+
+        check_option("--variants", self.variants, limit="max_variants")
+        check_option("--grad-accum", self.grad_accum, limit="max_grad_accum")
+        check_token_name(self.token)
         if not self.class_word.strip():
             raise ConfigError("--class-word is empty")
         if self.templates is not None:
             if not self.templates or any(t.count("{}") != 1 for t in self.templates):
                 raise ConfigError("every template needs exactly one {} (where the concept goes)")
         parse_anchor_spec(self.anchors)  # raises on a bad spec
-        from compinv_rt.train.regularizers import parse_norm
-
         try:
             parse_norm(self.norm_spec)
         except ValueError:
             raise ConfigError(f"bad --norm {self.norm!r}: expected auto, none, vocab, vocab:K (K "
-                              "times the vocabulary's norm) or a positive number") from None
+                              "times the vocabulary's norm) or a number X, K and X between "
+                              f"{NORM_MIN:g} and {NORM_MAX:g}") from None
 
     @property
     def init(self) -> str:
@@ -148,3 +159,25 @@ def parse_anchor_spec(spec: str | None) -> tuple[str, Any]:
     if len(set(words)) != len(words):
         raise ConfigError(f"bad --anchors {spec!r}: a word is repeated")
     return "words", words
+
+
+def check_token_name(token: str, option: str = "--token") -> None:
+    """One printable word without spaces, at most MAX_TOKEN_CHARS characters."""
+    if not token.strip() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ConfigError(f"{option} must be one printable word without spaces, got {token!r}")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ConfigError(f"{option} must be at most {MAX_TOKEN_CHARS} characters, got "
+                          f"{len(token)}: {token[:20]!r}...")
+
+
+def parse_norm(spec: str | None) -> tuple[str, float | None]:
+    """"none" | "vocab" | "vocab:K" | a number X -> ("none", None), ("vocab", K: 1 for "vocab")
+    or ("fixed", X), with K and X in [NORM_MIN, NORM_MAX]. Raises ValueError."""
+    s = (spec or "none").strip().lower()
+    if s in ("none", "vocab"):
+        return s, (None if s == "none" else 1.0)
+    kind, number = ("vocab", s[len("vocab:"):]) if s.startswith("vocab:") else ("fixed", s)
+    value = float(number)
+    if not NORM_MIN <= value <= NORM_MAX:  # NaN too
+        raise ValueError(s)
+    return kind, value

@@ -193,12 +193,48 @@ MASK_EXTS = (".png", ".bmp", ".webp", ".jpg", ".jpeg")
 BORDER = 1 / 16  # soft border of a subject mask: a blur of this fraction of the image side
 
 
-def _clean_phrase(text: str, where: str) -> str:
-    phrase = " ".join(str(text).split())
+def _clean_phrase(text, where: str) -> str:
+    if not isinstance(text, str):  # a number or null would become "5" or "None" in the prompts
+        import json
+
+        shown = json.dumps(text, default=repr)
+        raise ConfigError(f"{where}: a caption must be text (a JSON string), got "
+                          f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
+    phrase = " ".join(text.split())
     if not phrase or len(phrase) > 200 or "{" in phrase or "}" in phrase:
         raise ConfigError(f"{where}: a caption must be 1-200 characters of text without braces, "
                           f"got {text!r}")
     return phrase
+
+
+def _read_utf8(path: Path, what: str) -> str:
+    """A text file in strict UTF-8 (a leading BOM dropped): a bad byte is refused, never replaced."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}: "
+                          f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _caption_files(image_files: list[Path]) -> list[str] | None:
+    """`<photo>.txt` next to every photo, or next to none (None); some only is refused: the
+    captions would change what the others' prompts mean."""
+    txts = [f.with_suffix(".txt") for f in image_files]
+    have = [t.is_file() for t in txts]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = [f.name for f, h in zip(image_files, have) if not h]
+        raise ConfigError(f"only some photos have a caption file: {_names(missing)} "
+                          f"{'has' if len(missing) == 1 else 'have'} no <photo>.txt; caption "
+                          "every photo or none (or pass --captions none)")
+    return [_clean_phrase(_read_utf8(t, "caption file"), str(t)) for t in txts]
 
 
 def read_captions(spec: str | None, image_files: list[Path]) -> list[str] | None:
@@ -206,7 +242,8 @@ def read_captions(spec: str | None, image_files: list[Path]) -> list[str] | None
 
     spec: None/"none" (no captions), "auto" (the folder's `captions.json` if present, else a
     `<photo>.txt` next to every photo, else none), or a JSON file {"photo.png": "on sand", ...}.
-    A given file must cover every photo; returns None when there are no captions."""
+    Every photo is captioned or none is (a partial set is refused); captions are strings, files
+    strict UTF-8. Returns None when there are no captions."""
     import json
 
     if spec is None or spec.strip().lower() == "none":
@@ -215,32 +252,30 @@ def read_captions(spec: str | None, image_files: list[Path]) -> list[str] | None
     auto = spec.strip().lower() == "auto"
     path = folder / CAPTIONS_FILE if auto else Path(spec)
     if auto and not path.is_file():
-        txts = [f.with_suffix(".txt") for f in image_files]
-        if not all(t.is_file() for t in txts):
-            return None
-        return [_clean_phrase(t.read_text(encoding="utf-8", errors="replace"), str(t)) for t in txts]
+        return _caption_files(image_files)
     if not path.is_file():
         raise ConfigError(f"--captions file not found: {path}")
     try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        table = json.loads(_read_utf8(path, "--captions"))
+    except json.JSONDecodeError as exc:
         raise ConfigError(f"--captions {path} is not valid JSON: {exc}") from None
     if not isinstance(table, dict):
         raise ConfigError(f"--captions {path}: expected an object {{\"photo.png\": \"on sand\"}}")
     missing = [f.name for f in image_files if f.name not in table]
     if missing:
-        raise ConfigError(f"--captions {path} has no caption for {', '.join(missing[:3])}"
-                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        raise ConfigError(f"--captions {path} has no caption for {_names(missing)}; caption "
+                          "every photo or none")
     return [_clean_phrase(table[f.name], f"--captions {path} entry {f.name!r}")
             for f in image_files]
 
 
 def read_masks(spec: str | None, image_files: list[Path]) -> list[np.ndarray] | None:
     """Per-photo subject masks (white = the concept) from a folder with a file of the same stem
-    per photo (any of MASK_EXTS); None/"none": no masks; "auto": None here (see auto_masks). Returned soft: values in
-    [0, 1] at the photo's size, with a blurred border so the loss fades out instead of cutting."""
-    from PIL import Image, ImageFilter
-
+    per photo (any of MASK_EXTS); None/"none": no masks; "auto": None here (see auto_masks).
+    Returned soft: values in [0, 1] at the photo's size, with a blurred border so the loss fades
+    out instead of cutting. A mask has its photo's size, or its aspect ratio (a mask made at
+    another resolution: resized); another shape is refused (it would be stretched over the
+    photo)."""
     if spec is None or spec.strip().lower() in ("none", "auto"):
         return None  # auto: made from the base model's attention once it is loaded (auto_masks)
     d = Path(spec)
@@ -251,20 +286,37 @@ def read_masks(spec: str | None, image_files: list[Path]) -> list[np.ndarray] | 
         cands = [d / (f.stem + e) for e in MASK_EXTS if (d / (f.stem + e)).is_file()]
         if not cands:
             raise ConfigError(f"--masks {d} has no mask for {f.name} (expected {f.stem}.png)")
-        try:
-            with Image.open(cands[0]) as im, Image.open(f) as photo:
-                m = im.convert("L")
-                if m.size != photo.size:
-                    m = m.resize(photo.size, Image.BILINEAR)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ConfigError(f"corrupt mask {cands[0]}: {exc}") from None
-        hard = np.asarray(m, np.float32) / 255.0
-        if hard.max() < 0.5:
-            raise ConfigError(f"mask {cands[0]} is empty (no pixel >= 128)")
-        blur = np.asarray(m.filter(ImageFilter.GaussianBlur(max(1.0, BORDER * max(m.size)))),
-                          np.float32) / 255.0
-        out.append(np.maximum(hard, np.clip(2.0 * blur, 0.0, 1.0)))
+        out.append(_read_mask(cands[0], f))
     return out
+
+
+def same_aspect(mask_size: tuple[int, int], photo_size: tuple[int, int]) -> bool:
+    """The mask is the photo's shape up to rounding its sides to whole pixels."""
+    (mw, mh), (pw, ph) = mask_size, photo_size
+    return abs(mw * ph - mh * pw) <= pw + ph
+
+
+def _read_mask(path: Path, photo: Path) -> np.ndarray:
+    from PIL import Image, ImageFilter
+
+    try:
+        with Image.open(path) as im, Image.open(photo) as ph:
+            m = im.convert("L")
+            if m.size != ph.size:
+                if not same_aspect(m.size, ph.size):
+                    raise ConfigError(
+                        f"mask {path} is {m.width}x{m.height} but its photo {photo.name} is "
+                        f"{ph.width}x{ph.height}: a mask must have its photo's size (or aspect "
+                        "ratio, it is then resized)")
+                m = m.resize(ph.size, Image.BILINEAR)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ConfigError(f"corrupt mask {path}: {exc}") from None
+    hard = np.asarray(m, np.float32) / 255.0
+    if hard.max() < 0.5:
+        raise ConfigError(f"mask {path} is empty (no pixel >= 128)")
+    blur = np.asarray(m.filter(ImageFilter.GaussianBlur(max(1.0, BORDER * max(m.size)))),
+                      np.float32) / 255.0
+    return np.maximum(hard, np.clip(2.0 * blur, 0.0, 1.0))
 
 
 def square_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -339,17 +391,29 @@ class PromptTable:
         return self.ids[choice]
 
 
+def training_prompts(templates, placeholder_text: str, class_word: str, contexts=("",)):
+    """Every training prompt, in the prompt table's order: ((group, context), prompt) pairs."""
+    for g, phrases in GROUP_PHRASES.items():
+        for ctx in dict.fromkeys(contexts):
+            for t in templates:
+                for ph in phrases:
+                    yield (g, ctx), t.format(subject_text(placeholder_text, class_word, ph, ctx))
+
+
 def build_prompts(tokenizer, templates, placeholder_text: str, class_word: str,
                   contexts=("",)) -> PromptTable:
     prompts: list[str] = []
     rows: dict[tuple[int, str], list[int]] = {}
-    for g, phrases in GROUP_PHRASES.items():
-        for ctx in dict.fromkeys(contexts):
-            rows[g, ctx] = []
-            for t in templates:
-                for ph in phrases:
-                    rows[g, ctx].append(len(prompts))
-                    prompts.append(t.format(subject_text(placeholder_text, class_word, ph, ctx)))
+    for key, prompt in training_prompts(templates, placeholder_text, class_word, contexts):
+        rows.setdefault(key, []).append(len(prompts))
+        prompts.append(prompt)
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     return PromptTable(prompts, ids, rows)
+
+
+def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """Each prompt's length in tokens (with start and end), never cut."""
+    if not prompts:
+        return []
+    return [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]

@@ -106,14 +106,20 @@ def load_tokenizer(files):
 
 
 def prepare(config: TrainConfig, images_dir, model=None) -> Plan:
-    """Validate everything that is cheap to validate. Raises ConfigError/ModelError."""
+    """Validate everything that is cheap to validate: the photos, their captions and masks (files
+    only, before torch is imported), then the model folder, the tokenizer and what needs it.
+    Raises ConfigError/ModelError."""
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
-    from compinv_rt.models.tokens import check_new_token, single_token_id
-    from compinv_rt.train.anchors import resolve_anchor_words
     from compinv_rt.train.data import list_images, read_captions, read_images, read_masks
 
     image_files = list_images(images_dir)
+    images = read_images(image_files)
+    contexts = read_captions(config.captions, image_files)
+    masks = read_masks(config.masks, image_files)
     files = inspect_model_dir(resolve_model_dir(model))
+    from compinv_rt.models.tokens import check_new_token, single_token_id
+    from compinv_rt.train.anchors import resolve_anchor_words
+
     tok = load_tokenizer(files)
     check_new_token(tok, config.token, config.vectors)
     if config.context_token:
@@ -124,10 +130,51 @@ def prepare(config: TrainConfig, images_dir, model=None) -> Plan:
     if res % files.spatial_factor:
         raise ConfigError(f"--resolution {res} is not a multiple of {files.spatial_factor} "
                           "(this model's VAE x UNet down-sampling factor)")
-    images = read_images(image_files)
-    contexts = read_captions(config.captions, image_files)
-    masks = read_masks(config.masks, image_files)
+    check_prompt_lengths(config, tok, image_files, contexts, files.vocabulary)
     return Plan(config, files, tok, image_files, images, res, anchor_words, contexts, masks)
+
+
+def check_prompt_lengths(cfg: TrainConfig, tok, image_files: list[Path],
+                         contexts: list[str] | None, vocabulary=None) -> None:
+    """Every training prompt (template, framing phrase, the token's vectors, class word, the
+    photo's caption, the context token; the context regularizer's composition prompts) fits the
+    text encoder's 77 tokens: a longer one would be cut without a word (generate refuses them).
+
+    The placeholders are not in `tok` yet: the prompts are measured without them, each counting
+    one token (an added token is split off before the BPE, so the rest tokenizes the same)."""
+    from compinv_rt.models import tokens as T
+    from compinv_rt.train.data import DEFAULT_TEMPLATES, prompt_lengths, training_prompts
+
+    templates = cfg.templates or DEFAULT_TEMPLATES
+    photo_of: dict[str, str] = {}  # caption -> the first photo with it
+    for f, c in zip(image_files, contexts or [""] * len(image_files)):
+        photo_of.setdefault(c, f.name)
+    ctx_token = [cfg.context_token_name] if cfg.context_token else []
+    shown = " ".join(T.placeholder_tokens(cfg.token, cfg.vectors))
+    plain = training_prompts(templates, "", cfg.class_word, list(photo_of))
+    real = training_prompts(templates, shown, cfg.class_word,
+                            [" ".join([c, *ctx_token]).strip() for c in photo_of])
+    cases = [(p, cfg.vectors + len(ctx_token), r, photo_of[ctx])
+             for ((_, ctx), p), (_, r) in zip(plain, real)]
+    if cfg.context_weight > 0:
+        from compinv_rt.train.regularizers import composition_others
+
+        cases += [(t.format(f"{cfg.class_word} and {o}"), cfg.vectors,
+                   t.format(f"{shown} {cfg.class_word} and {o}"), "")
+                  for t in templates for o in composition_others(vocabulary, cfg.class_word)]
+    totals = [n + c[1] for n, c in zip(prompt_lengths(tok, [c[0] for c in cases]), cases)]
+    top = tok.model_max_length
+    if not totals or max(totals) <= top:
+        return
+    n = max(totals)
+    _, _, prompt, photo = cases[totals.index(n)]
+    why = [f"the caption of {photo}" if photo and contexts else "",
+           f"the token's {cfg.vectors} vectors count {cfg.vectors}" if cfg.vectors > 1 else ""]
+    prompt = prompt if len(prompt) <= 100 else prompt[:97] + "..."
+    raise ConfigError(
+        f"a training prompt is {n} tokens, over the {top} the text encoder reads "
+        f"({'; '.join(w for w in why if w) or 'its template'}): {prompt!r}; shorten the "
+        "caption or the templates, or use fewer --vectors")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,6 +36,27 @@ def a1111_name(token: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", token).strip("-.") or "embedding"
 
 
+def a1111_files(token: str) -> tuple[str, str]:
+    name = a1111_name(token)
+    return f"{name}.pt", f"{name}.safetensors"
+
+
+def check_portable_names(token: str, fmt: EmbeddingFormat | str) -> None:
+    """The a1111 copies are named after the token: refuse a token whose copy would overwrite one
+    of the folder's own files (`<embeddings>` -> embeddings.safetensors), compared ignoring case
+    (case-insensitive file systems). Cheap: called before training."""
+    from compinv_rt.core.errors import ConfigError
+    from compinv_rt.models.artifact import ARTIFACT, EMBEDDINGS, LOSS_CURVE
+
+    if str(getattr(fmt, "value", fmt)) not in (EmbeddingFormat.a1111.value, EmbeddingFormat.both.value):
+        return
+    own = {n.lower(): n for n in (EMBEDDINGS, ARTIFACT, LOSS_CURVE, DIFFUSERS_FILE)}
+    for f in a1111_files(token):
+        if f.lower() in own:
+            raise ConfigError(f"--token {token!r}: its a1111 copy {f} would overwrite the concept "
+                              f"folder's own {own[f.lower()]}; pick another token name")
+
+
 def a1111_pt_bytes(token: str, vectors, step: int, checkpoint_hash: str, checkpoint_name: str) -> bytes:
     import torch
 
@@ -70,15 +91,16 @@ def write_portable(folder: Path, fmt: EmbeddingFormat | str) -> list[Path]:
     art = read_artifact(folder)
     token, vectors, _ = read_embedding_file(folder / EMBEDDINGS)
     token = token or art["token"]
+    check_portable_names(token, fmt)  # never overwrite the folder's own files
     step, base = art.get("steps_done", 0), art["base_model"]
     written = []
     if fmt in (EmbeddingFormat.diffusers, EmbeddingFormat.both):
         written.append(atomic_write_bytes(folder / DIFFUSERS_FILE, embeddings_bytes(token, vectors, {})))
     if fmt in (EmbeddingFormat.a1111, EmbeddingFormat.both):
-        name = a1111_name(token)
-        written.append(atomic_write_bytes(folder / f"{name}.pt", a1111_pt_bytes(
+        pt, st = a1111_files(token)
+        written.append(atomic_write_bytes(folder / pt, a1111_pt_bytes(
             token, vectors, step, base["hash"], Path(base.get("path", "")).name)))
-        written.append(atomic_write_bytes(folder / f"{name}.safetensors",
+        written.append(atomic_write_bytes(folder / st,
                                           a1111_safetensors_bytes(token, vectors, step, base["hash"])))
     art["files"] = {**art["files"], **{p.name: file_sha256(p) for p in written}}
     atomic_write_json(folder / ARTIFACT, art)

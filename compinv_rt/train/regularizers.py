@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import torch
 
+# parse_norm lives with the config (checked without torch); imported from here by eval and tests
+from compinv_rt.train.config import NORM_MAX, NORM_MIN, parse_norm  # noqa: F401
+
 COLOUR_SHAPE_OTHERS = tuple(f"a {c} {s}" for c in ("red", "blue", "green", "yellow", "purple",
                                                    "orange")
                             for s in ("circle", "square", "star", "triangle", "heart", "cross"))
@@ -29,21 +32,6 @@ def composition_others(vocabulary: list[str] | None, class_word: str) -> list[st
     known = set(vocabulary or ())
     pool = [o for o in COLOUR_SHAPE_OTHERS if set(o.split()[1:]) <= known] or GENERIC_OTHERS
     return [o for o in pool if class_word.strip() not in o.split()]
-
-
-def parse_norm(spec: str | None) -> tuple[str, float | None]:
-    """"none" | "vocab" | "vocab:K" | a positive number X -> ("none", None), ("vocab", K: 1 for
-    "vocab") or ("fixed", X). Raises ValueError."""
-    import math
-
-    s = (spec or "none").strip().lower()
-    if s in ("none", "vocab"):
-        return s, (None if s == "none" else 1.0)
-    kind, number = ("vocab", s[len("vocab:"):]) if s.startswith("vocab:") else ("fixed", s)
-    value = float(number)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(s)
-    return kind, value
 
 
 def vocabulary_norm(table: torch.Tensor, vocab_ids: list[int]) -> float:
