@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 # open_clip ships the real CLIP BPE vocabulary. --no-deps: its deps would replace the CPU torch.
 OPEN_CLIP := open-clip-torch==3.3.0
 
-.PHONY: install demo test test-quick lint clean
+.PHONY: install demo test test-quick test-browser browser-deps lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ test: $(STAMP)
 # The fast subset for the edit-test loop (<= 60 s on 2 cores): everything not marked slow.
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not slow"
+
+# The playground in headless Chromium (tests/test_browser.py, marker `browser`): Debian's chromium
+# driven by Playwright's Python client (in requirements-dev.txt; no browser download). Without
+# chromium the tests skip with a reason. SCREENSHOT=docs/playground.png refreshes the README's picture.
+test-browser: $(STAMP)
+	COMPINV_PLAYGROUND_SCREENSHOT=$(SCREENSHOT) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m browser -rs tests/test_browser.py
+
+# The one command that installs the browser (as root; Debian/Ubuntu): the system's Chromium.
+browser-deps:
+	apt-get update && apt-get install -y chromium
 
 # ruff (lint + import order; never `ruff format`) and mypy, configured in pyproject.toml.
 lint: $(STAMP)

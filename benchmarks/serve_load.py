@@ -40,10 +40,17 @@ PROMPTS = ["a red star on grass", "a blue circle on sand", "a yellow square on s
 LAYOUT = "star=0.05,0.1,0.5,0.9"
 
 
+GUIDANCES = (3.0, 5.0, 7.5, 9.0)  # --compare's mixed-guidance phase
+MIXED = {"guidance": False}  # set per phase by `compare`
+
+
 def mix(i: int, steps: int) -> dict:
-    """Request i of the mix: 2/4 plain, 1/4 with the trained concept, 1/4 with a layout."""
+    """Request i of the mix: 2/4 plain, 1/4 with the trained concept, 1/4 with a layout (and,
+    in a mixed-guidance phase, guidance scales cycling through GUIDANCES)."""
     kind = i % 4
     body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": 1000 + i, "steps": steps}
+    if MIXED["guidance"]:
+        body["guidance"] = GUIDANCES[(i // 4) % len(GUIDANCES)]
     if kind == 1:
         body.update(prompt=f"photo of a {TOKEN} heart on grass", concepts=["heart"])
     elif kind == 3:
@@ -67,10 +74,14 @@ def make_concept(work: Path, model: str | None) -> Path:
     photos = work / "photos"
     make_photos(photos, count=3, size=64)
     out = work / "concepts" / "heart"
-    args = [*CLI, "train", "--images", str(photos), "--token", TOKEN, "--class-word", "heart",
-            "--out", str(out), "--steps", "4", "--batch", "2", "--variants", "2", "--device", "cpu"]
-    subprocess.run(args + (["--model", model] if model else []), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    # In process, as tests/conftest.py trains its concept (same settings as `train` with
+    # --steps 4 --batch 2 --variants 2).
+    from compinv_rt.train.config import TrainConfig
+    from compinv_rt.train.loop import prepare, train_concept
+
+    cfg = TrainConfig(token=TOKEN, class_word="heart", vectors=2, steps=4, batch=2, resolution=64,
+                      variants=2, checkpoint_every=2)
+    train_concept(prepare(cfg, photos, model), out, device="cpu")
     return out
 
 
@@ -109,16 +120,16 @@ def offline_jobs(work: Path, n: int, steps: int, max_batch: int, backend: str, m
 # --- the server -------------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, work: Path, max_batch: int, max_wait_ms: float, backend: str, model,
-                 queue_size: int):
+    def __init__(self, work: Path, max_batch: int, max_wait_ms: float, backend: str, model,  # noqa: PLR0913
+                 queue_size: int, extra: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [*CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--concepts-dir", str(work / "concepts"), "--max-batch", str(max_batch),
                 "--max-wait-ms", str(max_wait_ms), "--queue-size", str(queue_size),
                 "--backend", backend, "--device", "cpu", "--log-level", "warning",
-                "--timeout", "300"]
-        self.log = open(work / f"server-b{max_batch}.log", "w")
+                "--timeout", "300", *extra]
+        self.log = open(work / f"server-b{max_batch}{''.join(extra)}.log", "w")
         self.proc = subprocess.Popen(args + (["--model", model] if model else []),
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -136,14 +147,17 @@ class Server:
         raise SystemExit("the server did not become ready")
 
     def batch_counts(self) -> tuple[float, float]:
-        """(images in batches, batches) so far, from /metrics."""
+        """(images in UNet calls, calls) so far, from /metrics: whole batches, plus the steps of
+        the step loop divided by the steps per image (so a mean stays images per batch)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         vals = {}
         for line in text.splitlines():
-            if line.startswith(("compinv_batch_size_sum", "compinv_batch_size_count")):
+            if line.startswith(("compinv_batch_size_sum", "compinv_batch_size_count",
+                                "compinv_step_batch_size_sum", "compinv_step_batch_size_count")):
                 name, v = line.split()
                 vals[name] = float(v)
-        return vals.get("compinv_batch_size_sum", 0.0), vals.get("compinv_batch_size_count", 0.0)
+        return (vals.get("compinv_batch_size_sum", 0.0) + vals.get("compinv_step_batch_size_sum", 0.0),
+                vals.get("compinv_batch_size_count", 0.0) + vals.get("compinv_step_batch_size_count", 0.0))
 
     def stop(self) -> None:
         if self.proc.poll() is not None:
@@ -305,6 +319,63 @@ def soak(srv: Server, url: str, rate: float, seconds: float, steps: int) -> dict
     return res
 
 
+COMPARED = {"step": (), "step-unpadded": ("--no-fixed-batch",), "whole-batch": ("--no-step-batching",)}
+
+
+def compare(work: Path, args, rates: list[float]) -> dict:
+    """Step-level batching (padded and not) against today's whole-batch batcher. All servers are
+    up side by side (only one busy at a time) and every phase runs on each in turn, so a change
+    in the shared machine's load hits all alike: single-request latency, saturation (one
+    guidance scale, then mixed scales), then open loop at `rates` x each server's own saturation
+    rate, each with the unloaded latency measured again just before."""
+    names = [n for n in COMPARED if n in args.servers.split(",")]
+    servers = {n: Server(work, args.max_batch, args.max_wait_ms, args.backend, args.model, args.queue_size,
+                         COMPARED[n]) for n in names}
+    out: dict = {n: {"open_loop": []} for n in names}
+    url = lambda n: f"{servers[n].url}/v1/generate"  # noqa: E731
+    try:
+        for n in names:
+            servers[n].wait_ready()
+            asyncio.run(closed_loop(url(n), 2, 8, 300, args.steps, 0))  # warm-up
+        for n in names:
+            out[n]["single"] = asyncio.run(closed_loop(url(n), 1, args.single, 300, args.steps, 100))
+        for phase, mixed, start in (("saturation", False, 1000), ("saturation_mixed", True, 2000)):
+            MIXED["guidance"] = mixed
+            for n in names:
+                out[n][phase] = saturation(servers[n], 3 * args.max_batch, args.saturation, args, start)
+        MIXED["guidance"] = False
+        for f in rates:
+            for n in names:
+                before = asyncio.run(closed_loop(url(n), 1, 3, 120, args.steps, 200))
+                sat = out[n]["saturation"]["images_per_s"]
+                b0 = servers[n].batch_counts()
+                o = asyncio.run(open_loop(url(n), f * sat, args.open_s, args.steps, 10_000, seed=int(f * 100)))
+                b1 = servers[n].batch_counts()
+                o.update(fraction=f, offered_per_s=f * sat, single_before_p50_s=before["p50_s"],
+                         mean_batch=(b1[0] - b0[0]) / max(1.0, b1[1] - b0[1]))
+                out[n]["open_loop"].append(o)
+                print(f"  {n} open loop {f:.0%}: {json.dumps(o)}", file=sys.stderr)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    return out
+
+
+def compare_report(r: dict) -> str:
+    rows = ["| server | single p50 s | sat. images/s | sat. mixed-guidance images/s (ratio) | "
+            + " | ".join(f"p99 at {o['fraction']:.0%} s (/ single p50)" for o in next(iter(r.values()))["open_loop"])
+            + " |", "|---" * (4 + len(next(iter(r.values()))["open_loop"])) + "|"]
+    for name, res in r.items():
+        single, sat, mixed = res["single"]["p50_s"], res["saturation"], res["saturation_mixed"]
+        cells = [f"{o['p99_s']:.2f} ({o['p99_s'] / single:.2f}x; / unloaded just before "
+                 f"{o['p99_s'] / o['single_before_p50_s']:.2f}x; {o['ok']}/{o['requests']} ok, "
+                 f"mean batch {o['mean_batch']:.1f})" for o in res["open_loop"]]
+        rows.append(f"| {name} | {single:.2f} | {sat['images_per_s']:.2f} (mean batch {sat['mean_batch']:.1f}) | "
+                    f"{mixed['images_per_s']:.2f} ({mixed['images_per_s'] / sat['images_per_s']:.2f}) | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
@@ -323,6 +394,8 @@ def main() -> None:
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--rounds", type=int, default=2, help="interleaved throughput rounds")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
+    p.add_argument("--compare", action="store_true", help="step-level vs whole-batch batching only")
+    p.add_argument("--servers", default=",".join(COMPARED), help="--compare: which servers")
     args = p.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
@@ -332,12 +405,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         work = Path(tmp)
         make_concept(work, args.model)
-        result["server"] = run_all(work, args, rates)
+        if args.compare:
+            result["compare"] = compare(work, args, rates)
+        else:
+            result["server"] = run_all(work, args, rates)
     result["load_avg_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serve_load_{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(report(result))
+    print(compare_report(result["compare"]) if args.compare else report(result))
+    print(f"CPU: {cpu}; OMP_NUM_THREADS={result['threads']}; load average "
+          f"{result['load_avg_start'][0]:.1f} -> {result['load_avg_end'][0]:.1f}")
     print(f"\nwritten: {path}")
 
 

@@ -44,6 +44,10 @@ API
   `model.tokenizer` between batches, for callers that tokenize prompts themselves (eval,
   `generate`'s attention labels); no batch depends on that.
 * UNet backends are opened once per (height, width, classifier-free guidance) and kept.
+* Step-level batching (compinv_rt.generate.stepper.StepLoop, the server's loop): `start(task,
+  unet)` makes one task's per-sample state alone (its concepts, text, layout, bias, noise,
+  scheduler), `finish(started, unet)` decodes it; `steppable(key)` says which keys can join such
+  a loop (not backward guidance or attention capture, which read whole batches).
 * `session.sidecar(image, **extra)` is the JSON sidecar of one image (enough to regenerate it);
   callers add their own fields (job id, file name, attention heatmap).
 * A session is not thread-safe (a batch's concepts are written into the text encoder's table):
@@ -58,8 +62,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compinv_rt.core.errors import CompinvError, ConfigError, NonFiniteError, NonFiniteOutput
-from compinv_rt.core.types import Precision
 from compinv_rt.engines.registry import DEFAULT_ENGINES, Backend
+from compinv_rt.generate.options import SessionOptions
 from compinv_rt.sampling.pipeline import SamplingConfig
 from compinv_rt.sampling.schedulers import SchedulerName
 from compinv_rt.spatial.layouts import SpatialMode
@@ -72,33 +76,12 @@ if TYPE_CHECKING:
     from compinv_rt.models.concepts import Concept
     from compinv_rt.models.loading import LoadedModel
     from compinv_rt.sampling.denoise import StepCallback
+    from compinv_rt.sampling.rows import RowSample
     from compinv_rt.spatial.guidance import GuidanceConfig
     from compinv_rt.spatial.layouts import Layout
 
 StatusCallback = Callable[[str], None]
 ErrorCallback = Callable[["Request", CompinvError], None]
-
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """What opens a session; plain values, so it travels to Ray workers as is."""
-
-    model: str | None = None  # diffusers folder (None: the embedded model)
-    device: str = "auto"
-    precision: Precision = Precision.auto
-    backend: Backend = Backend.torch
-    engine: Path | None = None  # an engine folder from `compinv-rt export` (engine backends)
-    engines_root: Path = DEFAULT_ENGINES  # where a missing engine is built once
-    max_batch: int = 8  # images per UNet batch (x2 with classifier-free guidance)
-
-    def check(self) -> "SessionOptions":
-        """The combinations no backend accepts (ConfigError; cheap, before any model import)."""
-        if self.engine is not None and Backend(self.backend) in (Backend.torch, Backend.compile):
-            raise ConfigError(f"--engine is for --backend onnxruntime, tensorrt or aoti, not "
-                              f"{Backend(self.backend).value}")
-        if Backend(self.backend) is Backend.onnxruntime and Precision(self.precision) is Precision.bf16:
-            raise ConfigError("--backend onnxruntime runs fp32 or fp16 engines, not --precision bf16")
-        return self
 
 
 @dataclass(frozen=True)
@@ -175,6 +158,17 @@ class _Prepared:
     negative: str
     concepts: list[Concept]
     layout: Layout | None
+
+
+@dataclass(eq=False)
+class Started:
+    """One task admitted to a step loop (compinv_rt.generate.stepper): its sample state (noise,
+    scheduler, text states, bias) and what its GeneratedImage needs."""
+
+    task: Task
+    sample: RowSample
+    prepared: _Prepared
+    sampling: SamplingConfig  # resolved
 
 
 class GenerationSession:
@@ -372,6 +366,49 @@ class GenerationSession:
             task.request.spatial.sidecar(cfg.steps, prep.layout, history, j), pipe.backend.name,
             None if maps is None else maps[j], getattr(pipe.backend, "provider", None))
             for j, (task, prep, image) in enumerate(zip(batch, preps, images)) if image is not None]
+
+    # --- one task at a time, for a step loop (compinv_rt.generate.stepper) -------------------
+
+    def steppable(self, key: BatchKey) -> bool:
+        """Can tasks of this key join a step loop: backward guidance needs gradients through the
+        whole batch and attention capture reads whole batches, so those run with run_batch."""
+        return key.spatial is not SpatialMode.guidance and not key.save_attention
+
+    def start(self, task: Task, unet) -> Started:
+        """A task's per-sample state, made as run_batch makes a batch's (concepts read, text
+        expanded and encoded under its own concept scope, layout resolved, bias maps, seeded
+        noise): alone, so it depends on nothing else in the loop. Raises CompinvError."""
+        from compinv_rt.sampling.pipeline import Pipeline
+        from compinv_rt.sampling.rows import RowSample
+        from compinv_rt.spatial.plan import spatial_inputs
+
+        key = self.batch_key(task)
+        if not self.steppable(key):
+            raise ConfigError("--spatial guidance and --save-attention run whole batches (run_batch)")
+        cfg, req = self.check(task.request), task.request
+        concepts = self.read_concepts(req.concepts)
+        f = self.model.files.vae_scale_factor
+        with self.vocab.scope(concepts):
+            prep = self._prepare(req, concepts)
+            inputs = spatial_inputs(key, [prep.layout], [req.spatial.strength], None,
+                                    (cfg.size[0] // f, cfg.size[1] // f), self.model.files.text_len)
+            scheduler, latents, denoiser = Pipeline(self.model, unet).start(
+                [prep.text], [task.seed], cfg, [prep.negative], inputs.bias)
+        return Started(task, RowSample(latents, scheduler, denoiser), prep, cfg)
+
+    def finish(self, started: Started, unet) -> GeneratedImage:
+        """The image of a finished task (NonFiniteError when it came out NaN/Inf)."""
+        from compinv_rt.sampling.pipeline import Pipeline
+
+        task, prep, cfg = started.task, started.prepared, started.sampling
+        try:
+            (image,) = Pipeline(self.model, unet).decode(started.sample.latents)
+        except NonFiniteOutput:
+            raise NonFiniteError(f"the image of seed {task.seed} came out non-finite (NaN/Inf; a "
+                                 "diverged concept embedding or extreme settings?)") from None
+        return GeneratedImage(task, image, prep.text, cfg, prep.concepts, prep.layout,
+                              task.request.spatial.sidecar(cfg.steps, prep.layout), unet.name,
+                              None, getattr(unet, "provider", None))
 
     def generate(self, request: Request, on_step: StepCallback | None = None) -> list[GeneratedImage]:
         """All images of one request (errors raised)."""

@@ -87,13 +87,23 @@ class BiasedModel:
 
     def __call__(self, x, t, context, i: int, guided: bool) -> torch.Tensor:
         tt = t.expand(x.shape[0])
-        if self.bias is None or i >= self.bias.steps:
+        if self.bias is None or not self.biased(i):
             return self.unet(x, tt, context, None)
         bias = self.guided_maps if guided else self.bias.maps
         if self.bias.gain is None:
             return self.unet(x, tt, context, bias)
-        gain = self.bias.gain(float(t) / self.first).to(bias).expand(x.shape[0], 2)
-        return self.unet(x, tt, context, bias, gain)
+        return self.unet(x, tt, context, bias, self.gain(t, bias).expand(x.shape[0], 2))
+
+    def biased(self, i: int) -> bool:
+        """Does step i get the bias."""
+        return self.bias is not None and i < self.bias.steps
+
+    def gain(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The (1, 2) [fixed, adaptive] gain at timestep t ([1, 0], the fixed bias, without a
+        schedule: the UNet computes the same bits either way)."""
+        if self.bias is None or self.bias.gain is None:
+            return torch.tensor([[1.0, 0.0]]).to(like)
+        return self.bias.gain(float(t) / self.first).to(like).view(1, 2)
 
 
 class GuidedDenoiser:
@@ -114,10 +124,15 @@ class GuidedDenoiser:
         self.scale = scale
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-        guided = self.uncond is not None and (self.guided_steps is None or self.guided_steps[i])
-        if not guided:
+        if not self.guided(i):
             return self.model(x, t, self.cond, i, False)
-        noise_uncond, noise_cond = self.model(torch.cat([x] * 2), t, self.context, i, True).chunk(2)
+        return self.combine(*self.model(torch.cat([x] * 2), t, self.context, i, True).chunk(2))
+
+    def guided(self, i: int) -> bool:
+        """Does step i run the unconditional pass."""
+        return self.uncond is not None and (self.guided_steps is None or self.guided_steps[i])
+
+    def combine(self, noise_uncond: torch.Tensor, noise_cond: torch.Tensor) -> torch.Tensor:
         return noise_uncond + self.scale * (noise_cond - noise_uncond)
 
 

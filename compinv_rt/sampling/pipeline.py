@@ -125,10 +125,27 @@ class Pipeline:
         bias: AttentionBias | None = None,  # the spatial attention bias (conditional half)
         attention_recorder=None,  # spatial.heatmaps.AttentionRecorder: needs the torch backend
     ) -> list:
-        files, m = self.model.files, self.model
-        cfg = config.resolved(files)
+        cfg = config.resolved(self.model.files)
         if len(prompts) != len(seeds):
             raise ConfigError("one seed per prompt is needed")
+        scheduler, latents, denoiser = self.start(prompts, seeds, cfg, negative_prompts, bias)
+        recording: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if attention_recorder is not None:
+            from compinv_rt.unet.capture import capturing
+
+            recording = capturing(self.torch_module("--save-attention"), attention_recorder,
+                                  exclusive=False)
+        with recording:
+            latents = denoise(denoiser, scheduler, latents, hook)
+        return self.decode(latents)
+
+    @torch.inference_mode()
+    def start(self, prompts: list[str], seeds: list[int], cfg: SamplingConfig,
+              negative_prompts: list[str] | None = None, bias: AttentionBias | None = None) -> tuple:
+        """(scheduler, initial latents, denoiser) of a run with the resolved `cfg`: what the loop
+        steps. A step loop that admits requests one by one (compinv_rt.generate.stepper) starts
+        each the same way, so its images are this loop's."""
+        files, m = self.model.files, self.model
         scheduler = make_scheduler(cfg.scheduler, files.scheduler_config)
         scheduler.set_timesteps(cfg.steps, device=m.device)
         f = files.vae_scale_factor
@@ -142,16 +159,7 @@ class Pipeline:
             bias = replace(bias, maps=bias.maps.to(m.device, m.dtype))
         model = BiasedModel(self.backend, bias, scheduler.timesteps[0])
         guided_steps = None if cfg.guidance_interval == (0.0, 1.0) else cfg.guided_steps()
-        denoiser = GuidedDenoiser(model, cond, uncond, cfg.guidance, guided_steps)
-        recording: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if attention_recorder is not None:
-            from compinv_rt.unet.capture import capturing
-
-            recording = capturing(self.torch_module("--save-attention"), attention_recorder,
-                                  exclusive=False)
-        with recording:
-            latents = denoise(denoiser, scheduler, latents, hook)
-        return self.decode(latents)
+        return scheduler, latents, GuidedDenoiser(model, cond, uncond, cfg.guidance, guided_steps)
 
     def torch_module(self, feature: str) -> torch.nn.Module:
         """The eager BiasedUNet behind the backend, for features that need PyTorch itself."""

@@ -19,17 +19,18 @@ from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compinv_rt.apps.serve import schemas
-from compinv_rt.apps.serve.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
+from compinv_rt.apps.serve.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown, StepBatcher
 from compinv_rt.apps.serve.engine import ConceptExists
 from compinv_rt.apps.serve.guard import Guard
 from compinv_rt.apps.serve.metrics import ServeMetrics
+from compinv_rt.apps.serve.playground import add_playground
 from compinv_rt.apps.serve.settings import ServeSettings, is_local
 from compinv_rt.core.errors import CompinvError
 
@@ -45,6 +46,9 @@ UPLOAD_FILES = ("embeddings", "artifact")  # multipart fields of a concept uploa
 
 
 class ServeEngine(Protocol):
+    """What the app needs; an engine that also has the step-loop methods (steppable, room, admit,
+    step, result, drop: batcher.StepBatcher) gets step-level batching."""
+
     def describe(self) -> dict: ...  # {"model": {...}, "backend": str}
     def plan(self, request) -> tuple[list, object]: ...  # (items, batch key); CompinvError = 400
     # per item (png bytes, sidecar, batch size) or the CompinvError that failed its request
@@ -95,7 +99,7 @@ class _Served:
 
     engine: ServeEngine
     settings: ServeSettings
-    batcher: Batcher
+    batcher: Batcher | StepBatcher
     metrics: ServeMetrics
 
 
@@ -103,9 +107,15 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
     """The app: one batcher in front of `engine`, the guards, then the routes by group."""
     metrics = ServeMetrics(settings.max_batch)
     metrics.concepts.set(len(engine.list_concepts()))
-    batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000,
-                      settings.queue_size, on_batch=metrics.on_batch,
-                      on_depth=metrics.queue_depth.set)
+    batcher: Batcher | StepBatcher
+    if settings.step_batching and hasattr(engine, "admit"):  # the engine has a step loop
+        batcher = StepBatcher(engine, settings.max_batch, settings.queue_size,
+                              on_admit=metrics.queue_wait.observe, on_step=metrics.on_step,
+                              on_batch=metrics.on_batch, on_depth=metrics.queue_depth.set)
+    else:
+        batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000,
+                          settings.queue_size, on_batch=metrics.on_batch,
+                          on_depth=metrics.queue_depth.set)
     served = _Served(engine, settings, batcher, metrics)
     app = _new_app(batcher)
     app.state.batcher, app.state.metrics, app.state.engine = batcher, metrics, engine
@@ -116,10 +126,11 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
     _add_ops_routes(app, served, auth)
     _add_generate_route(app, served, auth, schemas.generate_request_model(settings.limits))
     _add_concept_routes(app, served, auth)
+    add_playground(app)  # the browser page at `/` (static files; its API calls carry the token)
     return app
 
 
-def _new_app(batcher: Batcher) -> FastAPI:
+def _new_app(batcher: Batcher | StepBatcher) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
@@ -210,9 +221,11 @@ def _add_ops_routes(app: FastAPI, served: _Served, auth: list) -> None:
 
 
 _GENERATE_RESPONSES: dict = {
-    200: {"content": {"image/png": {}}, "description": (
+    200: {"content": {"image/png": {}, "text/event-stream": {}}, "description": (
         "JSON (default) or, with response=png and n=1, the PNG bytes with the sidecar "
-        f"in the {SIDECAR_HEADER} header.")},
+        f"in the {SIDECAR_HEADER} header; with stream=true, server-sent events: `progress` "
+        "{step, total} after each denoising step, then `result` (the JSON response) or `error` "
+        "{error}. Errors found before the stream starts (400, 503) are plain JSON answers.")},
     503: {"model": schemas.ErrorBody, "description": "queue full (Retry-After)"},
     504: {"model": schemas.ErrorBody}, 500: {"model": schemas.ErrorBody}}
 
@@ -223,38 +236,114 @@ def _add_generate_route(app: FastAPI, served: _Served, auth: list, GenerateReque
     metrics = served.metrics
 
     @app.post("/v1/generate", dependencies=auth, tags=["generate"],
-              response_model=schemas.GenerateResponse, responses=_GENERATE_RESPONSES)
+              response_model=schemas.GenerateResponse, response_model_exclude_unset=True,
+              responses=_GENERATE_RESPONSES)
     async def generate(body: GenerateRequest, request: Request):  # type: ignore[valid-type]
         """Generate n images. Each image equals `compinv-rt generate`'s for the same seed and
         settings, whatever it is batched with."""
         started = time.monotonic()
         metrics.in_flight.inc()
         try:
-            code, response = await _generate(served, body, request, started)
+            submitted = await _submit(served, body)
+            if body.stream and not isinstance(submitted, tuple):  # type: ignore[attr-defined]
+                return _stream(served, body, request, started, submitted)
+            code, response = submitted if isinstance(submitted, tuple) else \
+                await _generate(served, body, request, started, submitted)
         finally:
             metrics.in_flight.dec()
-        metrics.requests.labels("generate", str(code)).inc()
-        if code == 200:
-            metrics.latency.observe(time.monotonic() - started)
+        _count(served, code, started)
         return response
 
 
-async def _generate(served: _Served, body, request: Request, started: float) -> tuple[int, object]:
-    """(status, response) of one generate request: plan (a 400 before queueing), queue (503 when
-    full), wait (504 on timeout, 499 when the client left), answer."""
+def _count(served: _Served, code: int, started: float) -> None:
+    served.metrics.requests.labels("generate", str(code)).inc()
+    if code == 200:
+        served.metrics.latency.observe(time.monotonic() - started)
+
+
+class _Submitted:
+    """A queued request: its images' futures and its progress events."""
+
+    def __init__(self, n: int):
+        self.futures: list = []
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._done = [0] * n
+        self._last = -1
+
+    def progress(self, k: int, done: int, total: int) -> None:
+        """Item k did `done` of `total` steps; the request's step is its images' mean (floored)."""
+        self._done[k] = done
+        step = sum(self._done) // len(self._done)
+        if step > self._last:
+            self._last = step
+            self.events.put_nowait({"step": step, "total": total})
+
+
+async def _submit(served: _Served, body):
+    """Plan (a 400 before queueing) and queue (503 when full): a _Submitted, or (status, response)."""
     if body.response == "png" and body.n != 1:
         return 400, _error(400, "response=png returns one image: use n=1 or response=json")
+    if body.response == "png" and body.stream:
+        return 400, _error(400, "stream=true answers events with JSON: use response=json")
     try:
         items, key = served.engine.plan(body)
     except (CompinvError, ValueError) as exc:
         return 400, _error(400, str(exc))
+    sub = _Submitted(len(items))
     try:
-        futures = served.batcher.submit(items, key)
+        if isinstance(served.batcher, StepBatcher):
+            sub.futures = served.batcher.submit(items, key, sub.progress)
+        else:
+            sub.futures = served.batcher.submit(items, key)
     except QueueFull as exc:
         served.metrics.rejected.inc()
         return 503, _error(503, str(exc), {"Retry-After": str(int(exc.retry_after + 0.999))})
     except ShuttingDown as exc:
         return 503, _error(503, str(exc), {"Retry-After": "5"})
+    return sub
+
+
+def _sse(event: str, data) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _stream(served: _Served, body, request: Request, started: float, sub: _Submitted):
+    """The events of one request: progress until its images are done, then result or error."""
+    answer = asyncio.ensure_future(_generate(served, body, request, started, sub))
+
+    async def events():
+        try:
+            while not answer.done():
+                getter = asyncio.ensure_future(sub.events.get())
+                await asyncio.wait({getter, answer}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield _sse("progress", getter.result())
+                else:
+                    getter.cancel()
+            while not sub.events.empty():  # steps reported just before the answer
+                yield _sse("progress", sub.events.get_nowait())
+            code, response = answer.result()
+            _count(served, code, started)
+            if code == 200:
+                yield _sse("result", response)
+            elif code != 499:  # nobody is listening any more
+                yield _sse("error", json.loads(bytes(response.body)))  # type: ignore[attr-defined]
+        finally:
+            if not answer.done():  # the stream was torn down (the client left): stop its images
+                answer.cancel()
+                for f in sub.futures:
+                    f.cancel()
+                served.metrics.cancelled.inc(len(sub.futures))
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _generate(served: _Served, body, request: Request, started: float,
+                    sub: _Submitted) -> tuple[int, object]:
+    """(status, response) of one queued request: wait (504 on timeout, 499 when the client
+    left), answer."""
+    futures = sub.futures
     gathered, failure = await _wait_results(served, futures, request)
     if failure is not None:
         return failure
@@ -295,15 +384,17 @@ async def _wait_results(served: _Served, futures: list, request: Request):
 def _generate_response(body, results: list, started: float):
     """The PNG with its sidecar in a header (response=png), else JSON with every image."""
     if body.response == "png":
-        png, sidecar, _ = results[0]
+        png, sidecar = results[0][:2]
         return Response(png, media_type="image/png",
                         headers={SIDECAR_HEADER: json.dumps(sidecar, separators=(",", ":"))})
-    return {
-        "images": [{"png_base64": base64.b64encode(png).decode(), "sidecar": side}
-                   for png, side, _ in results],
-        "batch_sizes": [size for _, _, size in results],
-        "seconds": round(time.monotonic() - started, 4),
-    }
+    images = []
+    for png, side, _, *attention in results:
+        image = {"png_base64": base64.b64encode(png).decode(), "sidecar": side}
+        if attention and attention[0] is not None:
+            image["attention"] = attention[0]
+        images.append(image)
+    return {"images": images, "batch_sizes": [r[2] for r in results],
+            "seconds": round(time.monotonic() - started, 4)}
 
 
 ConceptPath = Annotated[str, Path(description="The concept's name on this server."),

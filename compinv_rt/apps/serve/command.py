@@ -42,6 +42,11 @@ def serve(  # noqa: PLR0913 (a Typer command: one parameter per option)
         4 * 50 * 512 * 512, help="Largest n x steps x height x width per request (400 beyond)."),
     upload_max_bytes: int = typer.Option(16 << 20, help="Largest concept upload, bytes."),
     body_max_bytes: int = typer.Option(64 << 10, help="Largest other request body, bytes (413)."),
+    step_batching: bool = typer.Option(
+        True, help="Requests join the running denoise loop at every step (else whole batches)."),
+    fixed_batch: bool = typer.Option(
+        True, help="Pad every UNet call to 2 x max-batch rows: an image's bits never depend on "
+        "what it is batched with (on CPU a smaller call is faster but rounds differently)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     ray_serve: bool = typer.Option(
         False, "--ray-serve", help="Run on Ray Serve: --replicas copies, one per device, each with "
@@ -62,6 +67,7 @@ def serve(  # noqa: PLR0913 (a Typer command: one parameter per option)
         host=host, port=port, token=read_token(token, token_file), max_batch=max_batch,
         max_wait_ms=max_wait_ms, queue_size=queue_size, timeout_s=timeout,
         upload_max_bytes=upload_max_bytes, body_max_bytes=body_max_bytes, concepts_dir=concepts_dir,
+        step_batching=step_batching, fixed_batch=fixed_batch,
         limits=Limits(max_images=max_images, max_steps=max_steps, max_size=max_size,
                       max_cost=max_cost)).checked()
     # The access log (one line per request, with its id), uploads/deletes and skipped folders.
@@ -85,7 +91,7 @@ def serve(  # noqa: PLR0913 (a Typer command: one parameter per option)
 
     status = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     session = GenerationSession.open(options, on_status=status)
-    served = SessionEngine(session, concepts_dir, settings.limits)
+    served = SessionEngine(session, concepts_dir, settings.limits, settings.fixed_batch)
     served.warm_up(status)
     status(f"serving {len(served.list_concepts())} concept(s) from {concepts_dir}/ on "
            f"http://{host}:{port} (API: /docs){'' if settings.token else ', no token'}")

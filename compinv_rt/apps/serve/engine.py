@@ -35,8 +35,14 @@ class ConceptExists(CompinvError):
 
 
 class SessionEngine:
-    def __init__(self, session, concepts_dir: Path, limits: Limits = Limits()):
+    def __init__(self, session, concepts_dir: Path, limits: Limits = Limits(), fixed_batch: bool = True):
+        from compinv_rt.generate.stepper import StepLoop
+
         self.session = session
+        # The step loop (apps.serve.batcher.StepBatcher drives it); fixed_batch: every UNet call
+        # has 2 x max_batch rows, so an image never depends on its company (sampling.rows).
+        self.loop = StepLoop(session, session.max_batch, fixed_batch, on_step=self._stepped)
+        self.last_step_size = 0
         self.concepts_dir = Path(concepts_dir)
         self.limits = limits
         self._lock = threading.Lock()  # a batch or a concept change, never both at once
@@ -74,6 +80,7 @@ class SessionEngine:
         weights). Unknown concepts, malformed layouts and work over the cost limit raise here,
         before queueing."""
         from compinv_rt.generate.requests import RequestSpec, build_request
+        from compinv_rt.sampling.quality import sampler_settings
         from compinv_rt.spatial.plan import SpatialOptions
 
         try:
@@ -82,12 +89,21 @@ class SessionEngine:
                 if name not in self._served:
                     raise ConfigError(f"unknown concept {name!r}; served: {sorted(self._served) or 'none'}")
                 folders.append(self._served[name]["folder"])
+            attention = getattr(body, "attention", False)
+            if attention and self.session.backend.value != "torch":
+                raise ConfigError(f"attention heatmaps read the attention inside the UNet: this "
+                                  f"server runs backend {self.session.backend.value}, they need torch")
             spatial = SpatialOptions(mode=body.spatial, layout=body.layout, strength=body.bias_strength,
-                                     steps=body.bias_steps, decay=body.bias_decay)
+                                     steps=body.bias_steps, decay=body.bias_decay,
+                                     save_attention=attention)
+            # quality, steps and scheduler mean what `generate`'s flags mean (sampling.quality)
+            preset = sampler_settings(getattr(body, "quality", None), body.steps, body.scheduler, None)
             spec = RequestSpec(prompt=body.prompt, seed=body.seed, n=body.n,
-                               negative_prompt=body.negative_prompt, steps=body.steps,
-                               guidance=body.guidance, scheduler=body.scheduler, height=body.height,
-                               width=body.width, concepts=tuple(folders), spatial=spatial)
+                               negative_prompt=body.negative_prompt, steps=preset.steps,
+                               guidance=body.guidance, scheduler=preset.scheduler.value,
+                               height=body.height, width=body.width,
+                               guidance_interval=preset.guidance_interval, concepts=tuple(folders),
+                               spatial=spatial)
             request = build_request(spec, backend=self.session.backend)
             tasks = self.session.tasks(request)
             key = self.session.batch_key(tasks[0])
@@ -101,11 +117,46 @@ class SessionEngine:
                               "pixels")
         return tasks, key
 
-    def run(self, tasks: Sequence, should_stop: Callable[[], bool]) -> list:
-        """One UNet batch -> per task (PNG bytes, sidecar, batch size), or the CompinvError that
-        failed its request (a layout phrase missing from its prompt, say: a 400)."""
-        from compinv_rt.generate.generation import image_name
+    # --- the step loop (StepBatcher) --------------------------------------------------------
 
+    def steppable(self, key) -> bool:
+        return self.session.steppable(key)
+
+    def room(self, task) -> bool:
+        return self.loop.room(task)
+
+    def admit(self, task):
+        """Into the step loop (its text encoded now, under its own concepts); a bad request
+        raises ConfigError (a 400) without touching the loop."""
+        with self._lock:
+            try:
+                return self.loop.admit(task)
+            except CompinvError as exc:
+                raise ConfigError(self.public(str(exc))) from None
+
+    def step(self) -> list:
+        with self._lock:
+            return self.loop.step()
+
+    def drop(self, slot) -> None:
+        self.loop.drop(slot)
+
+    def result(self, slot) -> tuple:
+        """A finished slot -> (PNG bytes, sidecar, largest batch it ran in, None)."""
+        if slot.error is not None:
+            raise ConfigError(self.public(str(slot.error)))
+        return self._response(slot.image, slot.peak)
+
+    def _stepped(self, stats) -> None:
+        self.last_step_size = stats.size
+
+    # --- whole batches (Batcher; StepBatcher for backward guidance and attention) -------------
+
+    def run(self, tasks: Sequence, should_stop: Callable[[], bool],
+            on_progress: Callable[[int, int], None] | None = None) -> list:
+        """One UNet batch -> per task (PNG bytes, sidecar, batch size, attention or None), or
+        the CompinvError that failed its request (a layout phrase missing from its prompt, say:
+        a 400)."""
         errors: dict[int, CompinvError] = {}
 
         def on_error(request, exc):
@@ -114,24 +165,38 @@ class SessionEngine:
         def on_step(done, total):
             if should_stop():  # every client of this batch has gone or timed out: stop paying
                 raise Cancelled()
+            if on_progress is not None:
+                on_progress(done, total)
 
         with self._lock:
             images = self.session.run_batch(tasks, on_step=on_step, on_error=on_error)
-        names = {str(info["folder"]): name for name, info in self._served.items()}
         made = {id(img.task): img for img in images}
-        out: list[tuple[bytes, dict, int] | CompinvError] = []
-        for task in tasks:
-            if id(task.request) in errors:
-                out.append(errors[id(task.request)])
-                continue
-            img = made[id(task)]
-            sidecar = self.session.sidecar(img, index=task.index, image=image_name(img))
-            # What clients see names the model and concepts, never this machine's paths.
-            sidecar["model"] = {"name": self.session.model.root.name, "hash": sidecar["model"]["hash"]}
-            sidecar["concepts"] = [{"name": names.get(c["folder"], "?"), "token": c["token"],
-                                    "vectors": c["vectors"]} for c in sidecar["concepts"]]
-            out.append((_png_bytes(img.image), sidecar, len(images)))
-        return out
+        return [errors[id(t.request)] if id(t.request) in errors else self._response(made[id(t)], len(images))
+                for t in tasks]
+
+    def _response(self, img, batch_size: int) -> tuple:
+        """(PNG bytes, sidecar, batch size, attention) of one image as clients see it: the
+        sidecar names the model and concepts, never this machine's paths; attention (when asked
+        for) is {"tokens": labels, "png_base64": heatmap grid}, as `generate --save-attention`."""
+        from compinv_rt.generate.generation import image_name
+
+        names = {str(info["folder"]): name for name, info in self._served.items()}
+        sidecar = self.session.sidecar(img, index=img.index, image=image_name(img))
+        sidecar["model"] = {"name": self.session.model.root.name, "hash": sidecar["model"]["hash"]}
+        sidecar["concepts"] = [{"name": names.get(c["folder"], "?"), "token": c["token"],
+                                "vectors": c["vectors"]} for c in sidecar["concepts"]]
+        attention = None
+        if img.attention is not None:
+            import base64
+
+            from compinv_rt.generate.generation import _attention_outputs
+
+            with self.session.vocab.scope(img.concepts):  # its tokens label its heatmaps
+                grid, shares = _attention_outputs(self.session, img)
+            sidecar["attention"] = {"share": shares}
+            attention = {"tokens": [s["token"] for s in shares],
+                         "png_base64": base64.b64encode(_png_bytes(grid)).decode()}
+        return _png_bytes(img.image), sidecar, batch_size, attention
 
     def list_concepts(self) -> list[dict]:
         return [{k: v for k, v in info.items() if k != "folder"}

@@ -1,6 +1,9 @@
 """Prometheus metrics of one server (own registry, so several apps can live in one process).
 
 images/s is `rate(compinv_images_total[1m])`; batch occupancy is items per batch / --max-batch.
+With step-level batching, compinv_queue_wait_seconds is the wait for a place in the loop and
+compinv_step_* describe each denoising step (occupancy = images in the step / --max-batch);
+compinv_batch_* then count only whole batches (backward guidance, attention heatmaps).
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ class ServeMetrics:
         self.rejected = Counter("compinv_rejected_total", "Requests refused with 503 (queue full).",
                                 registry=r)
         self.concepts = Gauge("compinv_concepts", "Concepts served.", registry=r)
+        # Step-level batching: every denoising step of the loop is one UNet call.
+        self.step_size = Histogram("compinv_step_batch_size", "Images in one denoising step's UNet call.",
+                                   buckets=list(range(1, max_batch + 1)), registry=r)
+        self.step_occupancy = Histogram("compinv_step_occupancy",
+                                        "Images per denoising step / --max-batch.",
+                                        buckets=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
+                                        registry=r)
+        self.step_seconds = Histogram("compinv_step_seconds", "Run time of one denoising step.",
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                      registry=r)
 
     def on_batch(self, stats) -> None:
         self.batch_size.observe(stats.size)
@@ -50,3 +63,9 @@ class ServeMetrics:
             self.batch_errors.inc()
         else:
             self.images.inc(stats.size)
+
+    def on_step(self, stats) -> None:
+        self.step_size.observe(stats.size)
+        self.step_occupancy.observe(stats.size / self.max_batch)
+        self.step_seconds.observe(stats.seconds)
+        self.images.inc(stats.finished)

@@ -38,6 +38,7 @@ ConceptName = Annotated[str, AfterValidator(check_concept_name), Field(
 # Literals, not enums: strict validation of a parsed JSON body accepts their string values.
 Scheduler = Literal[tuple(s.value for s in SchedulerName)]  # type: ignore[valid-type]
 Spatial = Literal[tuple(m.value for m in SpatialMode)]  # type: ignore[valid-type]  # guidance: torch only
+Quality = Literal["default", "fast", "reference"]
 ResponseFormat = Literal["json", "png"]  # png: n = 1, the sidecar in the X-Compinv-Sidecar header
 
 
@@ -60,12 +61,16 @@ def generate_request_model(limits: Limits) -> type[BaseModel]:
         "n": (Annotated[int, Field(ge=1, le=limits.max_images,
                                    description="Images; image i uses seed + i.")], 1),
         "seed": (Annotated[int, Field(ge=0, lt=SEED_MAX + 1)], 0),  # lt: the schema says < 2**63
-        "steps": (Annotated[int, Field(ge=1, le=limits.max_steps)], 25),
+        "quality": (Quality | None, Field(None, description=(
+            "Sampler preset as `generate --quality`: reference (25 DDIM steps), default (12 DDIM "
+            "steps, guidance on the first 60 %), fast (10 DPM-Solver++ steps). Without quality, "
+            "steps or scheduler: default; steps or scheduler alone: the reference for the rest."))),
+        "steps": (Annotated[int | None, Field(ge=1, le=limits.max_steps)], None),
         "guidance": (Annotated[float, Field(ge=0, le=core_limits().max_guidance, allow_inf_nan=False, description=(
             "Classifier-free guidance scale (<= 1 disables it)."))], 7.5),
         "height": (size | None, None),
         "width": (size | None, None),
-        "scheduler": (Scheduler, "ddim"),
+        "scheduler": (Scheduler | None, None),
         "concepts": (Annotated[list[ConceptName], Field(max_length=8, description=(
             "Concepts of this server whose tokens the prompt uses."))], []),
         "layout": (Annotated[str | None, Field(max_length=1000, description=(
@@ -79,13 +84,24 @@ def generate_request_model(limits: Limits) -> type[BaseModel]:
         "bias_decay": (Annotated[float | None, Field(ge=0, le=16, allow_inf_nan=False, description=(
             "adaptive only: the bias gain follows (t / t_first) ** decay."))], None),
         "response": (ResponseFormat, "json"),
+        "attention": (bool, Field(False, description=(
+            "Per-token cross-attention heatmaps with each image (torch backend only)."))),
+        "stream": (bool, Field(False, description=(
+            "Answer text/event-stream: `progress` events {step, total}, then `result` (the JSON "
+            "response) or `error` {error}."))),
     }
     return create_model("GenerateRequest", __base__=_GenerateBase, **fields)
+
+
+class Attention(BaseModel):
+    tokens: list[str] = Field(description="The prompt's tokens, in the grid's order.")
+    png_base64: str = Field(description="PNG grid: the image, then one heatmap per token.")
 
 
 class GeneratedImage(BaseModel):
     png_base64: str
     sidecar: dict = Field(description="The same JSON sidecar `compinv-rt generate` writes.")
+    attention: Attention | None = Field(None, description="With attention=true.")
 
 
 class GenerateResponse(BaseModel):

@@ -36,6 +36,11 @@ class ServeSettings:
     body_max_bytes: int = 64 << 10  # any other request body (a generate request is < 5 kB)
     concepts_dir: Path = Path("concepts")
     limits: Limits = Limits()
+    # Step-level batching: requests join the running denoise loop at every step (else whole
+    # batches, max_wait_ms apart). fixed_batch: every UNet call has 2 x max_batch rows, so an
+    # image's bits never depend on its company (costs padding below saturation on CPU).
+    step_batching: bool = True
+    fixed_batch: bool = True
 
     def checked(self) -> "ServeSettings":
         for name in ("max_batch", "queue_size", "upload_max_bytes", "body_max_bytes"):
