@@ -267,7 +267,9 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise OutputError(f"--out {out} is a file")
     if resume or not out.exists():
         return
-    if any(out.iterdir()):
+    from compinv_rt.core.outputs import FolderLock
+
+    if any(p.name != FolderLock.NAME for p in out.iterdir()):  # the lock is this run's own
         raise OutputError(f"--out {out} is not empty; pass --resume to continue the training "
                           "there, or choose another folder")
 

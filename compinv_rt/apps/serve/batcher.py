@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +61,22 @@ class BatchStats:
     error: str | None = None
 
 
-class Batcher:
+class _Front:
+    """What the app asks of either batcher: is it stopping, how many images wait."""
+
+    _closing: bool
+    _queue: Sized
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+
+class Batcher(_Front):
     def __init__(self, run: Callable[[Sequence, Callable[[], bool]], list], max_batch: int,
                  max_wait_s: float, capacity: int,
                  on_batch: Callable[[BatchStats], None] = lambda stats: None,
@@ -91,14 +106,6 @@ class Batcher:
         self._pool.shutdown(wait=True)
 
     # -- submitting ------------------------------------------------------------------------
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
-
     def submit(self, items: Sequence, key: Hashable) -> list[asyncio.Future]:
         """Queue all of a request's items (all or none). Raises QueueFull or ShuttingDown."""
         if self._closing:
@@ -224,7 +231,7 @@ class _Waiting(Pending):
     admitted: float = 0.0  # when it joined the loop
 
 
-class StepBatcher:
+class StepBatcher(_Front):
     """Step-level batching: one worker thread runs the engine's continuous denoise loop; at every
     step boundary it admits queued items (as the loop has room), drops items whose client left or
     timed out, and hands out finished ones, so a request starts within one step. Items the loop
@@ -265,14 +272,6 @@ class StepBatcher:
             self._cv.notify()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
 
     def submit(self, items: Sequence, key: Hashable,
                on_progress: Callable[[int, int, int], None] | None = None) -> list[asyncio.Future]:
