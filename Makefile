@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/compinv-rt generate "a red star and a blue circle on grass" -n 8 --out outputs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=15
 
 # The fast subset for the edit-test loop (<= 60 s on 2 cores): everything not marked slow.
 test-quick: $(STAMP)
