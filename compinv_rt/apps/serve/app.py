@@ -26,12 +26,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compinv_rt.apps.serve import schemas
-from compinv_rt.apps.serve.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown, StepBatcher
+from compinv_rt.apps.serve.batcher import Batcher, BatchFailed, QueueFull, ShuttingDown
 from compinv_rt.apps.serve.engine import ConceptExists
 from compinv_rt.apps.serve.guard import Guard
 from compinv_rt.apps.serve.metrics import ServeMetrics
 from compinv_rt.apps.serve.playground import add_playground
 from compinv_rt.apps.serve.settings import ServeSettings, is_local
+from compinv_rt.apps.serve.step_batcher import StepBatcher
 from compinv_rt.core.errors import CompinvError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ UPLOAD_FILES = ("embeddings", "artifact")  # multipart fields of a concept uploa
 
 class ServeEngine(Protocol):
     """What the app needs; an engine that also has the step-loop methods (steppable, room, admit,
-    step, result, drop: batcher.StepBatcher) gets step-level batching."""
+    step, result, drop: step_batcher.StepBatcher) gets step-level batching."""
 
     def describe(self) -> dict: ...  # {"model": {...}, "backend": str}
     def plan(self, request) -> tuple[list, object]: ...  # (items, batch key); CompinvError = 400

@@ -39,7 +39,7 @@ class SessionEngine:
         from compinv_rt.generate.stepper import StepLoop
 
         self.session = session
-        # The step loop (apps.serve.batcher.StepBatcher drives it); fixed_batch: every UNet call
+        # The step loop (apps.serve.step_batcher.StepBatcher drives it); fixed_batch: every UNet call
         # has 2 x max_batch rows, so an image never depends on its company (sampling.rows).
         self.loop = StepLoop(session, session.max_batch, fixed_batch, on_step=self._stepped)
         self.last_step_size = 0
