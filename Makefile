@@ -40,7 +40,7 @@ test-browser: $(STAMP)
 
 # The one command that installs the browser (as root; Debian/Ubuntu): the system's Chromium.
 browser-deps:
-	apt-get update && apt-get install -y chromium
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 # ruff (lint + import order; never `ruff format`) and mypy, configured in pyproject.toml.
 lint: $(STAMP)

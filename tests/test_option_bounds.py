@@ -52,7 +52,7 @@ def test_every_numeric_option_has_bounds_and_its_default_is_inside(path, fn, par
         option_bounds.check_command_options(command, {param: default})  # the default is allowed
 
 
-def _flag(fn, param) -> str:
+def _flag(fn, param) -> tuple[str, list[str]]:
     from typer.main import get_command
 
     for path, f in COMMANDS:

@@ -170,10 +170,7 @@ def train(  # noqa: PLR0913 (a Typer command: one parameter per option)
     """Learn a new token from a few photos: textual inversion + semantic inversion (anchor loss)."""
     from compinv_rt.core.errors import ConfigError
 
-    _check_train_options({"--anchor-weight": anchor_weight, "--recon-weight": recon_weight,
-                          "--anchor-l1": anchor_l1, "--lr": lr, "--steps": steps, "--batch": batch,
-                          "--vectors": vectors, "--resolution": resolution or 1, "--seed": seed,
-                          "--variants": variants, "--grad-accum": grad_accum}, device, token, format)
+    _check_train_options(lr, device, token, format)
     from compinv_rt.train.config import TrainConfig
 
     tpl = None
@@ -191,26 +188,16 @@ def train(  # noqa: PLR0913 (a Typer command: one parameter per option)
     _run_training(cfg, TrainRun(images, out, model, resume, device, format))
 
 
-# `train`'s numeric options and their bounds (core.schemas.Limits names); the rest have defaults.
-_TRAIN_LIMITS = {"--steps": "max_train_steps", "--batch": "max_batch", "--vectors": "max_vectors",
-                 "--resolution": "max_size", "--variants": "max_variants",
-                 "--grad-accum": "max_grad_accum"}
-
-
-def _check_train_options(values: dict, device: str, token: str, fmt: str) -> None:
-    """One `error:` line for a bad number or device, or a token whose portable copies (`fmt`)
-    would overwrite the concept folder's own files, before anything heavy is imported."""
+def _check_train_options(lr: float, device: str, token: str, fmt: str) -> None:
+    """What the shared bounds (apps/option_bounds.py, checked before any command) do not cover:
+    --lr > 0, the device's form, and a token whose portable copies (`fmt`) would overwrite the
+    concept folder's own files. One `error:` line, before anything heavy is imported."""
     from compinv_rt.core.errors import ConfigError
-    from compinv_rt.core.schemas import SEED_MAX, check_device, check_option
+    from compinv_rt.core.schemas import check_device, check_option
     from compinv_rt.train.config import LR_MAX
     from compinv_rt.train.portable import check_portable_names
 
-    for opt in ("--anchor-weight", "--recon-weight", "--anchor-l1"):
-        check_option(opt, values[opt])
-    check_option("--lr", values["--lr"], gt=0, le=LR_MAX)
-    for opt, limit in _TRAIN_LIMITS.items():
-        check_option(opt, values[opt], limit=limit)
-    check_option("--seed", values["--seed"], ge=0, le=SEED_MAX)
+    check_option("--lr", lr, gt=0, le=LR_MAX)
     try:
         check_device(device)
     except ValueError as exc:

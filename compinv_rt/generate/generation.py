@@ -36,14 +36,15 @@ def folder_stem(out: Path, prompt: str) -> str:
     import json
 
     stem = slug(prompt)
-    for sidecar in Path(out).glob(f"{stem}_*.json"):
-        try:
-            other = json.loads(sidecar.read_text()).get("prompt")
-        except (OSError, ValueError, AttributeError):
-            other = None
-        if other != prompt:
-            return f"{stem}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
-    return stem
+    # Files under one stem are one prompt's (a second prompt gets the suffix): one sidecar tells.
+    sidecar = next(Path(out).glob(f"{stem}_*.json"), None)
+    if sidecar is None:
+        return stem
+    try:
+        other = json.loads(sidecar.read_text()).get("prompt")
+    except (OSError, ValueError, AttributeError):
+        other = None
+    return stem if other == prompt else f"{stem}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
 
 
 def generate_to_folder(session: GenerationSession, request: Request, out: Path,

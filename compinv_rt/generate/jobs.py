@@ -149,7 +149,9 @@ def pending_items(jobs: list[Job], sink, model_files, resume: bool, summary: Job
         if done and not resume:
             raise ConfigError(f"{sink.uri} already holds results of these jobs "
                               f"({done[0].name}.json): pass --resume to finish them, or a new --out")
-        if done and _made_by_another_line(sink, done, job_hash(job, config)):
+        # A job's images all come from one version of its line (a changed one is refused), so
+        # one sidecar tells.
+        if done and _made_by_another_line(sink, done[0], job_hash(job, config)):
             summary.problems.append(
                 f"line {job.line} ({job.id}): the line changed since its images in {sink.uri} were made "
                 "(same id, other settings): give it a new id, or use another --out")
@@ -159,15 +161,12 @@ def pending_items(jobs: list[Job], sink, model_files, resume: bool, summary: Job
     return items
 
 
-def _made_by_another_line(sink, done: list[Item], expected: str) -> bool:
-    for item in done:
-        try:
-            meta = json.loads(sink.read(f"{item.name}.json"))
-        except (OSError, ValueError):
-            return True  # unreadable: not proof of this line's image
-        if meta.get("job_hash") != expected:
-            return True
-    return False
+def _made_by_another_line(sink, item: Item, expected: str) -> bool:
+    try:
+        meta = json.loads(sink.read(f"{item.name}.json"))
+    except (OSError, ValueError):
+        return True  # unreadable: not proof of this line's image
+    return not isinstance(meta, dict) or meta.get("job_hash") != expected
 
 
 @dataclass(frozen=True)
