@@ -428,6 +428,89 @@ def test_batcher_prefers_full_batches_but_never_starves_a_key(starvation_batches
     assert ran[0] == ["X"] and ran[1][0] == first and sorted(map(len, ran[1:])) == [1, 2]
 
 
+class _FakeLoop:
+    """The step-loop API of SessionEngine over a fake loop: each item takes `steps` steps of
+    `step_s` seconds; `sizes` records the images in each step."""
+
+    def __init__(self, max_batch: int, steps: int, step_s: float):
+        self.max_batch, self.steps, self.step_s = max_batch, steps, step_s
+        self.active: list = []
+        self.sizes: list[int] = []
+
+    def steppable(self, key):
+        return True
+
+    def room(self, item):
+        return len(self.active) < self.max_batch
+
+    def admit(self, item):
+        from types import SimpleNamespace
+
+        slot = SimpleNamespace(item=item, done=0, total=self.steps)
+        self.active.append(slot)
+        return slot
+
+    def step(self):
+        time.sleep(self.step_s)
+        self.sizes.append(len(self.active))
+        for slot in self.active:
+            slot.done += 1
+        finished = [s for s in self.active if s.done >= s.total]
+        self.active = [s for s in self.active if s.done < s.total]
+        return finished
+
+    def result(self, slot):
+        return slot.item
+
+    def drop(self, slot):
+        if slot in self.active:
+            self.active.remove(slot)
+
+
+def _step_batcher_run(max_wait_s: float, arrivals: list[float], max_batch: int = 4, steps: int = 3,
+                      step_s: float = 0.05, close_at_once: bool = False):
+    """Item k is submitted `arrivals[k]` s after the start; returns (fake loop, each item's queue
+    wait, the run's seconds)."""
+    import asyncio
+
+    from compinv_rt.apps.serve.step_batcher import StepBatcher
+
+    engine, waits = _FakeLoop(max_batch, steps, step_s), []
+
+    async def scenario():
+        b = StepBatcher(engine, max_batch, capacity=16, max_wait_s=max_wait_s, on_admit=waits.append)
+        b.start()
+        start, futures = time.monotonic(), []
+        for k, at in enumerate(arrivals):
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            futures += b.submit([k], key="k")
+        if close_at_once:
+            await b.close()
+        assert await asyncio.gather(*futures) == list(range(len(arrivals)))
+        await b.close()
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    return engine, waits, time.monotonic() - started
+
+
+def test_an_idle_step_loop_waits_max_wait_for_company_a_running_one_never():
+    """--max-wait-ms on the step loop: an idle loop's first request waits for company (so two
+    requests 0.1 s apart start at the same step); a running loop admits at the next step."""
+    engine, waits, _ = _step_batcher_run(1.0, [0.0, 0.1])
+    assert engine.sizes[0] == 2 and waits[0] >= 1.0  # nothing more came: it waited max_wait
+    engine, waits, _ = _step_batcher_run(0.0, [0.0, 0.3])  # 0: the loop starts at once
+    assert engine.sizes[0] == 1 and waits[0] < 0.3
+    # max_batch items queued: no reason to wait
+    engine, waits, seconds = _step_batcher_run(30.0, [0.0, 0.0], max_batch=2)
+    assert engine.sizes[0] == 2 and seconds < 10
+    # the second arrives while the first's loop runs: admitted at the next step, not max_wait later
+    engine, waits, _ = _step_batcher_run(1.0, [0.0, 1.4], steps=10, step_s=0.1)
+    assert engine.sizes[0] == 1 and waits[0] >= 1.0 and waits[1] < 0.5
+    _, _, seconds = _step_batcher_run(30.0, [0.0], close_at_once=True)  # closing: no more waiting
+    assert seconds < 10
+
+
 @pytest.mark.slow  # starts a local Ray cluster
 def test_ray_serve_replicas_serve_the_same_app(tiny_model, tmp_path):
     import ray

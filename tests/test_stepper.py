@@ -1,8 +1,10 @@
 """Step-level batching: the continuous loop (compinv_rt.generate.stepper) and the server on it.
 
-An image must not depend on what else is in the loop or when it joined: bit for bit against the
-same request alone and against the whole-batch loop at the same UNet row count, and within 1/255
-of plain `generate` (whose UNet batch has another row count: on CPU that rounds differently)."""
+An image must not depend on what else is in the loop or when it joined. On torch: bit for bit
+against the same request alone and against the whole-batch loop at the same UNet row count, and
+within 1/255 of plain `generate` (whose UNet batch has another row count: oneDNN's convolutions
+round differently by batch size). On onnxruntime (CPU provider) a row's output does not depend on
+the row count at all: bit for bit against plain `generate`, padded or not."""
 
 from __future__ import annotations
 
@@ -26,7 +28,17 @@ def session(tiny_model):
     return GenerationSession.open(SessionOptions(model=str(tiny_model), device="cpu", max_batch=3))
 
 
-def _requests():
+@pytest.fixture(scope="module")
+def ort_session(tiny_model, tmp_path_factory):
+    """The tiny model on onnxruntime; its engine is exported once for this module."""
+    from compinv_rt.generate.session import GenerationSession, SessionOptions
+
+    return GenerationSession.open(SessionOptions(
+        model=str(tiny_model), device="cpu", backend="onnxruntime", max_batch=3,
+        engines_root=tmp_path_factory.mktemp("engines")))
+
+
+def _requests(backend: str = "torch"):
     from compinv_rt.generate.requests import RequestSpec, build_request
     from compinv_rt.spatial.plan import SpatialOptions
 
@@ -36,7 +48,7 @@ def _requests():
                          spatial=SpatialOptions(layout="star=0.05,0.1,0.5,0.9")),
              RequestSpec("a yellow square", seed=9, steps=4, scheduler="unipc", guidance_interval=(0.0, 0.6),
                          spatial=SpatialOptions(layout="square=0.1,0.1,0.6,0.6", mode="adaptive"))]
-    return [build_request(s) for s in specs]
+    return [build_request(s, backend=backend) for s in specs]
 
 
 def _px(img) -> np.ndarray:
@@ -65,6 +77,42 @@ def test_images_do_not_depend_on_company_or_join_step(session):
         assert np.array_equal(_px(j), _px(a)) and np.array_equal(_px(j), _px(w))
         assert np.abs(_px(j) - _px(p)).max() <= 1
         assert session.sidecar(j) == session.sidecar(p)
+
+
+def test_run_admits_no_more_than_max_batch_per_step(session):
+    """More tasks than places: each admission takes a place (the rest join as places free)."""
+    from compinv_rt.generate.requests import RequestSpec, build_request
+    from compinv_rt.generate.stepper import StepLoop
+
+    sizes: list[int] = []
+    loop = StepLoop(session, 3, on_step=lambda stats: sizes.append(stats.size))
+    images = loop.run(session.tasks(build_request(RequestSpec("a red star", seed=1, n=5, steps=2))))
+    assert [img.seed for img in images] == [1, 2, 3, 4, 5] and sizes == [3, 3, 2, 2]
+
+
+def test_onnxruntime_images_equal_generate_bit_for_bit_whenever_they_join(ort_session):
+    """The issue's check on onnxruntime: requests joining at steps 0, 1, 2 (and one waiting for a
+    place), padded to 2 x max_batch rows or not, give plain `generate`'s bits and sidecars."""
+    from compinv_rt.generate.stepper import StepLoop
+
+    session = ort_session
+    tasks = [session.tasks(r)[0] for r in _requests("onnxruntime")]
+    joined = StepLoop(session, 3).run(tasks, {1: 2, 2: 1})
+    unpadded = StepLoop(session, 3, fixed=False).run(tasks, {1: 2, 2: 1})
+    plain = [session.generate(t.request)[0] for t in tasks]
+    for j, u, p in zip(joined, unpadded, plain, strict=True):
+        assert np.array_equal(_px(j), _px(p)) and np.array_equal(_px(u), _px(p))
+        assert session.sidecar(j) == session.sidecar(p)
+        assert session.sidecar(j)["backend"] == "onnxruntime"
+    # Why: a row's noise prediction is the same at every row count (unlike torch on oneDNN)
+    unet = session.unet(*session.check(tasks[0].request).size, True)
+    g = torch.Generator().manual_seed(0)
+    shapes = unet.spec.shapes(6)
+    x, c = torch.randn(shapes["sample"], generator=g), torch.randn(shapes["encoder_hidden_states"], generator=g)
+    t = torch.tensor([999.0, 500.0, 20.0, 1.0, 250.0, 750.0])
+    alone = unet(x[:1], t[:1], c[:1])
+    for rows in range(2, 7):
+        assert torch.equal(unet(x[:rows], t[:rows], c[:rows])[:1], alone)
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpm", "dpm-karras", "unipc", "euler"])

@@ -130,9 +130,10 @@ class StepLoop:
         join_at = join_at or {}
         waiting, slots, steps = list(range(len(tasks))), {}, 0
         while waiting or self.active:
-            for k in [k for k in waiting if join_at.get(k, 0) <= steps and self.room(tasks[k])]:
-                slots[k] = self.admit(tasks[k])
-                waiting.remove(k)
+            for k in [k for k in waiting if join_at.get(k, 0) <= steps]:
+                if self.room(tasks[k]):  # asked at each admission: the ones before take places
+                    slots[k] = self.admit(tasks[k])
+                    waiting.remove(k)
             for slot in self.step():
                 if slot.error is not None:
                     raise slot.error

@@ -111,8 +111,9 @@ def create_app(engine: ServeEngine, settings: ServeSettings) -> FastAPI:
     batcher: Batcher | StepBatcher
     if settings.step_batching and hasattr(engine, "admit"):  # the engine has a step loop
         batcher = StepBatcher(engine, settings.max_batch, settings.queue_size,
-                              on_admit=metrics.queue_wait.observe, on_step=metrics.on_step,
-                              on_batch=metrics.on_batch, on_depth=metrics.queue_depth.set)
+                              settings.max_wait_ms / 1000, on_admit=metrics.queue_wait.observe,
+                              on_step=metrics.on_step, on_batch=metrics.on_batch,
+                              on_depth=metrics.queue_depth.set)
     else:
         batcher = Batcher(engine.run, settings.max_batch, settings.max_wait_ms / 1000,
                           settings.queue_size, on_batch=metrics.on_batch,

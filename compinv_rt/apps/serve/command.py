@@ -32,7 +32,9 @@ def serve(  # noqa: PLR0913 (a Typer command: one parameter per option)
     concepts_dir: Path = typer.Option(
         Path("concepts"), help="Served concepts: one trained concept folder per name; uploads land here."),
     max_batch: int = typer.Option(8, help="Images per UNet batch (x2 with guidance)."),
-    max_wait_ms: float = typer.Option(20.0, help="How long a batch's first image waits for company."),
+    max_wait_ms: float = typer.Option(
+        20.0, help="How long the first image waits for company: on an idle step loop before its "
+        "first step (a running loop admits at once, every step), else before each whole batch."),
     queue_size: int = typer.Option(64, help="Images waiting at most; beyond, 503 with Retry-After."),
     timeout: float = typer.Option(120.0, help="Per-request limit in seconds, queueing included (504)."),
     max_images: int = typer.Option(4, help="Largest n per request."),

@@ -29,7 +29,9 @@ class ServeSettings:
     port: int = 8000
     token: str | None = None
     max_batch: int = 8  # images per UNet batch (x2 with guidance)
-    max_wait_ms: float = 20.0  # how long the first item of a batch waits for company
+    # How long the first item waits for company: before an idle step loop's first step (a running
+    # loop admits at every step, never waiting), or before each whole batch (step_batching off).
+    max_wait_ms: float = 20.0
     queue_size: int = 64  # images waiting at most; beyond: 503 + Retry-After
     timeout_s: float = 120.0  # per request, queueing included; beyond: 504
     upload_max_bytes: int = 16 << 20  # a concept upload (embeddings + artifact.json)
@@ -37,7 +39,7 @@ class ServeSettings:
     concepts_dir: Path = Path("concepts")
     limits: Limits = Limits()
     # Step-level batching: requests join the running denoise loop at every step (else whole
-    # batches, max_wait_ms apart). fixed_batch: every UNet call has 2 x max_batch rows, so an
+    # batches, formed over max_wait_ms). fixed_batch: every UNet call has 2 x max_batch rows, so an
     # image's bits never depend on its company (costs padding below saturation on CPU).
     step_batching: bool = True
     fixed_batch: bool = True

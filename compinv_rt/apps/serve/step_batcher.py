@@ -50,18 +50,25 @@ class StepBatcher(QueueFront):
     cannot take (`engine.steppable(key)` false: backward guidance, attention capture) run as one
     whole batch of their key between two steps, as `Batcher` runs them.
 
+    `max_wait_s` (--max-wait-ms) applies only to an idle worker (nothing in the loop): the first
+    queued item waits up to max_wait_s after its arrival for company, so requests that arrive
+    together start at the same step (and a whole batch gets its mates), unless max_batch items are
+    already queued or the server is closing. An item is never held back from a running loop: it
+    joins at the next step boundary.
+
     The engine's loop API: steppable(key), room(item), admit(item) -> slot (an exception fails
     that item only), step() -> finished slots, result(slot), drop(slot); slot.done / slot.total.
     Same submit/close/depth/closing as `Batcher`, plus per-item progress callbacks."""
 
-    def __init__(self, engine, max_batch: int, capacity: int,
+    def __init__(self, engine, max_batch: int, capacity: int, max_wait_s: float = 0.0,
                  on_admit: Callable[[float], None] = lambda waited: None,
                  on_step: Callable[[StepStats], None] = lambda stats: None,
                  on_batch: Callable[[BatchStats], None] = lambda stats: None,
                  on_depth: Callable[[int], None] = lambda depth: None):
-        if max_batch < 1 or capacity < 1:
-            raise ValueError("max_batch and capacity must be >= 1")
+        if max_batch < 1 or capacity < 1 or max_wait_s < 0:
+            raise ValueError("max_batch and capacity must be >= 1, max_wait_s >= 0")
         self.engine, self.max_batch, self.capacity = engine, max_batch, capacity
+        self.max_wait_s = max_wait_s
         self._on_admit, self._on_step, self._on_batch, self._on_depth = on_admit, on_step, on_batch, on_depth
         self._queue: deque[_Waiting] = deque()
         self._active: list[tuple[_Waiting, Any]] = []  # (item, its slot in the loop)
@@ -129,12 +136,22 @@ class StepBatcher(QueueFront):
                     self._cv.wait()
                 if self._closing and not self._queue and not self._active:
                     return
+                self._gather()
             whole = self._admit()
             if whole:
                 self._run_whole(whole)
             self._release_abandoned()
             if self._active:
                 self._step()
+
+    def _gather(self) -> None:
+        """(Lock held.) An idle loop waits for company: until the oldest queued item has waited
+        max_wait_s, max_batch items are queued, or the server closes. A running loop never waits."""
+        while self._queue and not self._active and not self._closing and len(self._queue) < self.max_batch:
+            left = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
 
     def _admit(self) -> list[_Waiting]:
         """Admit what fits; returns a whole batch of the first non-steppable key, if any."""
