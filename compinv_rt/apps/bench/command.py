@@ -12,7 +12,7 @@ import typer
 from compinv_rt.apps.cli_support import user_errors
 from compinv_rt.apps.options import DeviceOption, ModelOption
 from compinv_rt.core.types import Precision
-from compinv_rt.sampling.quality import Quality, SamplerPreset
+from compinv_rt.sampling.quality import Quality
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class BenchOptions:
     arch: str | None
     backends: str
     batch_sizes: str
-    quality: Quality
+    quality: str  # one --quality preset, or several comma-separated
     steps: int | None
     bias: str
     repeats: int
@@ -43,9 +43,11 @@ def bench_command(  # noqa: PLR0913
         "sd15-proxy: SD 1.5's topology, narrow (a CPU smoke test)."),
     backends: str = typer.Option("torch,onnxruntime", help="Comma-separated backends to compare."),
     batch_sizes: str = typer.Option("1,4,8", help="Images per batch."),
-    quality: Quality = typer.Option(
-        Quality.reference, help="Our backends' sampler preset (see generate); stock diffusers always runs "
-        "the reference (25 DDIM steps, or --steps)."),
+    quality: str = typer.Option(
+        Quality.reference.value, help="Our backends' sampler preset (see generate), or several "
+        "comma-separated (reference,default,fast: every backend runs each, and the table gives each "
+        "preset's images/s over the reference's); stock diffusers always runs the reference once "
+        "(25 DDIM steps, or --steps)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps per generation (default: the preset's)."),
     bias: str = typer.Option("off,on", help="Attention bias settings to measure: off, on or both."),
     repeats: int = typer.Option(2, help="Timed runs per cell (after one warm-up)."),
@@ -87,7 +89,7 @@ class _Checked:
 
     backends: tuple[str, ...]
     bias: tuple[bool, ...]
-    sampler: SamplerPreset  # --quality with --steps in its place
+    samplers: tuple  # harness.Sampler per --quality preset, with --steps in its place
     precisions: tuple[Precision, ...]
 
     def config(self, opts: BenchOptions):
@@ -95,20 +97,20 @@ class _Checked:
         from compinv_rt.core.schemas import check_int_list
         from compinv_rt.sampling.quality import PRESETS
 
-        sampler = self.sampler
+        first = self.samplers[0]
         return BenchConfig(self.backends, tuple(check_int_list(opts.batch_sizes, "--batch-sizes")),
-                           sampler.steps, self.bias, opts.repeats, engines_root=opts.engines,
+                           first.steps, self.bias, opts.repeats, engines_root=opts.engines,
                            baseline=opts.baseline, precisions=self.precisions,
-                           scheduler=sampler.scheduler.value, guidance_interval=sampler.guidance_interval,
+                           scheduler=first.scheduler, guidance_interval=first.guidance_interval,
                            baseline_steps=(opts.steps if opts.steps is not None
-                                           else PRESETS[Quality.reference].steps))
+                                           else PRESETS[Quality.reference].steps),
+                           samplers=self.samplers)
 
 
 def _checked(opts: BenchOptions) -> _Checked:
     from compinv_rt.core.errors import ConfigError
     from compinv_rt.core.outputs import check_writable_dir
     from compinv_rt.engines.registry import Backend
-    from compinv_rt.sampling.quality import sampler_settings
 
     names = [b.strip() for b in opts.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in Backend.__members__]
@@ -117,8 +119,8 @@ def _checked(opts: BenchOptions) -> _Checked:
     flags = {"off": False, "on": True}
     if not set(opts.bias.split(",")) <= set(flags):
         raise ConfigError(f"--bias takes off, on or off,on; got {opts.bias!r}")
-    sampler = sampler_settings(opts.quality, opts.steps, None, None)
-    if sampler.steps < 1 or opts.repeats < 1:
+    samplers = _samplers(opts.quality, opts.steps)
+    if min(s.steps for s in samplers) < 1 or opts.repeats < 1:
         raise ConfigError("--steps and --repeats must be >= 1")
     if opts.model and opts.arch:
         raise ConfigError("pass --model or --arch, not both")
@@ -129,8 +131,24 @@ def _checked(opts: BenchOptions) -> _Checked:
     if not precision_list:
         raise ConfigError("--precisions needs at least one of auto, fp32, fp16, bf16")
     check_writable_dir(opts.out)
-    return _Checked(tuple(names), tuple(flags[b] for b in opts.bias.split(",")), sampler,
+    return _Checked(tuple(names), tuple(flags[b] for b in opts.bias.split(",")), samplers,
                     precision_list)
+
+
+def _samplers(quality: str, steps: int | None) -> tuple:
+    """--quality (one preset or several, comma-separated; each once, in the order given) -> the
+    harness's Samplers, with --steps in each one's place."""
+    from compinv_rt.apps.bench.harness import Sampler
+    from compinv_rt.core.errors import ConfigError
+    from compinv_rt.sampling.quality import sampler_settings
+
+    names = list(dict.fromkeys(q.strip() for q in quality.split(",") if q.strip()))
+    unknown = [q for q in names if q not in Quality.__members__]
+    if unknown or not names:
+        raise ConfigError(f"--quality takes one or more of {', '.join(Quality.__members__)} "
+                          f"(comma-separated); got {quality!r}")
+    presets = [(q, sampler_settings(q, steps, None, None)) for q in names]
+    return tuple(Sampler(q, p.steps, p.scheduler.value, p.guidance_interval) for q, p in presets)
 
 
 def _random_model(arch: str) -> tuple[str, str]:
