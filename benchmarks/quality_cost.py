@@ -34,31 +34,41 @@ DEFAULT_SETTINGS = ("ddim:25,ddim:15,ddim:10,ddim:8,dpm:15,dpm:10,dpm:8,dpm:6,dp
 
 
 def parse_setting(text: str):
+    """`SAMPLER:STEPS[cN][@LO-HI]`: N = DeepCache interval (a full UNet step every N steps)."""
     from compinv_rt.sampling.pipeline import SamplingConfig
 
     head, _, interval = text.partition("@")
     name, _, steps = head.partition(":")
+    steps, _, cache = steps.partition("c")
     lo, hi = (float(x) for x in interval.split("-")) if interval else (0.0, 1.0)
-    return SamplingConfig(steps=int(steps), guidance=7.5, scheduler=name, guidance_interval=(lo, hi))
+    return SamplingConfig(steps=int(steps), guidance=7.5, scheduler=name, guidance_interval=(lo, hi),
+                          cache_interval=int(cache or 1))
 
 
 def family(text: str) -> str:
     head, _, interval = text.partition("@")
-    return head.split(":")[0] + (" + guidance interval" if interval else "")
+    return (head.split(":")[0] + (" + DeepCache" if "c" in head.split(":")[1] else "")
+            + (" + guidance interval" if interval else ""))
 
 
-def unet_flops(model) -> int:
-    """FLOPs of one UNet sample-evaluation at the model's native size (batch 1)."""
+def unet_flops(model) -> tuple[int, int]:
+    """FLOPs of one UNet sample-evaluation at the model's native size (batch 1): the whole UNet,
+    and DeepCache's shallow path."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    u = model.unet
+    from compinv_rt.unet.backends import TorchBackend
+
+    u, backend = model.unet, TorchBackend(model.unet)
     s = model.files.default_size // model.files.vae_scale_factor
     x = torch.zeros(1, u.config.in_channels, s, s)
     ctx = torch.zeros(1, model.files.text_len, u.config.cross_attention_dim)
+    t = torch.tensor([500.0])
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        u(x, torch.tensor([500]), ctx)
-    return int(fc.get_total_flops())
+        _, deep = backend.full(x, t, ctx)
+    with torch.no_grad(), FlopCounterMode(display=False) as fs:
+        backend.shallow(x, t, ctx, deep_features=deep)
+    return int(fc.get_total_flops()), int(fs.get_total_flops())
 
 
 def cpu_per_image(pipe, cfg, batch: int, repeats: int = 3) -> float:
@@ -105,7 +115,7 @@ def concept_quality(cfg_text: str, cfg, out: Path) -> dict:
     from compinv_rt.apps.eval.runner import RunOptions, run_eval
 
     ec = EvalConfig(samples=4, steps=cfg.steps, train_steps=250, train_seeds=3, scheduler=cfg.scheduler,
-                    guidance_interval=cfg.guidance_interval)
+                    guidance_interval=cfg.guidance_interval, cache_interval=cfg.cache_interval)
     protocol = build_protocol(False, None, None, world=True, random=8, random_seed=1, objects=2,
                               methods=parse_methods("words,cap_norm+adaptive"))
     res = run_eval(protocol, ec, out / "eval" / cfg_text.replace(":", "_").replace("@", "_"),
@@ -204,13 +214,13 @@ def main(argv=None) -> None:
     model = load_model(None, "cpu")
     pipe = Pipeline(model)
     judge = load_judge()
-    flops = unet_flops(model)
+    flops, shallow_flops = unet_flops(model)
     prompts = default_prompts([k for k in args.kinds.split(",") if k], args.prompts_per_kind, 0)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
     header = (f"CPU: {cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; kinds {args.kinds}, "
               f"{args.prompts_per_kind} prompts x {args.k} samples per kind; one UNet evaluation = "
-              f"{flops / 1e9:.3f} GFLOPs (batch 1)")
+              f"{flops / 1e9:.3f} GFLOPs (batch 1), its DeepCache shallow path {shallow_flops / 1e9:.3f}")
     if args.retime:  # timings of every finished setting again, interleaved, in one quiet run
         for s in done:
             cfg = parse_setting(s)
@@ -234,7 +244,7 @@ def main(argv=None) -> None:
         verdicts = judged_words(pipe, cfg, prompts, args.k, judge)
         hits = sum(v["exact"] for v in verdicts)
         row = {"setting": s, "family": family(s), "evals": cfg.unet_evaluations(),
-               "gflops_per_image": cfg.unet_evaluations() * flops / 1e9,
+               "gflops_per_image": cfg.unet_flops(flops, shallow_flops) / 1e9,
                "s_per_image_b1": cpu_per_image(pipe, cfg, 1), "s_per_image_b8": cpu_per_image(pipe, cfg, 8),
                "words": {"exact": hits / len(verdicts), "ci": list(wilson(hits, len(verdicts))),
                          "n": len(verdicts), "per_kind": per_kind(verdicts)},

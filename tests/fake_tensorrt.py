@@ -18,9 +18,13 @@ It behaves like the real one where the runtime's correctness depends on it:
   warm-up run TensorRT needs for its shape-dependent set-up outside the graph.
 
 The "plan" is JSON: {"profiles": [[min, max], ...], "dtype": "FLOAT"|"HALF", "memory": bytes,
-"shapes": {input: [dims after the batch dimension]}}.
-The UNet it computes: noise_pred = 2 * sample + mean(encoder_hidden_states) + bias_gain[0] *
-mean(attention_bias) + timestep / 1000, per row, reading the device-memory block as scratch (so it is really used).
+"shapes": {input: [dims after the batch dimension]}}, optionally with "inputs" and "outputs" (the
+graph's tensor names; default the plain UNet's) and followed by a NUL byte and an ONNX model.
+The UNet it computes: with an ONNX model, that model (onnxruntime on CPU: `build_plan` makes such a
+plan from an exported graph, so a DeepCache engine's two plans compute the real UNet halves);
+without, noise_pred = 2 * sample + mean(encoder_hidden_states) + bias_gain[0] *
+mean(attention_bias) + timestep / 1000, per row. Either reads the device-memory block as scratch
+(so it is really used).
 """
 
 from __future__ import annotations
@@ -38,12 +42,82 @@ CAPTURING: list = []  # the open graph capture, if any (set by the torch.cuda st
 PENDING: list = []  # queued executions' output writes, in stream order
 
 
+MAIN_STREAM, CAPTURE_STREAM = 7, 99  # the recording torch.cuda's streams (`install`)
+
+
+class FakeGraph:
+    """The stand-in torch.cuda.CUDAGraph: replays the executions recorded during its capture."""
+
+    def __init__(self):
+        self.work = []
+
+    def replay(self):
+        CALLS.append(("replay",))
+        for w in self.work:
+            w()
+
+
+def install(monkeypatch):
+    """Inject this module as `tensorrt` and a torch.cuda that records instead of touching a GPU
+    (streams, synchronize, graph capture); start with no calls recorded. Returns the module."""
+    import sys
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    import torch
+
+    from compinv_rt.engines.trt_backend import CudaOps
+
+    this = sys.modules[__name__]
+    monkeypatch.setitem(sys.modules, "tensorrt", this)
+    CALLS.clear()
+    CAPTURING.clear()
+    PENDING.clear()
+
+    @contextmanager
+    def graph(g, *args, **kwargs):
+        CALLS.append(("capture_begin",))
+        CAPTURING.append(g)
+        try:
+            yield
+        finally:
+            CAPTURING.pop()
+            CALLS.append(("capture_end",))
+
+    def synchronize(device=None):
+        CALLS.append(("synchronize",))
+        flush()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(
+        cuda_stream=CAPTURE_STREAM if CAPTURING else MAIN_STREAM))
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(CudaOps, "ordered", lambda self: flush())  # torch work after it on the stream
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    return this
+
+
 def flush() -> None:
     """The queued work finishes: outputs land, contexts that ran are warm."""
     while PENDING:
         PENDING.pop(0)()
 
 INPUTS = ("sample", "timestep", "encoder_hidden_states", "attention_bias", "bias_gain")
+OUTPUTS = ("noise_pred",)
+
+
+def build_plan(onnx_path, profiles, dtype: str = "FLOAT", memory: int = 4096) -> bytes:
+    """The stand-in's plan for an ONNX graph: `profiles` are polygraphy Profiles (input -> (min,
+    opt, max) shapes), as the runtime's builder passes them to CreateConfig."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    shapes = {n: list(profiles[0][n].min[1:]) for n in inputs}
+    header = {"profiles": [[p[inputs[0]].min[0], p[inputs[0]].max[0]] for p in profiles], "dtype": dtype,
+              "memory": memory, "shapes": shapes, "inputs": inputs, "outputs": outputs}
+    return json.dumps(header).encode() + b"\0" + model.SerializeToString()
 
 
 class DataType(enum.Enum):
@@ -70,11 +144,12 @@ class Runtime:
         self.logger = logger
 
     def deserialize_cuda_engine(self, data: bytes):
+        header, _, model = bytes(data).partition(b"\0")
         try:
-            plan = json.loads(data)
+            plan = json.loads(header)
         except (ValueError, UnicodeDecodeError):
             return None  # the real runtime logs an error and returns None
-        return Engine(plan)
+        return Engine(plan, model or None)
 
 
 def _array(ptr: int, shape, dtype) -> np.ndarray:
@@ -83,13 +158,31 @@ def _array(ptr: int, shape, dtype) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, plan: dict):
+    def __init__(self, plan: dict, onnx_model: bytes | None = None):
         self.plan = plan
         self.num_optimization_profiles = len(plan["profiles"])
         self.device_memory_size_v2 = plan["memory"]
         self.contexts = 0  # a count, not references: a context must not keep itself alive here
+        self.inputs = tuple(plan.get("inputs", INPUTS))
+        self.outputs = tuple(plan.get("outputs", OUTPUTS))
+        self.session = None
+        if onnx_model is not None:
+            import onnxruntime
 
-    def get_tensor_dtype(self, name: str) -> DataType:
+            opts = onnxruntime.SessionOptions()
+            opts.intra_op_num_threads = 1
+            self.session = onnxruntime.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.inputs) + len(self.outputs)
+
+    def get_tensor_name(self, index: int) -> str:
+        return (*self.inputs, *self.outputs)[index]
+
+    def get_tensor_dtype(self, name: str) -> DataType | None:
+        if name not in (*self.inputs, *self.outputs):
+            return None  # no such tensor: no dtype the runtime accepts
         return DataType.FLOAT if name == "timestep" else DataType[self.plan["dtype"]]
 
     def get_tensor_profile_shape(self, name: str, index: int):
@@ -128,7 +221,7 @@ class Context:
     def set_input_shape(self, name: str, shape) -> bool:
         shape = tuple(shape)
         CALLS.append(("set_input_shape", self.index, name, shape))
-        if self.profile is None or name not in INPUTS:
+        if self.profile is None or name not in self.engine.inputs:
             return False
         lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
         if len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
@@ -138,15 +231,16 @@ class Context:
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         CALLS.append(("set_tensor_address", self.index, name, ptr))
-        if name not in (*INPUTS, "noise_pred") or ptr == 0:
+        if name not in (*self.engine.inputs, *self.engine.outputs) or ptr == 0:
             return False
         self.addresses[name] = ptr
         return True
 
     def execute_async_v3(self, stream: int) -> bool:
         CALLS.append(("execute_async_v3", self.index, stream, bool(CAPTURING)))
-        ready = (self.profile is not None and set(self.shapes) == set(INPUTS)
-                 and set(self.addresses) == {*INPUTS, "noise_pred"})
+        engine = self.engine
+        ready = (self.profile is not None and set(self.shapes) == set(engine.inputs)
+                 and set(self.addresses) == {*engine.inputs, *engine.outputs})
         if self.strategy is ExecutionContextAllocationStrategy.USER_MANAGED:
             ready = ready and self.memory is not None and self.memory[1] >= self.engine.device_memory_size_v2
         if not ready:
@@ -162,19 +256,29 @@ class Context:
 
     def _compute(self, shapes, addresses, memory, warm=False) -> None:
         dt = np.float16 if self.engine.plan["dtype"] == "HALF" else np.float32
-        x = {n: _array(addresses[n], shapes[n], np.float32 if n == "timestep" else dt) for n in INPUTS}
-        b = shapes["sample"][0]
-        gain = x["bias_gain"].astype(np.float32)[:, 0]  # the fixed-bias gain
-        rows = (x["encoder_hidden_states"].reshape(b, -1).astype(np.float32).mean(1)
-                + gain * x["attention_bias"].reshape(b, -1).astype(np.float32).mean(1) + x["timestep"] / 1000)
+        engine = self.engine
+        x = {n: _array(addresses[n], shapes[n], np.float32 if n == "timestep" else dt) for n in engine.inputs}
+        b = shapes[engine.inputs[0]][0]
         scratch = _array(memory[0], (b,), np.float32) if memory else np.empty(b, np.float32)
-        scratch[:] = rows  # through the shared block, like activations
-        result = (2 * x["sample"].astype(np.float32) + scratch[:, None, None, None]).astype(dt)
-        out = _array(addresses["noise_pred"], shapes["sample"], dt)
-        out[:] = np.nan  # not there yet: the kernels are queued, not done
+        if engine.session is not None:  # the real graph
+            scratch[:] = 0  # through the shared block, like activations
+            results = engine.session.run(list(engine.outputs), {n: v.copy() for n, v in x.items()})
+            results = [r + scratch.reshape(b, *[1] * (r.ndim - 1)).astype(r.dtype) for r in results]
+        else:
+            gain = x["bias_gain"].astype(np.float32)[:, 0]  # the fixed-bias gain
+            rows = (x["encoder_hidden_states"].reshape(b, -1).astype(np.float32).mean(1)
+                    + gain * x["attention_bias"].reshape(b, -1).astype(np.float32).mean(1) + x["timestep"] / 1000)
+            scratch[:] = rows  # through the shared block, like activations
+            results = [(2 * x["sample"].astype(np.float32) + scratch[:, None, None, None]).astype(dt)]
+        outs = []
+        for name, result in zip(engine.outputs, results):
+            out = _array(addresses[name], result.shape, dt)
+            out[:] = np.nan  # not there yet: the kernels are queued, not done
+            outs.append((out, result))
 
         def land():
-            out[:] = result
+            for out, result in outs:
+                out[:] = result
             if warm:
                 self.warm = (shapes, addresses, memory)
 

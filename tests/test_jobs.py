@@ -101,6 +101,20 @@ def test_bad_lines_do_not_stop_the_rest_but_set_the_exit_code(tiny_model, tmp_pa
 
 
 
+@pytest.mark.parametrize("flag", [["-n", "3"], ["--num-images", "4"]])
+def test_num_images_with_jobs_is_one_error_line(tmp_path, flag):
+    """-n is per PROMPT; a jobs line has its own 'n': with --jobs it is refused, not ignored
+    (also when it equals the default), before any model or --out is touched."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a cat"}\n')
+    res = runner.invoke(app, ["generate", "--jobs", str(jobs), *flag, "--out", str(tmp_path / "o"),
+                              "--model", str(tmp_path / "no-model")])
+    assert res.exit_code == 1
+    assert res.stderr.splitlines() == [
+        "error: -n/--num-images applies to one PROMPT; with --jobs give each line its own 'n'"]
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_refuses_a_line_edited_since_its_images_were_made(tiny_model, tmp_path):
     """Same id, other prompt: its finished images are not this line's (issue 28 item 3)."""
     jobs, out = tmp_path / "jobs.jsonl", tmp_path / "o"

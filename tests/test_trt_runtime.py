@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,51 +17,13 @@ import fake_tensorrt as ft  # noqa: E402
 from compinv_rt.core.errors import EngineMismatch  # noqa: E402
 from compinv_rt.unet.iospec import BatchProfile, Precision, UNetIOSpec  # noqa: E402
 
-MAIN_STREAM, CAPTURE_STREAM = 7, 99
-
-
-class FakeGraph:
-    def __init__(self):
-        self.work = []
-
-    def replay(self):
-        ft.CALLS.append(("replay",))
-        for w in self.work:
-            w()
+MAIN_STREAM, CAPTURE_STREAM = ft.MAIN_STREAM, ft.CAPTURE_STREAM
 
 
 @pytest.fixture
 def trt(monkeypatch):
     """Inject the stand-in and a torch.cuda that records instead of touching a GPU."""
-    from compinv_rt.engines.trt_backend import CudaOps
-
-    monkeypatch.setitem(sys.modules, "tensorrt", ft)
-    ft.CALLS.clear()
-    ft.CAPTURING.clear()
-    ft.PENDING.clear()
-
-    @contextmanager
-    def graph(g, *args, **kwargs):
-        ft.CALLS.append(("capture_begin",))
-        ft.CAPTURING.append(g)
-        try:
-            yield
-        finally:
-            ft.CAPTURING.pop()
-            ft.CALLS.append(("capture_end",))
-
-    stream = lambda device=None: SimpleNamespace(  # noqa: E731
-        cuda_stream=CAPTURE_STREAM if ft.CAPTURING else MAIN_STREAM)
-    monkeypatch.setattr(torch.cuda, "current_stream", stream)
-    def synchronize(device=None):
-        ft.CALLS.append(("synchronize",))
-        ft.flush()
-
-    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
-    monkeypatch.setattr(CudaOps, "ordered", lambda self: ft.flush())  # torch work after it on the stream
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", graph)
-    return ft
+    return ft.install(monkeypatch)
 
 
 def _spec(precision=Precision.fp32):
@@ -196,7 +156,7 @@ def test_fp16_engine_and_split_batches(trt, tmp_path):
 
 def test_fake_checks_every_dimension_and_the_backend_checks_the_plan(trt, tmp_path):
     backend = _backend(tmp_path, [BatchProfile(2, 4, 8)])
-    ctx = next(iter(backend._contexts.values()))
+    ctx = next(iter(backend.plan._contexts.values()))
     assert ctx.set_input_shape("sample", (4, 4, 2, 2))
     assert not ctx.set_input_shape("sample", (4, 4, 3, 2))  # right batch, wrong height
     assert not ctx.set_input_shape("sample", (4, 4, 2))  # a dimension missing
@@ -276,9 +236,11 @@ def test_close_frees_engine_contexts_and_buffers(trt, tmp_path):
     backend = _backend(tmp_path, [BatchProfile(2, 2, 2), BatchProfile(4, 8, 8)])
     for batch in (2, 4, 2):
         backend(*_inputs(batch, seed=batch))
-    refs = [weakref.ref(o) for o in (backend.engine, backend.device_memory, *backend._contexts.values(),
-                                     *backend._graphs.values(),
-                                     *(t for b in backend._buffers.values() for t in b.values()))]
+    plan = backend.plan
+    refs = [weakref.ref(o) for o in (plan.engine, backend.device_memory, *plan._contexts.values(),
+                                     *plan._graphs.values(),
+                                     *(t for b in plan._buffers.values() for t in b.values()))]
+    del plan
     backend.close()
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)

@@ -64,6 +64,9 @@ def export(  # noqa: PLR0913 (a Typer command: one parameter per option)
     device: str = typer.Option("auto", help="Device the artifact is compiled for (tensorrt, aoti)."),
     out: Path = typer.Option(Path("engines"), help="Engine cache folder."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a matching engine exists."),
+    deep_cache: bool = typer.Option(
+        False, "--deep-cache", help="Also export DeepCache's graphs (full + shallow UNet) so that "
+        "generate --cache-interval runs on this engine; it serves uncached runs too."),
 ):
     """Build the UNet engine (with its attention_bias input) into OUT/<format>-<key>/."""
     from compinv_rt.core.errors import ConfigError
@@ -91,7 +94,7 @@ def export(  # noqa: PLR0913 (a Typer command: one parameter per option)
     from compinv_rt.models.loading import pick_device
 
     spec = UNetIOSpec.for_model(files, height or files.default_size, width or files.default_size,
-                                precision.resolve(pick_device(device)))
+                                precision.resolve(pick_device(device)), deep_cache=deep_cache)
     if fmt is EngineFormat.tensorrt:
         from compinv_rt.export.build import require_tensorrt
 

@@ -15,7 +15,15 @@ from typing import Annotated, Optional
 import typer
 
 from compinv_rt.apps.cli_support import progress, user_errors
-from compinv_rt.apps.options import BackendOption, DeviceOption, EngineOption, ModelOption, PrecisionOption
+from compinv_rt.apps.options import (
+    BackendOption,
+    CacheIntervalOption,
+    DeviceOption,
+    EngineOption,
+    GuidanceIntervalOption,
+    ModelOption,
+    PrecisionOption,
+)
 from compinv_rt.engines.registry import Backend
 from compinv_rt.sampling.quality import Quality
 from compinv_rt.sampling.schedulers import SchedulerName
@@ -26,10 +34,6 @@ QualityOption = Annotated[Optional[Quality], typer.Option(
     help="Sampler preset from the judged quality-vs-cost curve (benchmarks/speed.md): default "
     "(when no sampler option is given), fast, or reference (25 DDIM steps, guidance on every step: "
     "the base for --steps/--scheduler/--guidance-interval given without --quality).")]
-
-GuidanceIntervalOption = Annotated[Optional[str], typer.Option(
-    help="LO,HI: guidance only on the steps in [LO, HI) of the run (fractions); the others "
-    "skip the unconditional pass (default: the --quality preset's).")]
 
 OutOption = Annotated[Optional[str], typer.Option(
     help="Output folder (default: outputs/<timestamp>); with --jobs also any pyarrow "
@@ -86,11 +90,13 @@ GpusPerWorkerOption = Annotated[Optional[float], typer.Option(
 @user_errors
 def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per option)
     prompt: Optional[str] = typer.Argument(None, help="What to draw (omit with --jobs)."),
-    num_images: int = typer.Option(4, "-n", "--num-images", help="Images to generate."),
+    num_images: Optional[int] = typer.Option(
+        None, "-n", "--num-images", help="Images to generate (default 4; with --jobs each line's 'n')."),
     quality: QualityOption = None,
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the --quality preset's)."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (<= 1 disables it)."),
     guidance_interval: GuidanceIntervalOption = None,
+    cache_interval: CacheIntervalOption = None,
     seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
     negative_prompt: str = typer.Option("", help="What to steer away from."),
     height: Optional[int] = typer.Option(None, help="Image height (default: the model's native size)."),
@@ -126,7 +132,10 @@ def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per optio
     from compinv_rt.sampling.quality import parse_interval, sampler_settings
     from compinv_rt.spatial.plan import SpatialOptions
 
-    sampler = sampler_settings(quality, steps, scheduler, parse_interval(guidance_interval))
+    if jobs is not None and num_images is not None:  # else it would be ignored without a word
+        raise ConfigError("-n/--num-images applies to one PROMPT; with --jobs give each line its own 'n'")
+    num_images = 4 if num_images is None else num_images
+    sampler = sampler_settings(quality, steps, scheduler, parse_interval(guidance_interval), cache_interval)
     # Every option typed and bounded before anything heavy is imported (an error in < 1 s).
     check_generate(prompt=prompt, num_images=1 if jobs else num_images, steps=sampler.steps,
                    guidance=guidance, seed=seed, negative_prompt=negative_prompt, height=height,
@@ -151,7 +160,8 @@ def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per optio
 
         config = JobsConfig(options, sampler.scheduler.value, (),
                             2.0 if bias_strength is None else bias_strength,
-                            "0.2" if bias_steps is None else bias_steps, sampler.guidance_interval)
+                            "0.2" if bias_steps is None else bias_steps, sampler.guidance_interval,
+                            sampler.cache_interval)
         ray_options = dict(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
         return generate_jobs(JobsRun(jobs, out, resume, ray_options if ray else None), config,
                              {"seed": seed, "steps": sampler.steps, "guidance": guidance})
@@ -161,7 +171,8 @@ def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per optio
         raise ConfigError("give a PROMPT to draw (or --jobs FILE)")
     generate_prompt(RequestSpec(prompt, seed, num_images, negative_prompt, sampler.steps, guidance,
                                 sampler.scheduler.value, height, width, sampler.guidance_interval,
-                                tuple(str(c) for c in concept or ()), spatial_options), options, out)
+                                tuple(str(c) for c in concept or ()), spatial_options,
+                                sampler.cache_interval), options, out)
 
 
 def generate_prompt(spec, options, out: str | None) -> None:

@@ -23,6 +23,7 @@ OPTION_BOUNDS: dict[str, tuple[float | None, float | str]] = {
     "prompts_per_kind": (1, 100_000), "random": (0, 1000), "objects": (0, 8), "train_seeds": (1, 100),
     # denoising
     "steps": (1, "max_steps"), "max_steps": (1, "max_steps"), "guidance": (0, "max_guidance"),
+    "cache_interval": (1, 10),
     "bias_strength": (0, 1000.0), "bias_decay": (0, 100.0), "threshold": FRACTION,
     # sizes and batches
     "height": (1, "max_size"), "width": (1, "max_size"), "resolution": (1, "max_size"),

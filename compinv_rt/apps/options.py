@@ -25,3 +25,11 @@ PrecisionOption = Annotated[str, typer.Option(
 BackendOption = Annotated[Backend, typer.Option(help="UNet backend.")]
 EngineOption = Annotated[Optional[Path], typer.Option(
     help="Engine folder from `compinv-rt export` (default: find or build one in engines/).")]
+
+GuidanceIntervalOption = Annotated[Optional[str], typer.Option(
+    help="LO,HI: guidance only on the steps in [LO, HI) of the run (fractions); the others "
+    "skip the unconditional pass (default: the --quality preset's).")]
+
+CacheIntervalOption = Annotated[Optional[int], typer.Option(
+    help="DeepCache: the whole UNet every N steps, only its shallow path (on the kept deep "
+    "features) between; 1 = every step full (default: the --quality preset's).")]

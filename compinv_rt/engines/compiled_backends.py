@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from compinv_rt.core.errors import BackendUnavailable
+from compinv_rt.engines.caching import engine_inputs, run_bucketed_outputs
 from compinv_rt.unet.attention import BiasedUNet
 from compinv_rt.unet.bucketing import run_bucketed
-from compinv_rt.unet.iospec import INPUTS, BatchProfile, UNetIOSpec
+from compinv_rt.unet.iospec import FULL_GRAPH, SHALLOW_GRAPH, BatchProfile, GraphIO, UNetIOSpec
 
 
 def compile_unet(module: torch.nn.Module, device: torch.device):
@@ -60,7 +61,8 @@ class CompileBackend:
 
 
 class AOTIBackend:
-    """AOTInductor packages, one per batch profile; batches are split/padded to fit them.
+    """AOTInductor packages, one per batch profile; batches are split/padded to fit them. On a
+    deep-cache engine the plain call runs the full graph's packages and drops the deep features.
 
     Each package holds its own copy of the weights (frozen into constants on CPU, where freezing
     prepacks them for oneDNN; AOTInductor has no API to read a loaded package's constants back,
@@ -71,29 +73,64 @@ class AOTIBackend:
 
     def __init__(self, engine_dir: Path, spec: UNetIOSpec, profiles: list[BatchProfile],
                  device: torch.device):
+        self.spec, self.profiles, self.device = spec, profiles, device
+        self.engine_dir = Path(engine_dir)
+        self.runners = self._load(spec.main_graph)
+
+    def _load(self, graph: GraphIO) -> dict:
+        """The graph's package for every profile, loaded."""
         from compinv_rt.export.aoti import package_name
 
-        self.spec, self.profiles, self.device = spec, profiles, device
         # --device cuda:N: the package's weights and kernels go to that GPU (-1 = current device).
+        device = self.device
         index = device.index if device.type == "cuda" and device.index is not None else -1
-        self.runners = {
-            p: torch._inductor.aoti_load_package(str(Path(engine_dir) / package_name(p)),
-                                                 device_index=index)
-            for p in profiles
-        }
+        return {p: torch._inductor.aoti_load_package(str(self.engine_dir / package_name(p, graph)),
+                                                     device_index=index)
+                for p in self.profiles}
+
+    @staticmethod
+    def _runner(runners: dict):
+        """run(*inputs) on the package whose profile takes the inputs' batch."""
+
+        def run(*inputs):
+            batch = inputs[0].shape[0]
+            return next(r for p, r in runners.items() if p.accepts(batch))(*inputs)
+
+        return run
 
     def _run(self, *inputs):
-        batch = inputs[0].shape[0]
-        runner = next(r for p, r in self.runners.items() if p.accepts(batch))
-        return runner(*inputs)
+        out = self._runner(self.runners)(*inputs)
+        return out[0] if self.spec.deep_cache else out  # the full graph: (noise_pred, deep_features)
 
     @torch.inference_mode()
     def __call__(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
-        n = sample.shape[0]
-        if attention_bias is None:
-            attention_bias = self.spec.default_input("attention_bias", n, self.device)
-        if bias_gain is None:
-            bias_gain = self.spec.default_input("bias_gain", n, self.device)
-        inputs = tuple(t.to(self.device, self.spec.dtype(name)).contiguous() for name, t in zip(
-            INPUTS, (sample, timestep, encoder_hidden_states, attention_bias, bias_gain)))
+        inputs = engine_inputs(self.spec, self.device,
+                               (sample, timestep, encoder_hidden_states, attention_bias, bias_gain))
         return run_bucketed(self._run, inputs, self.profiles).to(sample.dtype)
+
+
+class CachedAOTIBackend(AOTIBackend):
+    """A deep-cache engine: DeepCache's `full` and `shallow` (compinv_rt.unet.deep_cache), a
+    package pair per profile, besides the plain call on the full packages."""
+
+    def __init__(self, engine_dir: Path, spec: UNetIOSpec, profiles: list[BatchProfile],
+                 device: torch.device):
+        super().__init__(engine_dir, spec, profiles, device)
+        self.shallow_runners = self._load(SHALLOW_GRAPH)
+
+    @torch.inference_mode()
+    def full(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None):
+        """(noise_pred, deep_features)."""
+        inputs = engine_inputs(self.spec, self.device, (sample, timestep, encoder_hidden_states,
+                                                        attention_bias, bias_gain), FULL_GRAPH)
+        noise, deep = run_bucketed_outputs(self._runner(self.runners), inputs, self.profiles)
+        return noise.to(sample.dtype), deep.to(sample.dtype)
+
+    @torch.inference_mode()
+    def shallow(self, sample, timestep, encoder_hidden_states, attention_bias=None, bias_gain=None,
+                deep_features=None):
+        """noise_pred from the shallow packages on `deep_features` of an earlier `full`."""
+        inputs = engine_inputs(self.spec, self.device, (sample, timestep, encoder_hidden_states,
+                                                        attention_bias, bias_gain, deep_features),
+                               SHALLOW_GRAPH)
+        return run_bucketed(self._runner(self.shallow_runners), inputs, self.profiles).to(sample.dtype)

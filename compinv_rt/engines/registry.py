@@ -56,12 +56,16 @@ class BatchShape:
     width: int
     images_per_batch: int
     guidance: bool = True
+    # DeepCache (a run with cache_interval > 1): the engine found or built has the full and shallow
+    # graphs, and the backend has `full`/`shallow` (compinv_rt.unet.deep_cache).
+    deep_cache: bool = False
 
 
 def open_backend(name: Backend | str, model: LoadedModel, shape: BatchShape, engine: Path | None = None,
                  engines_root: Path = DEFAULT_ENGINES, on_status=None):
     """The UNet backend `name` for `shape`: eager ones wrap the model; engine ones use `engine`
-    (verified against the model) or find, else build, one under `engines_root`."""
+    (verified against the model) or find, else build, one under `engines_root`. An engine built
+    with deep_cache gets the backend with `full`/`shallow`, whether or not `shape` asks for it."""
     name = Backend(name)
     height, width, images_per_batch, guidance = shape.height, shape.width, shape.images_per_batch, shape.guidance
     if name is Backend.torch:
@@ -78,33 +82,23 @@ def open_backend(name: Backend | str, model: LoadedModel, shape: BatchShape, eng
         from compinv_rt.engines.ort_backend import check_device
 
         check_device(model.device)
-    wanted = UNetIOSpec.for_model(model.files, height, width, model.precision)
+    wanted = UNetIOSpec.for_model(model.files, height, width, model.precision, deep_cache=shape.deep_cache)
     if engine is not None:
-        from compinv_rt.models.loading import content_hash
-
-        manifest = verify_engine(Path(engine), unet_hash=content_hash(unet_files(model.files)),
-                                 fmt=fmt, device=str(model.device))
-        spec, profiles, engine_dir = UNetIOSpec.from_dict(manifest["io"]), profiles_of(manifest), Path(engine)
-        if spec.precision is not wanted.precision:  # else the sidecars would claim the wrong one
-            raise EngineMismatch(f"engine {engine} runs {spec.precision.value}; this run asks for "
-                                 f"{wanted.precision.value} (pass --precision {spec.precision.value}, or "
-                                 "export an engine at this precision)")
-        if (spec.latent_height, spec.latent_width) != (wanted.latent_height, wanted.latent_width):
-            raise EngineMismatch(
-                f"engine {engine} was built for {spec.latent_height}x{spec.latent_width} latents; "
-                f"this run needs {wanted.latent_height}x{wanted.latent_width} ({height}x{width} images)")
+        spec, profiles = _given_engine(Path(engine), fmt, model, wanted, height, width)
+        engine_dir = Path(engine)
     else:
         from compinv_rt.export.build import ExportOptions, export_engine, find_engine
 
-        spec = wanted
         unet_batch = images_per_batch * (2 if guidance else 1)
-        found = find_engine(fmt, model, spec, engines_root, unet_batch)  # e.g. from `export`
+        found = find_engine(fmt, model, wanted, engines_root, unet_batch)  # e.g. from `export`
         if found is not None:
             engine_dir, profiles = found[0], profiles_of(found[1])
+            spec = UNetIOSpec.from_dict(found[1]["io"])  # a deep-cache engine serves plain runs too
             if on_status:
                 on_status(f"reusing engine {engine_dir}")
         else:
             # ONNX Runtime takes any batch; static engines get exactly the bucket this run needs.
+            spec = wanted
             profiles = batch_profiles([1, 64] if fmt is EngineFormat.onnx
                                       else [images_per_batch], dynamic=fmt is EngineFormat.onnx,
                                       guidance=guidance)
@@ -112,15 +106,44 @@ def open_backend(name: Backend | str, model: LoadedModel, shape: BatchShape, eng
                                                ExportOptions().for_format(fmt), on_status=on_status)
             if on_status:
                 on_status(f"{'reusing' if reused else 'built'} engine {engine_dir}")
+    return _engine_backend(name, engine_dir, spec, profiles, model.device)
 
+
+def _given_engine(engine: Path, fmt: EngineFormat, model: LoadedModel, wanted: UNetIOSpec, height: int,
+                  width: int) -> tuple[UNetIOSpec, list]:
+    """--engine DIR: verified against the model, and checked to serve this run. (spec, profiles)."""
+    from compinv_rt.models.loading import content_hash
+
+    manifest = verify_engine(engine, unet_hash=content_hash(unet_files(model.files)),
+                             fmt=fmt, device=str(model.device))
+    spec, profiles = UNetIOSpec.from_dict(manifest["io"]), profiles_of(manifest)
+    if spec.precision is not wanted.precision:  # else the sidecars would claim the wrong one
+        raise EngineMismatch(f"engine {engine} runs {spec.precision.value}; this run asks for "
+                             f"{wanted.precision.value} (pass --precision {spec.precision.value}, or "
+                             "export an engine at this precision)")
+    if (spec.latent_height, spec.latent_width) != (wanted.latent_height, wanted.latent_width):
+        raise EngineMismatch(
+            f"engine {engine} was built for {spec.latent_height}x{spec.latent_width} latents; "
+            f"this run needs {wanted.latent_height}x{wanted.latent_width} ({height}x{width} images)")
+    if wanted.deep_cache and not spec.deep_cache:
+        raise EngineMismatch(f"engine {engine} has no deep-feature caching, which this run's "
+                             "--cache-interval needs: export it with --deep-cache")
+    return spec, profiles
+
+
+def _engine_backend(name: Backend, engine_dir: Path, spec: UNetIOSpec, profiles: list, device):
+    """The engine backend; on a deep-cache engine its caching variant (with `full`/`shallow`)."""
     if name is Backend.onnxruntime:
-        from compinv_rt.engines.ort_backend import OnnxRuntimeBackend
+        from compinv_rt.engines.ort_backend import CachedOnnxRuntimeBackend, OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(engine_dir, spec, model.device)
+        ort_cls = CachedOnnxRuntimeBackend if spec.deep_cache else OnnxRuntimeBackend
+        return ort_cls(engine_dir, spec, device)
     if name is Backend.aoti:
-        from compinv_rt.engines.compiled_backends import AOTIBackend
+        from compinv_rt.engines.compiled_backends import AOTIBackend, CachedAOTIBackend
 
-        return AOTIBackend(engine_dir, spec, profiles, model.device)
-    from compinv_rt.engines.trt_backend import TensorRTBackend
+        aoti_cls = CachedAOTIBackend if spec.deep_cache else AOTIBackend
+        return aoti_cls(engine_dir, spec, profiles, device)
+    from compinv_rt.engines.trt_backend import CachedTensorRTBackend, TensorRTBackend
 
-    return TensorRTBackend(engine_dir, spec, profiles, model.device)
+    trt_cls = CachedTensorRTBackend if spec.deep_cache else TensorRTBackend
+    return trt_cls(engine_dir, spec, profiles, device)

@@ -79,12 +79,19 @@ def find_engine(fmt: EngineFormat, model, spec: UNetIOSpec, out_root: Path,
     """A verified engine in `out_root` that serves this model, IO spec (size, precision), device
     and tool versions, whatever batch profiles or export options it was built with (every backend
     splits and pads batches to its profiles): so `generate` uses what `export` built instead of
-    building its own. The newest that takes `batch` whole. Returns (folder, verified manifest)."""
+    building its own. Of those that take `batch` whole, the one that pads it least (then the newest);
+    a static engine that would pad it more than 2x is passed over (a 1-image run on a batch-16
+    engine did 8x the work: benchmarks/speed.md), so a tight one is built. Returns (folder,
+    verified manifest).
+
+    A deep-cache engine (spec.deep_cache) also serves a run that does not cache (its full graph
+    gives noise_pred), after any plain engine that fits; a run that caches takes deep-cache
+    engines only."""
     from compinv_rt.models.loading import content_hash
 
     if fmt is EngineFormat.tensorrt:
         require_tensorrt()  # its version is part of the match
-    unet_hash, io = content_hash(unet_files(model.files)), spec.to_dict()
+    unet_hash = content_hash(unet_files(model.files))
     tag, versions = device_tag(fmt, str(model.device)), tool_versions(fmt)
     found = []
     for manifest in Path(out_root).glob(f"{fmt.value}-*/manifest.json"):
@@ -92,22 +99,49 @@ def find_engine(fmt: EngineFormat, model, spec: UNetIOSpec, out_root: Path,
             m = json.loads(manifest.read_text())
         except (OSError, ValueError):
             continue
-        if (m.get("unet_hash"), m.get("io"), m.get("device"), m.get("versions")) != (unet_hash, io, tag, versions):
+        if (m.get("unet_hash"), m.get("device"), m.get("versions")) != (unet_hash, tag, versions):
+            continue
+        exact = serves(m.get("io"), spec)
+        if exact is None:
             continue
         # ONNX Runtime takes any batch (the graph's batch axis is dynamic); compiled engines must
-        # take this batch whole (padding up is fine, splitting it is a slower engine than a build).
-        if fmt is not EngineFormat.onnx and not any(p.get("max", 0) >= batch for p in m.get("profiles", [])):
+        # take this batch whole (splitting it is a slower engine than a build), padded at most 2x.
+        padded = batch if fmt is EngineFormat.onnx else padded_batch(m.get("profiles", []), batch)
+        if padded is None or padded > MAX_PADDING * batch:
             continue
         try:
             m = verify_engine(manifest.parent, unet_hash=unet_hash, fmt=fmt, device=str(model.device))
         except EngineMismatch as exc:
             log.warning("skipping engine %s: %s", manifest.parent, exc)
             continue
-        found.append((m.get("created", ""), str(manifest.parent), m))
+        found.append((exact, -padded, m.get("created", ""), str(manifest.parent), m))
     if not found:
         return None
-    best = max(found, key=lambda f: f[:2])
-    return Path(best[1]), best[2]
+    best = max(found, key=lambda f: f[:4])
+    return Path(best[3]), best[4]
+
+
+MAX_PADDING = 2  # a static engine is reused for batches it pads at most this many times over
+
+
+def padded_batch(profiles: list[dict], batch: int) -> int | None:
+    """The rows a static engine's profiles run `batch` at (the smallest profile that takes it whole,
+    padded up to its min), None if none takes it whole."""
+    fits = [max(batch, p.get("min", 0)) for p in profiles if p.get("max", 0) >= batch]
+    return min(fits) if fits else None
+
+
+def serves(io: object, spec: UNetIOSpec) -> bool | None:
+    """Does an engine with manifest `io` serve `spec`: True (the same contract), False (a
+    deep-cache engine for a plain spec: its full graph serves it), None (no)."""
+    if not isinstance(io, dict):
+        return None
+    if io == spec.to_dict():
+        return True
+    if spec.deep_cache or not io.get("deep_cache"):
+        return None
+    plain = {k: v for k, v in io.items() if k not in ("deep_cache", "deep_channels")}
+    return False if plain == spec.to_dict() else None
 
 
 def export_engine(fmt: EngineFormat, model, spec: UNetIOSpec, profiles: list[BatchProfile],
@@ -156,6 +190,7 @@ def remove_stale_builds(root: Path) -> list[Path]:
 
 
 def _build(fmt, model, spec, profiles, out_dir: Path, options: dict) -> tuple[list[str], dict]:
+    """The engine's files: every graph of `spec` (one, or DeepCache's full and shallow) in `fmt`."""
     from compinv_rt.export.onnx_export import OnnxExporter, export_onnx
 
     dynamic = BatchProfile(min(p.min for p in profiles), max(p.opt for p in profiles),
@@ -165,15 +200,18 @@ def _build(fmt, model, spec, profiles, out_dir: Path, options: dict) -> tuple[li
                             options["opset"])
         return files, {}
     if fmt is EngineFormat.tensorrt:
+        from compinv_rt.export.onnx_export import onnx_file
         from compinv_rt.export.tensorrt import build_tensorrt_engine, timing_cache_path, trt_build_settings
 
         onnx_files = export_onnx(model.unet, spec, dynamic, out_dir,
                                  OnnxExporter(options["exporter"]), options["opset"])
         cache = timing_cache_path(out_dir.parent, str(device_tag(fmt, str(model.device))),
                                   str(tool_versions(fmt)["tensorrt"]))
-        settings = trt_build_settings(spec, profiles, options["optimization_level"], cache)
-        plan = build_tensorrt_engine(out_dir / onnx_files[0], settings, out_dir)
-        return [*onnx_files, plan], {}
+        plans = []
+        for graph in spec.graphs():
+            settings = trt_build_settings(spec, profiles, options["optimization_level"], cache, graph)
+            plans.append(build_tensorrt_engine(out_dir / onnx_file(graph), settings, out_dir))
+        return [*onnx_files, *plans], {}
     if fmt is EngineFormat.aoti:
         from compinv_rt.export.aoti import export_aoti
 

@@ -1,4 +1,5 @@
-"""UNet -> ONNX: the BiasedUNet wrapper, exported once, folded, checked.
+"""UNet -> ONNX: the BiasedUNet wrapper (with deep_cache: DeepCache's full and shallow graphs),
+exported once, folded, checked.
 
 Legacy TorchScript exporter at opset 17 by default (what TensorRT's demoDiffusion uses); the
 dynamo exporter at opset >= 18 as an option (dynamo at 17 writes an invalid graph).
@@ -12,11 +13,11 @@ from enum import Enum
 from pathlib import Path
 
 from compinv_rt.core.errors import ConfigError, ExportError
-from compinv_rt.unet.iospec import INPUTS, OUTPUTS, BatchProfile, UNetIOSpec
+from compinv_rt.unet.iospec import PLAIN_GRAPH, BatchProfile, GraphIO, UNetIOSpec
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "unet.onnx"
+ONNX_FILE = "unet.onnx"  # onnx_file(PLAIN_GRAPH)
 EXTERNAL_DATA_FILE = "unet.onnx.data"
 _TWO_GB = 2**31 - 1
 
@@ -34,13 +35,16 @@ def check_opset(exporter: OnnxExporter, opset: int) -> None:
         raise ConfigError(f"--opset {opset} is outside the supported range 14-23")
 
 
+def onnx_file(graph: GraphIO = PLAIN_GRAPH) -> str:
+    """unet.onnx (the plain or the full graph), unet_shallow.onnx (DeepCache's shallow graph)."""
+    return f"{graph.stem}.onnx"
+
+
 def export_onnx(unet, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
                 exporter: OnnxExporter = OnnxExporter.legacy, opset: int = 17) -> list[str]:
-    """Export `unet` (a diffusers UNet2DConditionModel) to out_dir/unet.onnx. Returns file names."""
-    import onnx
-    import torch
-
-    from compinv_rt.unet.attention import BiasedUNet
+    """Export `unet` (a diffusers UNet2DConditionModel) to out_dir/unet.onnx (with deep_cache, also
+    out_dir/unet_shallow.onnx: compinv_rt.unet.iospec.SHALLOW_GRAPH). Returns file names."""
+    from compinv_rt.export.graphs import graph_modules
 
     check_opset(exporter, opset)
     _require_folding_tools()  # before any work: a missing package is one error line, not a traceback
@@ -49,8 +53,19 @@ def export_onnx(unet, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
         import copy
 
         unet = copy.deepcopy(unet).to(dtype)  # never change the caller's model in place
-    module = BiasedUNet(unet).eval()
-    example = spec.example_inputs(profile.opt, device=next(unet.parameters()).device)
+    files: list[str] = []
+    for graph, module in graph_modules(unet, spec):
+        files += _export_graph(module, graph, spec, profile, out_dir, exporter, opset)
+    return files
+
+
+def _export_graph(module, graph: GraphIO, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
+                  exporter: OnnxExporter, opset: int) -> list[str]:
+    """One graph -> out_dir/<stem>.onnx (external data past 2 GB), folded and checked."""
+    import onnx
+    import torch
+
+    example = spec.example_inputs(profile.opt, device=next(module.parameters()).device, graph=graph)
     raw = out_dir / "raw.onnx"
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -58,30 +73,32 @@ def export_onnx(unet, spec: UNetIOSpec, profile: BatchProfile, out_dir: Path,
             # and every other shape is fixed by the IO spec, so the warnings do not apply.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             if exporter is OnnxExporter.legacy:
-                torch.onnx.export(module, example, str(raw), input_names=list(INPUTS),
-                                  output_names=list(OUTPUTS), dynamic_axes=spec.dynamic_axes(),
+                torch.onnx.export(module, example, str(raw), input_names=list(graph.inputs),
+                                  output_names=list(graph.outputs), dynamic_axes=spec.dynamic_axes(graph),
                                   opset_version=opset, do_constant_folding=True, dynamo=False)
             else:
                 batch = torch.export.Dim("batch", min=max(profile.min, 2), max=max(profile.max, 2) * 64)
-                dyn = {name: {0: batch} for name in INPUTS}
-                program = torch.onnx.export(module, example, input_names=list(INPUTS),
-                                            output_names=list(OUTPUTS), dynamic_shapes=dyn,
+                dyn = {name: {0: batch} for name in graph.inputs}
+                program = torch.onnx.export(module, example, input_names=list(graph.inputs),
+                                            output_names=list(graph.outputs), dynamic_shapes=dyn,
                                             opset_version=opset, dynamo=True, external_data=False)
                 program.save(str(raw))
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {str(exc).splitlines()[0]}") from exc
     model = fold_constants(onnx.load(str(raw)))
     raw.unlink()
-    for stale in (ONNX_FILE, EXTERNAL_DATA_FILE):
+    name = onnx_file(graph)
+    data = f"{name}.data"
+    for stale in (name, data):
         (out_dir / stale).unlink(missing_ok=True)
     large = model.ByteSize() > _TWO_GB
-    onnx.save_model(model, str(out_dir / ONNX_FILE), save_as_external_data=large,
-                    all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE)
+    onnx.save_model(model, str(out_dir / name), save_as_external_data=large,
+                    all_tensors_to_one_file=True, location=data)
     try:
-        onnx.checker.check_model(str(out_dir / ONNX_FILE))  # path form: works past 2 GB
+        onnx.checker.check_model(str(out_dir / name))  # path form: works past 2 GB
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"exported ONNX graph is invalid: {str(exc).splitlines()[0]}") from exc
-    return [ONNX_FILE, EXTERNAL_DATA_FILE] if large else [ONNX_FILE]
+    return [name, data] if large else [name]
 
 
 def _require_folding_tools() -> None:

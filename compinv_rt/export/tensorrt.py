@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compinv_rt.core.types import Precision
-from compinv_rt.unet.iospec import INPUTS, BatchProfile, UNetIOSpec
+from compinv_rt.unet.iospec import PLAIN_GRAPH, BatchProfile, GraphIO, UNetIOSpec
 
-PLAN_FILE = "unet.plan"
+PLAN_FILE = "unet.plan"  # plan_file(PLAIN_GRAPH)
+
+
+def plan_file(graph: GraphIO = PLAIN_GRAPH) -> str:
+    """unet.plan (the plain or the full graph), unet_shallow.plan (DeepCache's shallow graph)."""
+    return f"{graph.stem}.plan"
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class TrtBuildSettings:
     profiles: tuple[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]], ...]
     optimization_level: int
     timing_cache: Path
+    plan_file: str = PLAN_FILE  # the graph's plan (plan_file)
 
     def create_config_kwargs(self) -> dict:
         """Keyword arguments for polygraphy.backend.trt.CreateConfig, minus the Profile objects.
@@ -46,7 +52,8 @@ def timing_cache_path(engines_root: Path, device_tag: str, trt_version: str) -> 
 
 
 def trt_build_settings(spec: UNetIOSpec, profiles: list[BatchProfile], optimization_level: int,
-                       timing_cache: Path) -> TrtBuildSettings:
+                       timing_cache: Path, graph: GraphIO = PLAIN_GRAPH) -> TrtBuildSettings:
+    """The build of one graph of the contract (with deep_cache, each of the two is built so)."""
     if not 0 <= optimization_level <= 5:
         from compinv_rt.core.errors import ConfigError
 
@@ -54,12 +61,14 @@ def trt_build_settings(spec: UNetIOSpec, profiles: list[BatchProfile], optimizat
     shapes = []
     for p in profiles:
         lo, mid, hi = spec.shapes(p.min), spec.shapes(p.opt), spec.shapes(p.max)
-        shapes.append({name: (lo[name], mid[name], hi[name]) for name in INPUTS})
-    return TrtBuildSettings(spec.precision, tuple(shapes), optimization_level, Path(timing_cache))
+        shapes.append({name: (lo[name], mid[name], hi[name]) for name in graph.inputs})
+    return TrtBuildSettings(spec.precision, tuple(shapes), optimization_level, Path(timing_cache),
+                            plan_file(graph))
 
 
 def build_tensorrt_engine(onnx_path: Path, settings: TrtBuildSettings, out_dir: Path) -> str:
-    """Parse the ONNX file, build one plan with one profile per bucket, save it. Needs TensorRT."""
+    """Parse the ONNX file, build one plan with one profile per bucket, save it as
+    settings.plan_file. Needs TensorRT."""
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
 
     from compinv_rt.core.errors import ExportError
@@ -82,5 +91,5 @@ def build_tensorrt_engine(onnx_path: Path, settings: TrtBuildSettings, out_dir: 
         raise ExportError("TensorRT build failed (see the TensorRT log above)")
     from compinv_rt.core.outputs import atomic_write_bytes
 
-    atomic_write_bytes(out_dir / PLAN_FILE, bytes(plan))
-    return PLAN_FILE
+    atomic_write_bytes(out_dir / settings.plan_file, bytes(plan))
+    return settings.plan_file

@@ -128,6 +128,8 @@ def job_hash(job: Job, config: JobsConfig) -> str:
     fields = {k: v for k, v in dataclasses.asdict(job).items() if k != "line"}
     fields.update(scheduler=config.scheduler, guidance_interval=list(config.guidance_interval),
                   bias_strength=config.bias_strength, bias_steps=config.bias_steps)
+    if config.cache_interval != 1:  # hashes of uncached runs stay as they were
+        fields.update(cache_interval=config.cache_interval)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -179,6 +181,7 @@ class JobsConfig:
     bias_strength: float = 2.0  # for jobs with a layout
     bias_steps: str = "0.2"
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # the --quality preset's (runtime.quality)
+    cache_interval: int = 1  # the preset's DeepCache interval
 
 
 def job_request(job: Job, config: JobsConfig) -> Request:
@@ -190,7 +193,8 @@ def job_request(job: Job, config: JobsConfig) -> Request:
         else SpatialOptions()
     return build_request(RequestSpec(
         job.prompt, job.seed, job.n, job.negative_prompt, job.steps, job.guidance, config.scheduler,
-        job.height, job.width, config.guidance_interval, tuple(job.concepts), spatial),
+        job.height, job.width, config.guidance_interval, tuple(job.concepts), spatial,
+        config.cache_interval),
         backend=config.options.backend)
 
 

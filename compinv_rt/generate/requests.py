@@ -32,13 +32,14 @@ class RequestSpec:
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     concepts: tuple[str, ...] = ()  # trained concept folders
     spatial: SpatialOptions = field(default_factory=SpatialOptions)
+    cache_interval: int = 1  # DeepCache (SamplingConfig.cache_interval)
 
     def sampling(self) -> SamplingConfig:
         from compinv_rt.sampling.pipeline import SamplingConfig
 
         lo, hi = self.guidance_interval
         return SamplingConfig(self.steps, self.guidance, self.scheduler, self.height, self.width,
-                              (float(lo), float(hi)))
+                              (float(lo), float(hi)), self.cache_interval)
 
 
 def build_request(spec: RequestSpec, backend: str = "torch") -> Request:

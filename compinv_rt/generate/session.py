@@ -148,6 +148,7 @@ class BatchKey:
     guidance_config: GuidanceConfig | None = None  # the guidance knobs (guidance mode only)
     bias_decay: float | None = None  # the adaptive bias's gain schedule (adaptive mode only)
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # steps with the unconditional pass
+    cache_interval: int = 1  # DeepCache: a full UNet step every N steps
 
 
 @dataclass
@@ -188,7 +189,7 @@ class GenerationSession:
         self.concepts: dict[str, Concept] = {}  # resolved folder -> concept read from it
         self.vocab = ConceptVocabulary(model)  # from here on, model.tokenizer follows its scopes
         self._pinned: dict[str, Concept] = {}  # load_concepts: known between batches too
-        self._unets: dict[tuple[int, int, bool], object] = {}
+        self._unets: dict[tuple[int, int, bool, bool], object] = {}
         self._layouts = LayoutResolver(model, on_status)
 
     @classmethod
@@ -271,7 +272,8 @@ class GenerationSession:
         return BatchKey(*cfg.size, cfg.steps, SchedulerName(cfg.scheduler).value, cfg.guidance, mode,
                         0 if mode is SpatialMode.none else steps, spatial.save_attention,
                         spatial.guidance if mode is SpatialMode.guidance else None,
-                        spatial.decay if mode is SpatialMode.adaptive else None, cfg.guidance_interval)
+                        spatial.decay if mode is SpatialMode.adaptive else None, cfg.guidance_interval,
+                        cfg.cache_interval)
 
     def run(self, tasks: Iterable[Task], on_step: StepCallback | None = None,
             on_error: ErrorCallback | None = None) -> Iterator[GeneratedImage]:
@@ -339,7 +341,7 @@ class GenerationSession:
         cfg = self.check(batch[0].request)
         preps = [prepared[id(t.request)] for t in batch]
         height, width = cfg.size
-        pipe = Pipeline(self.model, self.unet(height, width, cfg.guidance > 1.0))
+        pipe = Pipeline(self.model, self.unet(height, width, cfg.guidance > 1.0, cfg.cache_interval > 1))
         f = self.model.files.vae_scale_factor
         module = pipe.torch_module("--spatial guidance") if key.spatial is SpatialMode.guidance else None
         inputs = spatial_inputs(key, [p.layout for p in preps], [t.request.spatial.strength for t in batch],
@@ -371,8 +373,10 @@ class GenerationSession:
 
     def steppable(self, key: BatchKey) -> bool:
         """Can tasks of this key join a step loop: backward guidance needs gradients through the
-        whole batch and attention capture reads whole batches, so those run with run_batch."""
-        return key.spatial is not SpatialMode.guidance and not key.save_attention
+        whole batch and attention capture reads whole batches, so those run with run_batch; so
+        does DeepCache (the features of a batch's last full step serve its next steps)."""
+        return (key.spatial is not SpatialMode.guidance and not key.save_attention
+                and key.cache_interval == 1)
 
     def start(self, task: Task, unet) -> Started:
         """A task's per-sample state, made as run_batch makes a batch's (concepts read, text
@@ -429,21 +433,22 @@ class GenerationSession:
 
     # --- backends ------------------------------------------------------------------------
 
-    def unet(self, height: int, width: int, guidance: bool):
-        """The backend for one image size, opened once (engines: found, verified or built)."""
+    def unet(self, height: int, width: int, guidance: bool, deep_cache: bool = False):
+        """The backend for one image size, opened once (engines: found, verified or built);
+        `deep_cache`: one with DeepCache's shallow path (an engine with both graphs)."""
         from compinv_rt.engines.registry import BatchShape, open_backend
 
-        key = (height, width, guidance)
+        key = (height, width, guidance, deep_cache)
         if key not in self._unets:
             self._unets[key] = open_backend(
-                self.backend, self.model, BatchShape(height, width, self.max_batch, guidance),
+                self.backend, self.model, BatchShape(height, width, self.max_batch, guidance, deep_cache),
                 engine=self.engine, engines_root=self.engines_root, on_status=self.on_status)
         return self._unets[key]
 
-    def wrap_unet(self, height: int, width: int, guidance: bool, wrap: Callable):
+    def wrap_unet(self, height: int, width: int, guidance: bool, wrap: Callable, deep_cache: bool = False):
         """Replace the backend for this size by `wrap(backend)` (e.g. a timer); returns it."""
-        key = (height, width, guidance)
-        self._unets[key] = wrap(self.unet(height, width, guidance))
+        key = (height, width, guidance, deep_cache)
+        self._unets[key] = wrap(self.unet(height, width, guidance, deep_cache))
         return self._unets[key]
 
     # --- internals -----------------------------------------------------------------------

@@ -76,23 +76,54 @@ class AttentionBias:
     gain: BiasGain | None = None
 
 
+def deep_cache_plan(guided: Sequence[bool], interval: int) -> list[bool]:
+    """Per step: does it run the whole UNet (else DeepCache's shallow path, fed the deep features
+    of the last full step; compinv_rt.unet.deep_cache). A full step every `interval` steps
+    (DeepCache's uniform schedule), and wherever the last full step's features do not cover the
+    step's rows: a guided step after an unguided full step has no unconditional features."""
+    plan: list[bool] = []
+    last_guided: bool | None = None
+    for i, g in enumerate(guided):
+        full = i % interval == 0 or last_guided is None or (g and not last_guided)
+        if full:
+            last_guided = g
+        plan.append(full)
+    return plan
+
+
 class BiasedModel:
     """The UNet backend with the attention bias: (x, t, context, step index, guided) -> noise.
-    `guided`: x is [uncond; cond], and the unconditional half is never biased."""
+    `guided`: x is [uncond; cond], and the unconditional half is never biased. With `full_steps`
+    (deep_cache_plan) the other steps run the backend's shallow path on the kept deep features."""
 
-    def __init__(self, unet: UNetBackend, bias: AttentionBias | None, first_timestep: torch.Tensor):
+    def __init__(self, unet: UNetBackend, bias: AttentionBias | None, first_timestep: torch.Tensor,
+                 full_steps: Sequence[bool] | None = None):
         self.unet, self.bias, self.first = unet, bias, float(first_timestep)
         maps = None if bias is None else bias.maps
         self.guided_maps = None if maps is None else torch.cat([torch.zeros_like(maps), maps])
+        self.full_steps = full_steps
+        self.features: torch.Tensor | None = None  # the last full step's deep features
 
     def __call__(self, x, t, context, i: int, guided: bool) -> torch.Tensor:
-        tt = t.expand(x.shape[0])
+        rows = x.shape[0]
+        inputs = (x, t.expand(rows), context, *self.bias_inputs(t, i, guided, rows))
+        if self.full_steps is None:
+            return self.unet(*inputs)
+        if self.full_steps[i] or self.features is None:
+            noise, self.features = self.unet.full(*inputs)  # type: ignore[attr-defined]
+            return noise
+        # a guided full step's features are [uncond; cond]: an unguided step takes the cond half
+        deep = self.features[-rows:]
+        return self.unet.shallow(*inputs, deep_features=deep)  # type: ignore[attr-defined]
+
+    def bias_inputs(self, t, i: int, guided: bool, rows: int) -> tuple:
+        """() on unbiased steps, else (maps,) or (maps, gains) for the UNet call."""
         if self.bias is None or not self.biased(i):
-            return self.unet(x, tt, context, None)
+            return ()
         bias = self.guided_maps if guided else self.bias.maps
         if self.bias.gain is None:
-            return self.unet(x, tt, context, bias)
-        return self.unet(x, tt, context, bias, self.gain(t, bias).expand(x.shape[0], 2))
+            return (bias,)
+        return (bias, self.gain(t, bias).expand(rows, 2))
 
     def biased(self, i: int) -> bool:
         """Does step i get the bias."""

@@ -9,9 +9,18 @@ import torch
 
 from compinv_rt.core.errors import ConfigError
 from compinv_rt.models.loading import LoadedModel, ModelFiles
-from compinv_rt.sampling.denoise import AttentionBias, BiasedModel, GuidedDenoiser, StepHook, denoise
+from compinv_rt.sampling.denoise import (
+    AttentionBias,
+    BiasedModel,
+    GuidedDenoiser,
+    StepHook,
+    deep_cache_plan,
+    denoise,
+)
 from compinv_rt.sampling.schedulers import SchedulerName, make_scheduler
 from compinv_rt.unet.backends import TorchBackend, UNetBackend
+
+MAX_CACHE_INTERVAL = 10
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,9 @@ class SamplingConfig:
     # classifier-free guidance only on the steps in [lo, hi) (fractions of the run): the others run
     # the conditional pass alone. (0, 1): every step, the stock pipeline's behaviour.
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    # DeepCache: the whole UNet every `cache_interval` steps, the shallow path on the kept deep
+    # features between (compinv_rt.unet.deep_cache). 1: every step full, the stock behaviour.
+    cache_interval: int = 1
 
     def resolved(self, files: ModelFiles) -> "SamplingConfig":
         """Fill in the model's native size and validate everything against the model."""
@@ -34,6 +46,8 @@ class SamplingConfig:
         lo, hi = self.guidance_interval
         if not 0 <= lo < hi <= 1:
             raise ConfigError(f"--guidance-interval must be LO,HI with 0 <= LO < HI <= 1, got {lo},{hi}")
+        if not 1 <= self.cache_interval <= MAX_CACHE_INTERVAL:
+            raise ConfigError(f"--cache-interval must be in [1, {MAX_CACHE_INTERVAL}], got {self.cache_interval}")
         factor = files.spatial_factor
         h = self.height or files.default_size
         w = self.width or files.default_size
@@ -51,10 +65,25 @@ class SamplingConfig:
         lo, hi = self.guidance_interval
         return [lo * self.steps <= i < hi * self.steps for i in range(self.steps)]
 
+    def unconditional_steps(self) -> list[bool]:
+        """Per step: does it run the unconditional pass (guidance on, and the step in the interval)."""
+        return [self.guidance > 1.0 and g for g in self.guided_steps()]
+
+    def full_steps(self) -> list[bool] | None:
+        """Per step: whole UNet (True) or DeepCache's shallow path; None without caching."""
+        if self.cache_interval == 1:
+            return None
+        return deep_cache_plan(self.unconditional_steps(), self.cache_interval)
+
     def unet_evaluations(self) -> int:
-        """UNet sample-evaluations per image (a guided step costs two)."""
-        guided = self.guidance > 1.0
-        return sum(2 if guided and g else 1 for g in self.guided_steps())
+        """UNet sample-evaluations per image (a guided step costs two), full or shallow."""
+        return sum(2 if g else 1 for g in self.unconditional_steps())
+
+    def unet_flops(self, full: float, shallow: float) -> float:
+        """UNet FLOPs per image, given one sample-evaluation's FLOPs on the full and shallow paths."""
+        plan = self.full_steps() or [True] * self.steps
+        return sum((2 if g else 1) * (full if f else shallow)
+                   for g, f in zip(self.unconditional_steps(), plan))
 
     @property
     def size(self) -> tuple[int, int]:
@@ -67,6 +96,8 @@ class SamplingConfig:
         d = asdict(self)
         d["scheduler"] = SchedulerName(self.scheduler).value
         d["guidance_interval"] = list(self.guidance_interval)
+        if self.cache_interval == 1:
+            del d["cache_interval"]  # records (sidecars, job hashes) of uncached runs stay as they were
         return d
 
 
@@ -157,7 +188,11 @@ class Pipeline:
         uncond = self.encode_prompts(negative_prompts or [""] * len(prompts)) if use_cfg else None
         if bias is not None:
             bias = replace(bias, maps=bias.maps.to(m.device, m.dtype))
-        model = BiasedModel(self.backend, bias, scheduler.timesteps[0])
+        full_steps = cfg.full_steps()
+        if full_steps is not None and not hasattr(self.backend, "shallow"):
+            raise ConfigError(f"--cache-interval needs deep-feature caching, which the {self.backend.name} "
+                              "backend does not have (torch, onnxruntime, aoti and tensorrt do)")
+        model = BiasedModel(self.backend, bias, scheduler.timesteps[0], full_steps)
         guided_steps = None if cfg.guidance_interval == (0.0, 1.0) else cfg.guided_steps()
         return scheduler, latents, GuidedDenoiser(model, cond, uncond, cfg.guidance, guided_steps)
 

@@ -22,6 +22,7 @@ class SamplerPreset:
     scheduler: SchedulerName
     steps: int
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    cache_interval: int = 1  # DeepCache: a full UNet step every N steps (1: every step)
 
 
 PRESETS = {
@@ -35,18 +36,21 @@ PRESETS = {
 
 
 def sampler_settings(quality: Quality | str | None, steps: int | None, scheduler: SchedulerName | str | None,
-                     guidance_interval: tuple[float, float] | None) -> SamplerPreset:
+                     guidance_interval: tuple[float, float] | None,
+                     cache_interval: int | None = None) -> SamplerPreset:
     """The preset of `quality`, with any option the user gave explicitly taking its place. Without
-    --quality: the `default` preset, or, once --steps, --scheduler or --guidance-interval is given,
+    --quality: the `default` preset, or, once --steps, --scheduler, --guidance-interval or
+    --cache-interval is given,
     the reference for the parts not given (so `--steps 30` means 30 DDIM steps with guidance on
     every step, as before the presets existed)."""
     if quality is None:
-        explicit = (steps, scheduler, guidance_interval) != (None, None, None)
+        explicit = (steps, scheduler, guidance_interval, cache_interval) != (None, None, None, None)
         quality = Quality.reference if explicit else Quality.default
     p = PRESETS[Quality(quality)]
     return SamplerPreset(SchedulerName(scheduler) if scheduler is not None else p.scheduler,
                          steps if steps is not None else p.steps,
-                         guidance_interval if guidance_interval is not None else p.guidance_interval)
+                         guidance_interval if guidance_interval is not None else p.guidance_interval,
+                         cache_interval if cache_interval is not None else p.cache_interval)
 
 
 def parse_interval(text: str | None) -> tuple[float, float] | None:

@@ -11,8 +11,9 @@ from typing import Optional
 import typer
 
 from compinv_rt.apps.cli_support import user_errors
-from compinv_rt.apps.options import ModelOption
+from compinv_rt.apps.options import CacheIntervalOption, GuidanceIntervalOption, ModelOption
 from compinv_rt.sampling.quality import Quality
+from compinv_rt.sampling.schedulers import SchedulerName
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class EvalOptions:
     samples: int | None
     quality: Quality | None  # None: reference
     steps: int | None
+    scheduler: SchedulerName | None  # None: the preset's, as are the two intervals
+    guidance_interval: str | None
+    cache_interval: int | None
     train_steps: int | None
     cache: Path | None
     si_anchor_weight: float | None
@@ -58,6 +62,9 @@ def eval_command(  # noqa: PLR0913
     quality: Quality = typer.Option(
         Quality.reference, help="Sampler preset (see generate; the protocol's numbers are at reference)."),
     steps: Optional[int] = typer.Option(None, help="Sampler steps (default: the preset's, 25 at reference)."),
+    scheduler: Optional[SchedulerName] = typer.Option(None, help="Sampler (default: the preset's)."),
+    guidance_interval: GuidanceIntervalOption = None,
+    cache_interval: CacheIntervalOption = None,
     train_steps: Optional[int] = typer.Option(None, help="Training steps per concept (default 500, quick 250)."),
     cache: Optional[Path] = typer.Option(None, help="Trained-concept cache (default: OUT/cache)."),
     si_anchor_weight: Optional[float] = typer.Option(
@@ -86,6 +93,7 @@ def eval_command(  # noqa: PLR0913
     run_command(EvalOptions(
         out=out, quick=quick, model=model, concepts=concepts, prompts=prompts, clip=clip,
         detector=detector, seed=seed, samples=samples, quality=quality, steps=steps,
+        scheduler=scheduler, guidance_interval=guidance_interval, cache_interval=cache_interval,
         train_steps=train_steps, cache=cache, si_anchor_weight=si_anchor_weight,
         si_anchors=si_anchors, context_weight=context_weight, norm=norm, random=random,
         random_seed=random_seed, train_seeds=train_seeds, methods=methods, objects=objects))
@@ -126,12 +134,14 @@ def _checked(opts: EvalOptions):
     from compinv_rt.core.errors import ConfigError
     from compinv_rt.core.outputs import check_writable_dir
     from compinv_rt.models.loading import inspect_model_dir, resolve_model_dir
-    from compinv_rt.sampling.quality import sampler_settings
+    from compinv_rt.sampling.quality import parse_interval, sampler_settings
 
-    sampler = sampler_settings(opts.quality or Quality.reference, opts.steps, None, None)
+    sampler = sampler_settings(opts.quality or Quality.reference, opts.steps, opts.scheduler,
+                               parse_interval(opts.guidance_interval), opts.cache_interval)
     cfg = EvalConfig.preset(opts.quick, seed=opts.seed, samples=opts.samples, steps=sampler.steps,
                             scheduler=sampler.scheduler.value, guidance_interval=sampler.guidance_interval,
-                            train_steps=opts.train_steps, si_anchor_weight=opts.si_anchor_weight,
+                            cache_interval=sampler.cache_interval, train_steps=opts.train_steps,
+                            si_anchor_weight=opts.si_anchor_weight,
                             si_anchors=opts.si_anchors, train_seeds=opts.train_seeds,
                             context_weight=opts.context_weight, norm=opts.norm)
     files = inspect_model_dir(resolve_model_dir(opts.model))

@@ -235,6 +235,7 @@ class EvalConfig:
     train_seeds: int = 1  # trainings per (concept, recipe): seeds 0..K-1; mean and range reported
     scheduler: str = "ddim"  # the sampler and its guidance interval (runtime.pipeline.SamplingConfig)
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    cache_interval: int = 1  # DeepCache (SamplingConfig.cache_interval)
 
     def __post_init__(self):
         for name in ("samples", "steps", "train_steps", "train_batch", "train_variants", "batch",

@@ -180,6 +180,8 @@ def cell_key(cfg: EvalConfig, method, prompt, model_hash: str, folders: dict, se
     decides = {k: c[k] for k in ("samples", "steps", "guidance", "seed", "batch")}
     if (cfg.scheduler, tuple(cfg.guidance_interval)) != ("ddim", (0.0, 1.0)):  # old keys stay valid
         decides.update(scheduler=cfg.scheduler, guidance_interval=list(cfg.guidance_interval))
+    if cfg.cache_interval != 1:
+        decides.update(cache_interval=cfg.cache_interval)
     if method.spatial == "adaptive":  # the adaptive bias runs on its own defaults
         from compinv_rt.spatial.plan import ADAPTIVE_DECAY, ADAPTIVE_STEPS, ADAPTIVE_STRENGTH
 
@@ -291,7 +293,7 @@ def _cell_spec(cfg: EvalConfig, method, raw: str, phrases: list, concept_dirs: t
         save_attention=True)
     return RequestSpec(raw, cfg.seed, cfg.samples, steps=cfg.steps, guidance=cfg.guidance,
                        scheduler=cfg.scheduler, guidance_interval=cfg.guidance_interval,
-                       concepts=concept_dirs, spatial=spatial)
+                       concepts=concept_dirs, spatial=spatial, cache_interval=cfg.cache_interval)
 
 
 def _token_positions(session, method, prompt, text: str, used: list, phrases: list,

@@ -103,7 +103,7 @@ class SessionEngine:
                                guidance=body.guidance, scheduler=preset.scheduler.value,
                                height=body.height, width=body.width,
                                guidance_interval=preset.guidance_interval, concepts=tuple(folders),
-                               spatial=spatial)
+                               spatial=spatial, cache_interval=preset.cache_interval)
             request = build_request(spec, backend=self.session.backend)
             tasks = self.session.tasks(request)
             key = self.session.batch_key(tasks[0])
