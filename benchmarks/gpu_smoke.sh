@@ -83,6 +83,9 @@ step save_attention 60 generated "$WORK/attn" -- "${CLI[@]}" "${GEN[@]}" --devic
 # when this onnxruntime cannot serve the device (the GPU image's wheel is the CPU one).
 step onnxruntime 90 generated "$WORK/ort" -- "${CLI[@]}" "${GEN[@]}" --device "$DEVICE" \
   --precision $PREC --backend onnxruntime --out "$WORK/ort"
+# DeepCache on the device: an engine with both graphs (full + shallow), a full step every 2.
+step deep_cache_onnxruntime 90 generated "$WORK/dcache" -- "${CLI[@]}" "${GEN[@]}" --device "$DEVICE" \
+  --precision $PREC --backend onnxruntime --cache-interval 2 --out "$WORK/dcache"
 step world_photos 30 none -- "${CLI[@]}" world photos --out "$WORK/photos" --shape star \
   --colour yellow --pattern striped --background sky --count 4
 step train_steps 90 trained "$WORK/concept" -- "${CLI[@]}" train --images "$WORK/photos" \

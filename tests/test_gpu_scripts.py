@@ -146,7 +146,7 @@ def test_smoke_commands_run_with_only_the_gpu_images_packages(tmp_path):
     assert time.time() - t0 < 540
     steps = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == ["preflight", "doctor", "generate_cpu_ref", "save_attention", "onnxruntime",
-                                          "world_photos", "train_steps", "bench_sd15"]
+                                          "deep_cache_onnxruntime", "world_photos", "train_steps", "bench_sd15"]
     assert all(s["ok"] for s in steps), [s for s in steps if not s["ok"]]
     assert "not on the GPU image" not in (out / "steps.log").read_text()
     names = {p.relative_to(out).as_posix() for p in _returned(out)}

@@ -67,11 +67,11 @@ def test_images_do_not_depend_on_company_or_join_step(session):
     backend = session.unet(*size, True)
     try:  # the whole-batch loop (session.generate) at the loop's UNet row count
         for guided in (True, False):
-            session._unets[(*size, guided)] = FixedRows(backend, 6)
+            session._unets[(*size, guided, False)] = FixedRows(backend, 6)
         whole = [session.generate(t.request)[0] for t in tasks]
     finally:
-        session._unets.pop((*size, False))
-        session._unets[(*size, True)] = backend
+        session._unets.pop((*size, False, False))
+        session._unets[(*size, True, False)] = backend
     plain = [session.generate(t.request)[0] for t in tasks]
     for j, a, w, p in zip(joined, alone, whole, plain):
         assert np.array_equal(_px(j), _px(a)) and np.array_equal(_px(j), _px(w))

@@ -132,8 +132,7 @@ def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per optio
     from compinv_rt.sampling.quality import parse_interval, sampler_settings
     from compinv_rt.spatial.plan import SpatialOptions
 
-    if jobs is not None and num_images is not None:  # else it would be ignored without a word
-        raise ConfigError("-n/--num-images applies to one PROMPT; with --jobs give each line its own 'n'")
+    _check_prompt_or_jobs(prompt, jobs, num_images, resume)
     num_images = 4 if num_images is None else num_images
     sampler = sampler_settings(quality, steps, scheduler, parse_interval(guidance_interval), cache_interval)
     # Every option typed and bounded before anything heavy is imported (an error in < 1 s).
@@ -143,15 +142,11 @@ def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per optio
                    workers=workers,
                    gpus_per_worker=gpus_per_worker, bias_strength=bias_strength, out=out,
                    jobs=jobs is not None)
-    if resume and jobs is None:
-        raise ConfigError("--resume continues a --jobs run; a PROMPT run has nothing to resume")
     options = SessionOptions(model, device, Precision.parse(precision), backend, engine,
                              max_batch=max_batch).check()
     spatial_options = SpatialOptions(None if spatial is None else spatial.value, layout, bias_strength,
                                      bias_steps, layout_model, save_attention, bias_decay)
     if jobs is not None:
-        if prompt is not None:
-            raise ConfigError("pass either a PROMPT or --jobs FILE, not both")
         if spatial_options != SpatialOptions(None, None, bias_strength, bias_steps) or concept:
             raise ConfigError("--layout, --spatial, --bias-decay, --layout-model, --concept and --save-attention "
                               "apply to one PROMPT; with --jobs give each line its own 'layout' "
@@ -167,12 +162,27 @@ def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per optio
                              {"seed": seed, "steps": sampler.steps, "guidance": guidance})
     from compinv_rt.generate.requests import RequestSpec
 
-    if prompt is None:
-        raise ConfigError("give a PROMPT to draw (or --jobs FILE)")
+    assert prompt is not None  # _check_prompt_or_jobs: a PROMPT run without one was refused
     generate_prompt(RequestSpec(prompt, seed, num_images, negative_prompt, sampler.steps, guidance,
                                 sampler.scheduler.value, height, width, sampler.guidance_interval,
                                 tuple(str(c) for c in concept or ()), spatial_options,
                                 sampler.cache_interval), options, out)
+
+
+def _check_prompt_or_jobs(prompt: str | None, jobs, num_images: int | None, resume: bool) -> None:
+    """A PROMPT or --jobs FILE, and only the options of the one given (else they would be ignored
+    without a word)."""
+    from compinv_rt.core.errors import ConfigError
+
+    if jobs is None:
+        if prompt is None:
+            raise ConfigError("give a PROMPT to draw (or --jobs FILE)")
+        if resume:
+            raise ConfigError("--resume continues a --jobs run; a PROMPT run has nothing to resume")
+    elif prompt is not None:
+        raise ConfigError("pass either a PROMPT or --jobs FILE, not both")
+    elif num_images is not None:
+        raise ConfigError("-n/--num-images applies to one PROMPT; with --jobs give each line its own 'n'")
 
 
 def generate_prompt(spec, options, out: str | None) -> None:
@@ -266,7 +276,7 @@ def generate_jobs(run: JobsRun, config, defaults: dict) -> None:
         typer.echo(f"error: {line}", err=True)
     if not jobs:  # nothing to run: stop before the model loads or --out is created
         why = f"all {len(problems)} line(s) failed (above)" if problems else "it holds no job line"
-        typer.echo(f"no job to run in {run.jobs_file}: {why}", err=True)
+        typer.echo(f"error: no job to run in {run.jobs_file}: {why}", err=True)
         raise typer.Exit(1)
     files = inspect_model_dir(resolve_model_dir(config.options.model))
     out = run.out

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from compinv_rt.core.errors import EngineMismatch
 from compinv_rt.export.manifest import EngineFormat, profiles_of, unet_files, verify_engine
-from compinv_rt.unet.iospec import UNetIOSpec, batch_profiles
+from compinv_rt.unet.iospec import BatchProfile, UNetIOSpec, batch_profiles
 
 if TYPE_CHECKING:
     from compinv_rt.models.loading import LoadedModel
@@ -97,16 +97,27 @@ def open_backend(name: Backend | str, model: LoadedModel, shape: BatchShape, eng
             if on_status:
                 on_status(f"reusing engine {engine_dir}")
         else:
-            # ONNX Runtime takes any batch; static engines get exactly the bucket this run needs.
             spec = wanted
-            profiles = batch_profiles([1, 64] if fmt is EngineFormat.onnx
-                                      else [images_per_batch], dynamic=fmt is EngineFormat.onnx,
-                                      guidance=guidance)
+            profiles = build_profiles(fmt, images_per_batch, guidance)
             engine_dir, reused = export_engine(fmt, model, spec, profiles, engines_root,
                                                ExportOptions().for_format(fmt), on_status=on_status)
             if on_status:
                 on_status(f"{'reusing' if reused else 'built'} engine {engine_dir}")
     return _engine_backend(name, engine_dir, spec, profiles, model.device)
+
+
+def build_profiles(fmt: EngineFormat, images_per_batch: int, guidance: bool) -> list[BatchProfile]:
+    """The batch profiles of an engine built for a run: ONNX Runtime takes any batch; compiled
+    engines get this run's UNet batch, and with guidance one range from B to 2B rows, so the
+    steps outside a guidance interval (B rows: the conditional pass alone) are not padded to 2B
+    (aoti gained 1.88x instead of 2.5x in UNet work from the default preset, benchmarks/speed.md).
+    B = 1 stays a static 2 (torch.export needs a dynamic batch of at least 2)."""
+    if fmt is EngineFormat.onnx:
+        return batch_profiles([1, 64], dynamic=True, guidance=guidance)
+    b = images_per_batch
+    if guidance and b > 1:
+        return [BatchProfile(b, 2 * b, 2 * b)]
+    return batch_profiles([b], dynamic=False, guidance=guidance)
 
 
 def _given_engine(engine: Path, fmt: EngineFormat, model: LoadedModel, wanted: UNetIOSpec, height: int,

@@ -117,9 +117,9 @@ class BiasedModel:
         return self.unet.shallow(*inputs, deep_features=deep)  # type: ignore[attr-defined]
 
     def bias_inputs(self, t, i: int, guided: bool, rows: int) -> tuple:
-        """() on unbiased steps, else (maps,) or (maps, gains) for the UNet call."""
+        """(None,) on unbiased steps, else (maps,) or (maps, gains) for the UNet call."""
         if self.bias is None or not self.biased(i):
-            return ()
+            return (None,)
         bias = self.guided_maps if guided else self.bias.maps
         if self.bias.gain is None:
             return (bias,)
