@@ -141,7 +141,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     fams: dict = {}
     for r in rows:
         fams.setdefault(r["family"], []).append(r)
@@ -151,7 +151,10 @@ def plot(rows: list[dict], path: Path) -> None:
         y = [100 * r["words"]["exact"] for r in rs]
         err = [[100 * (r["words"]["exact"] - r["words"]["ci"][0]) for r in rs],
                [100 * (r["words"]["ci"][1] - r["words"]["exact"]) for r in rs]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=fam)
+        line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=fam)
+        for r, xi, yi in zip(rs, x, y):  # each point's setting: families mix step counts
+            ax.annotate(r["setting"].split(":", 1)[1], (xi, yi), textcoords="offset points", xytext=(4, -10),
+                        fontsize=6, color=line[0].get_color())
     ref = next(r for r in rows if r["setting"] == REFERENCE)
     ax.axhspan(100 * ref["words"]["ci"][0], 100 * ref["words"]["ci"][1], color="grey", alpha=0.15,
                label="reference 95 % interval")
