@@ -113,6 +113,11 @@ def test_num_images_with_jobs_is_one_error_line(tmp_path, flag):
     assert res.stderr.splitlines() == [
         "error: -n/--num-images applies to one PROMPT; with --jobs give each line its own 'n'"]
     assert not (tmp_path / "o").exists()
+    res = runner.invoke(app, ["generate", "--jobs", str(jobs), "--height", "128", "--negative-prompt", "blur",
+                              "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")])
+    assert res.exit_code == 1
+    assert res.stderr.splitlines() == ["error: --height, --negative-prompt apply to one PROMPT; with --jobs give "
+                                       "each line its own 'height', 'negative_prompt'"]
 
 
 def test_resume_refuses_a_line_edited_since_its_images_were_made(tiny_model, tmp_path):

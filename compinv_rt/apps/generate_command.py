@@ -132,7 +132,8 @@ def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per optio
     from compinv_rt.sampling.quality import parse_interval, sampler_settings
     from compinv_rt.spatial.plan import SpatialOptions
 
-    _check_prompt_or_jobs(prompt, jobs, num_images, resume)
+    _check_prompt_or_jobs(prompt, jobs, resume, {"n": num_images, "height": height, "width": width,
+                                                 "negative_prompt": negative_prompt or None})
     num_images = 4 if num_images is None else num_images
     sampler = sampler_settings(quality, steps, scheduler, parse_interval(guidance_interval), cache_interval)
     # Every option typed and bounded before anything heavy is imported (an error in < 1 s).
@@ -169,9 +170,13 @@ def generate_command(  # noqa: PLR0913 (a Typer command: one parameter per optio
                                 sampler.cache_interval), options, out)
 
 
-def _check_prompt_or_jobs(prompt: str | None, jobs, num_images: int | None, resume: bool) -> None:
+PER_PROMPT_FLAGS = {"n": "-n/--num-images", "height": "--height", "width": "--width",
+                    "negative_prompt": "--negative-prompt"}  # a jobs line has its own field for each
+
+
+def _check_prompt_or_jobs(prompt: str | None, jobs, resume: bool, per_prompt: dict) -> None:
     """A PROMPT or --jobs FILE, and only the options of the one given (else they would be ignored
-    without a word)."""
+    without a word). `per_prompt`: jobs-line field -> the value of its flag (None: not given)."""
     from compinv_rt.core.errors import ConfigError
 
     if jobs is None:
@@ -181,8 +186,11 @@ def _check_prompt_or_jobs(prompt: str | None, jobs, num_images: int | None, resu
             raise ConfigError("--resume continues a --jobs run; a PROMPT run has nothing to resume")
     elif prompt is not None:
         raise ConfigError("pass either a PROMPT or --jobs FILE, not both")
-    elif num_images is not None:
-        raise ConfigError("-n/--num-images applies to one PROMPT; with --jobs give each line its own 'n'")
+    elif given := [field for field, value in per_prompt.items() if value is not None]:
+        flags = ", ".join(PER_PROMPT_FLAGS[f] for f in given)
+        fields = ", ".join(f"'{f}'" for f in given)
+        raise ConfigError(f"{flags} {'applies' if len(given) == 1 else 'apply'} to one PROMPT; with --jobs "
+                          f"give each line its own {fields}")
 
 
 def generate_prompt(spec, options, out: str | None) -> None:
