@@ -103,7 +103,7 @@ def test_plain_backends_have_no_shallow_path():
 
 
 def test_bucketing_of_several_outputs():
-    from compinv_rt.engines.caching import run_bucketed_outputs
+    from compinv_rt.unet.bucketing import run_bucketed_outputs
 
     seen = []
 

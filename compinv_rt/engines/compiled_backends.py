@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from compinv_rt.core.errors import BackendUnavailable
-from compinv_rt.engines.caching import engine_inputs, run_bucketed_outputs
+from compinv_rt.engines.caching import engine_inputs
 from compinv_rt.unet.attention import BiasedUNet
-from compinv_rt.unet.bucketing import run_bucketed
+from compinv_rt.unet.bucketing import run_bucketed, run_bucketed_outputs
 from compinv_rt.unet.iospec import FULL_GRAPH, SHALLOW_GRAPH, BatchProfile, GraphIO, UNetIOSpec
 
 

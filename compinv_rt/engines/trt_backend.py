@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from compinv_rt.core.errors import EngineMismatch
-from compinv_rt.engines.caching import engine_inputs, run_bucketed_outputs
+from compinv_rt.engines.caching import engine_inputs
 from compinv_rt.export.tensorrt import plan_file
-from compinv_rt.unet.bucketing import run_bucketed
+from compinv_rt.unet.bucketing import run_bucketed, run_bucketed_outputs
 from compinv_rt.unet.iospec import FULL_GRAPH, OUTPUTS, SHALLOW_GRAPH, BatchProfile, GraphIO, UNetIOSpec
 
 

@@ -12,33 +12,15 @@ graphs (compinv_rt.unet.iospec: DEEP_FEATURES), so ONNX Runtime, AOTInductor and
 same caching as eager PyTorch. `full`'s noise is bit-identical to BiasedUNet's: the same modules
 are called in the same order with the same arguments as diffusers' UNet2DConditionModel.forward
 (restricted to the SD 1.x/2.x configuration: no class/addition embeddings, adapters or ControlNet
-residuals; `check_cacheable` refuses other UNets).
+residuals; `deep_channels` refuses other UNets).
 """
 
 from __future__ import annotations
 
 import torch
 
-from compinv_rt.core.errors import ConfigError
 from compinv_rt.unet.attention import BiasedUNet
-
-
-def check_cacheable(unet) -> None:
-    """DeepCache here follows the SD 1.x/2.x forward; refuse UNets with parts it does not run."""
-    c = unet.config
-    extra = [name for name, on in (
-        ("center_input_sample", c.center_input_sample), ("class_embed_type", c.class_embed_type),
-        ("addition_embed_type", c.addition_embed_type), ("time_embedding_act_fn", c.time_embedding_act_fn),
-        ("encoder_hid_dim_type", c.encoder_hid_dim_type)) if on]
-    if extra or len(unet.up_blocks) < 2:
-        raise ConfigError(f"deep-feature caching supports SD 1.x/2.x-style UNets; this one has "
-                          f"{', '.join(extra) or 'fewer than two up blocks'}")
-
-
-def deep_features_shape(unet_config: dict, batch: int, latent_h: int, latent_w: int) -> tuple[int, ...]:
-    """(N, C, h, w) of the last up block's input: the second up block from the end outputs
-    block_out_channels[1] channels, up-sampled to the latent resolution."""
-    return (batch, unet_config["block_out_channels"][1], latent_h, latent_w)
+from compinv_rt.unet.iospec import deep_channels
 
 
 def _call_block(block, hidden, emb, context, kwargs, **extra):
@@ -53,7 +35,7 @@ class CachedUNet(torch.nn.Module):
 
     def __init__(self, biased: BiasedUNet):
         super().__init__()
-        check_cacheable(biased.unet)
+        deep_channels(biased.unet.config)  # refuses a UNet it cannot split
         self.biased = biased
 
     @property

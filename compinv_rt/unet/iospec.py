@@ -98,7 +98,7 @@ class UNetIOSpec:
             raise ConfigError("an engine's precision is concrete: resolve 'auto' for the device first")
         u = files.unet_config
         dim = u["cross_attention_dim"]
-        deep_channels = _deep_channels(u) if deep_cache else 0
+        channels = deep_channels(u) if deep_cache else 0  # ConfigError: DeepCache cannot split it
         return cls(
             in_channels=u.get("in_channels", 4),
             out_channels=u.get("out_channels", 4),
@@ -108,7 +108,7 @@ class UNetIOSpec:
             latent_width=width // files.vae_scale_factor,
             precision=Precision(precision),
             deep_cache=deep_cache,
-            deep_channels=deep_channels,
+            deep_channels=channels,
         )
 
     def graphs(self) -> tuple[GraphIO, ...]:
@@ -189,23 +189,17 @@ class UNetIOSpec:
         return replace(self, deep_cache=False, deep_channels=0)
 
 
-class _ConfigView:
-    """A UNet config dict read as diffusers' config object (absent keys are None)."""
-
-    def __init__(self, config: dict):
-        self._config = config
-
-    def __getattr__(self, name: str):
-        return self._config.get(name)
+UNSUPPORTED = ("center_input_sample", "class_embed_type", "addition_embed_type", "time_embedding_act_fn",
+               "encoder_hid_dim_type")  # config keys of UNet parts the split does not run
 
 
-def _deep_channels(unet_config: dict) -> int:
-    """DEEP_FEATURES' channels, after checking that DeepCache can split this UNet (from its config:
-    the weights are not loaded yet)."""
-    from types import SimpleNamespace
-
-    from compinv_rt.unet.deep_cache import check_cacheable, deep_features_shape
-
-    check_cacheable(SimpleNamespace(config=_ConfigView(unet_config),
-                                    up_blocks=list(unet_config.get("up_block_types") or ())))
-    return deep_features_shape(unet_config, 1, 1, 1)[1]
+def deep_channels(unet_config) -> int:
+    """Channels of the deep features (the last up block's input: the second up block from the end
+    outputs block_out_channels[1], up-sampled to the latent resolution), after checking from the
+    config alone (a dict, or a loaded UNet's config) that DeepCache can split this UNet: the SD
+    1.x/2.x forward, at least two up blocks. ConfigError otherwise."""
+    extra = [key for key in UNSUPPORTED if unet_config.get(key)]
+    if extra or len(unet_config.get("up_block_types") or ()) < 2:
+        raise ConfigError(f"deep-feature caching supports SD 1.x/2.x-style UNets; this one has "
+                          f"{', '.join(extra) or 'fewer than two up blocks'}")
+    return unet_config["block_out_channels"][1]
